@@ -1,0 +1,50 @@
+# Every target sets up .venv first if it is missing, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-all demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[train,dev]"
+	@$(MAKE) --no-print-directory fashion-mnist
+	touch $(STAMP)
+
+# Real data for the demo: Debian ships Fashion-MNIST; install it when we can (root + apt).
+.PHONY: fashion-mnist
+fashion-mnist:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then \
+	  echo "setup: Fashion-MNIST found in /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "setup: installing Debian package dataset-fashion-mnist"; \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	    || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
+	    || echo "setup: could not install dataset-fashion-mnist; the demo will download it or fall back to synthetic data"; \
+	else \
+	  echo "setup: Fashion-MNIST not installed (needs root + apt); the demo will download it or fall back to synthetic data"; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ""
+
+demo: setup
+	$(PY) -m sigreg.train.demo
+
+bench: setup
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/throughput.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

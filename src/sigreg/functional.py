@@ -1,0 +1,173 @@
+"""The two SIGReg losses as plain functions of a batch of features Z (N, C).
+
+Both compute in float32 with autocast switched off, whatever Z's dtype (float64 inputs stay
+float64), because the statistics (covariances, characteristic functions) are too imprecise
+in bf16/fp16.
+Under ``torch.distributed`` they are computed over the global batch by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import all_reduce_sum, broadcast_from_rank0, use_distributed
+from .sketch import draw_directions
+
+
+def _check_features(z: torch.Tensor, min_rows: int) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 2:
+        raise ValueError(f"features must be 2-D (N, C), got shape {tuple(z.shape)}")
+    if z.shape[0] < min_rows:
+        raise ValueError(
+            f"need at least {min_rows} samples to estimate statistics, got N={z.shape[0]}"
+        )
+
+
+def _check_projection(p: torch.Tensor, in_features: int, name: str) -> None:
+    if p.dim() != 2 or p.shape[0] != in_features:
+        raise ValueError(
+            f"{name} must have shape (C, K) with C={in_features} (the feature width), "
+            f"got {tuple(p.shape)}"
+        )
+
+
+def _sum_over_batch(x: torch.Tensor, distributed: bool) -> torch.Tensor:
+    s = x.sum(0)
+    return all_reduce_sum(s) if distributed else s
+
+
+def _compute_dtype(z: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (exact references, gradcheck)."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _batch_count(z: torch.Tensor, distributed: bool) -> torch.Tensor | int:
+    if not distributed:
+        return z.shape[0]
+    return all_reduce_sum(torch.tensor(float(z.shape[0]), device=z.device))
+
+
+def weak_sigreg(
+    z: torch.Tensor, sketch: torch.Tensor | None = None, *, distributed: bool | None = None
+) -> torch.Tensor:
+    """Weak-SIGReg: ``|| Cov(Z S) - I_K ||_F`` (Frobenius norm, not squared).
+
+    Args:
+        z: features, shape (N, C). Any float dtype; computed in float32 (float64 kept).
+        sketch: projection S, shape (C, K), or None for the full (C, C) covariance.
+        distributed: pool statistics over all ranks. None: whenever a process group with
+            more than one rank is initialised.
+
+    Returns:
+        Scalar float32 tensor. Covariance is unbiased (divides by N - 1).
+
+    Reference: Weak-SIGReg, arXiv 2603.05924, eq. L = L_CE + lambda ||Cov(ZS) - I||_F.
+    """
+    distributed = use_distributed(distributed)
+    _check_features(z, min_rows=1 if distributed else 2)
+    if sketch is not None:
+        _check_projection(sketch, z.shape[1], "sketch")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        y = z.to(_compute_dtype(z))
+        if sketch is not None:
+            y = y @ sketch.to(device=y.device, dtype=y.dtype)
+        n = _batch_count(y, distributed)
+        # Centre with the (global) mean first: exact, unlike sum(yy^T) - n mu mu^T.
+        centred = y - _sum_over_batch(y, distributed) / n
+        second = centred.T @ centred
+        cov = (all_reduce_sum(second) if distributed else second) / (n - 1)
+        eye = torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
+        return torch.linalg.matrix_norm(cov - eye)
+
+
+def trapezoid_weights(
+    t_max: float, num_points: int, device=None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes t on [0, t_max] and weights w with sum_t w f(t) ~= int_{-t_max}^{t_max} f for even f."""
+    t = torch.linspace(0.0, t_max, num_points, device=device, dtype=dtype)
+    w = torch.full((num_points,), t_max / (num_points - 1), device=device, dtype=dtype)
+    w[0] = w[-1] = w[0] / 2
+    return t, 2 * w  # doubled: the integrand is even in t
+
+
+def strong_sigreg(
+    z: torch.Tensor,
+    directions: torch.Tensor | None = None,
+    t_max: float = 3.0,
+    num_points: int = 17,
+    *,
+    num_directions: int = 64,
+    generator: torch.Generator | None = None,
+    distributed: bool | None = None,
+) -> torch.Tensor:
+    """Strong SIGReg (LeJEPA): Epps-Pulley statistic of random 1-D projections.
+
+    For each unit direction a, with projections p = Z a and ECF(t) = mean_n exp(i t p_n):
+    ``N * int_{-t_max}^{t_max} |ECF(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt``, averaged over
+    directions. Integrated with the trapezoid rule on [0, t_max] (doubled; the integrand
+    is even).
+
+    Args:
+        z: features, shape (N, C). Computed in float32.
+        directions: (C, K) with unit-norm columns, or None to draw ``num_directions`` from
+            ``generator`` (under torch.distributed, rank 0's draw is broadcast).
+        t_max: half-width of the integration interval (LeJEPA: 3, the paper's code: 5).
+        num_points: quadrature nodes on [0, t_max].
+
+    Returns:
+        Scalar float32 tensor (0 for a perfect standard normal in every direction).
+
+    Reference: LeJEPA, arXiv 2511.08544; Epps & Pulley (1983).
+    """
+    distributed = use_distributed(distributed)
+    _check_features(z, min_rows=1 if distributed else 2)
+    if not t_max > 0:
+        raise ValueError(f"t_max must be positive, got {t_max}")
+    if num_points < 2:
+        raise ValueError(f"num_points must be at least 2, got {num_points}")
+    if directions is None:
+        directions = draw_directions(z.shape[1], num_directions, generator, device=z.device)
+        if distributed:
+            directions = broadcast_from_rank0(directions)
+    else:
+        _check_projection(directions, z.shape[1], "directions")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        dtype = _compute_dtype(z)
+        p = z.to(dtype) @ directions.to(device=z.device, dtype=dtype)  # (N, K)
+        t, w = trapezoid_weights(t_max, num_points, device=z.device, dtype=dtype)
+        tp = p.unsqueeze(-1) * t  # (N, K, T)
+        # One reduction for both parts of the ECF sums.
+        sums = _sum_over_batch(torch.stack((tp.cos(), tp.sin()), dim=-1), distributed)
+        n = _batch_count(z, distributed)
+        gauss = torch.exp(-0.5 * t * t)
+        err = (sums[..., 0] / n - gauss).square() + (sums[..., 1] / n).square()  # (K, T)
+        return (n * (err * (w * gauss)).sum(-1)).mean()
+
+
+def regularized_loss(
+    task_loss: torch.Tensor,
+    reg_loss: torch.Tensor,
+    *,
+    alpha: float | None = None,
+    lam: float | None = None,
+) -> torch.Tensor:
+    """Combine task and regularizer with exactly one of the two conventions of the sources.
+
+    ``alpha``: ``(1 - alpha) * task + alpha * reg`` (the paper's code; alpha = 0.1).
+    ``lam``: ``task + lam * reg`` (the paper's formula).
+    """
+    _check_weights(alpha, lam)
+    if alpha is not None:
+        return (1 - alpha) * task_loss + alpha * reg_loss
+    return task_loss + lam * reg_loss
+
+
+def _check_weights(alpha: float | None, lam: float | None) -> None:
+    if (alpha is None) == (lam is None):
+        raise ValueError("give exactly one of alpha= ((1-a)*task + a*reg) or lam= (task + l*reg)")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if lam is not None and not lam >= 0.0:
+        raise ValueError(f"lam must be non-negative, got {lam}")

@@ -1,0 +1,1 @@
+"""sigreg.train: the training toolkit (data, augmentation, models, optimizers, trainer, CLI)."""

@@ -1,0 +1,173 @@
+"""The losses against float64 references, closed forms and their input checks."""
+
+import math
+
+import pytest
+import torch
+
+import sigreg
+from sigreg.functional import trapezoid_weights
+
+
+def reference_weak(z, sketch=None):
+    y = z.double() if sketch is None else z.double() @ sketch.double()
+    cov = torch.cov(y.T)  # unbiased, (K, K)
+    return torch.sqrt(((cov - torch.eye(cov.shape[0], dtype=torch.float64)) ** 2).sum())
+
+
+def reference_strong(z, directions, t):
+    """Dense complex-valued Epps-Pulley on the nodes t (any grid over [-t_max, t_max])."""
+    p = z.double() @ directions.double()  # (N, K)
+    ecf = torch.exp(1j * p[:, :, None] * t[None, None, :]).mean(0)  # (K, T) complex
+    integrand = (ecf - torch.exp(-t**2 / 2)).abs() ** 2 * torch.exp(-t**2 / 2)
+    return (z.shape[0] * torch.trapezoid(integrand, t, dim=-1)).mean()
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def test_weak_matches_float64_reference_with_and_without_sketch(gen):
+    z = torch.randn(200, 48, generator=gen) * 3 + 1
+    s = sigreg.draw_sketch(48, 16, gen)
+    assert sigreg.weak_sigreg(z).item() == pytest.approx(reference_weak(z).item(), rel=1e-4)
+    assert sigreg.weak_sigreg(z, s).item() == pytest.approx(reference_weak(z, s).item(), rel=1e-4)
+
+
+def test_weak_is_zero_for_whitened_batch():
+    z = torch.randn(500, 8, dtype=torch.float64)
+    z = z - z.mean(0)
+    # Whiten exactly: Cov(z W) = I.
+    evals, evecs = torch.linalg.eigh(torch.cov(z.T))
+    zw = z @ evecs @ torch.diag(evals.rsqrt())
+    assert sigreg.weak_sigreg(zw).item() < 1e-9
+
+
+def test_strong_dense_quadrature_matches_complex_reference(gen):
+    z = torch.randn(300, 20, generator=gen) * 0.7 + 0.2
+    a = sigreg.draw_directions(20, 12, gen)
+    dense = torch.linspace(-3, 3, 4001, dtype=torch.float64)
+    ref = reference_strong(z, a, dense).item()
+    ours = sigreg.strong_sigreg(z.double(), a.double(), t_max=3.0, num_points=2001).item()
+    assert ours == pytest.approx(ref, rel=1e-5)
+    # The default 17-node rule approximates the same integral.
+    assert sigreg.strong_sigreg(z, a).item() == pytest.approx(ref, rel=0.02)
+
+
+def test_strong_17_nodes_equals_symmetric_trapezoid(gen):
+    """[0, t_max] doubled equals the trapezoid over [-t_max, t_max] with mirrored nodes."""
+    z = torch.randn(100, 6, generator=gen)
+    a = sigreg.draw_directions(6, 5, gen)
+    t = torch.linspace(-5, 5, 33, dtype=torch.float64)
+    ref = reference_strong(z, a, t).item()
+    ours = sigreg.strong_sigreg(z.double(), a.double(), t_max=5.0, num_points=17).item()
+    assert ours == pytest.approx(ref, rel=1e-10)
+
+
+def test_trapezoid_weights_integrate_exactly_linear_even_functions():
+    t, w = trapezoid_weights(3.0, 17, dtype=torch.float64)
+    assert (w * torch.ones_like(t)).sum().item() == pytest.approx(6.0)
+    assert (w * t).sum().item() == pytest.approx(9.0)  # int_{-3}^{3} |t| dt
+
+
+def test_strong_expectation_under_gaussian_is_closed_form():
+    """E[N |ECF(t) - phi(t)|^2] = 1 - phi(t)^2 for Gaussian data, whatever N."""
+    torch.manual_seed(1)
+    t = torch.linspace(-3, 3, 20001, dtype=torch.float64)
+    expected = torch.trapezoid((1 - torch.exp(-t**2)) * torch.exp(-t**2 / 2), t).item()
+    values = [sigreg.strong_sigreg(torch.randn(256, 32), num_directions=256).item()
+              for _ in range(40)]
+    assert sum(values) / len(values) == pytest.approx(expected, rel=0.1)
+
+
+def test_isotropic_is_small_collapsed_is_large():
+    torch.manual_seed(0)
+    iso = torch.randn(8192, 32)
+    collapsed = torch.randn(8192, 1) * torch.randn(1, 32)
+    sketch = sigreg.draw_sketch(32, 32)
+    assert sigreg.weak_sigreg(iso).item() < 0.5
+    assert sigreg.weak_sigreg(collapsed).item() > 5 * sigreg.weak_sigreg(iso).item() + 5
+    assert sigreg.weak_sigreg(collapsed, sketch) > sigreg.weak_sigreg(iso, sketch)
+    assert sigreg.strong_sigreg(iso).item() < 3
+    assert sigreg.strong_sigreg(collapsed).item() > 100
+
+
+def test_permutation_invariance(gen):
+    z = torch.randn(64, 10, generator=gen)
+    perm = torch.randperm(64, generator=gen)
+    s = sigreg.draw_sketch(10, 4, gen)
+    a = sigreg.draw_directions(10, 4, gen)
+    assert torch.allclose(sigreg.weak_sigreg(z, s), sigreg.weak_sigreg(z[perm], s), atol=1e-5)
+    assert torch.allclose(sigreg.strong_sigreg(z, a), sigreg.strong_sigreg(z[perm], a), atol=1e-4)
+
+
+def test_gradcheck_in_double(gen):
+    z = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    s = sigreg.draw_sketch(5, 3, gen).double()
+    a = sigreg.draw_directions(5, 3, gen).double()
+    assert torch.autograd.gradcheck(lambda x: sigreg.weak_sigreg(x, s), (z,))
+    assert torch.autograd.gradcheck(lambda x: sigreg.weak_sigreg(x), (z,))
+    assert torch.autograd.gradcheck(lambda x: sigreg.strong_sigreg(x, a, 3.0, 9), (z,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_upcast(dtype, gen):
+    z = torch.randn(256, 32, generator=gen).to(dtype)
+    s = sigreg.draw_sketch(32, 8, gen)
+    a = sigreg.draw_directions(32, 8, gen)
+    for fn, proj in ((sigreg.weak_sigreg, s), (sigreg.strong_sigreg, a)):
+        out = fn(z, proj)
+        assert out.dtype == torch.float32
+        assert out.item() == pytest.approx(fn(z.float(), proj).item(), rel=1e-5)
+
+
+def test_autocast_does_not_lower_precision(gen):
+    z = torch.randn(256, 32, generator=gen, requires_grad=True)
+    s = sigreg.draw_sketch(32, 8, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sigreg.weak_sigreg(z, s)
+    assert inside.dtype == torch.float32
+    assert inside.item() == pytest.approx(sigreg.weak_sigreg(z, s).item(), rel=1e-6)
+    inside.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: sigreg.weak_sigreg(torch.randn(4, 3, 2)), "2-D"),
+        (lambda: sigreg.weak_sigreg(torch.randn(1, 3)), "at least 2"),
+        (lambda: sigreg.weak_sigreg(torch.randn(4, 3), torch.randn(5, 2)), "C=3"),
+        (lambda: sigreg.weak_sigreg(torch.randn(4, 3), torch.randn(3)), "shape"),
+        (lambda: sigreg.strong_sigreg(torch.randn(4)), "2-D"),
+        (lambda: sigreg.strong_sigreg(torch.randn(1, 3)), "at least 2"),
+        (lambda: sigreg.strong_sigreg(torch.randn(4, 3), torch.randn(2, 2)), "C=3"),
+        (lambda: sigreg.strong_sigreg(torch.randn(4, 3), t_max=0.0), "t_max"),
+        (lambda: sigreg.strong_sigreg(torch.randn(4, 3), t_max=-1.0), "t_max"),
+        (lambda: sigreg.strong_sigreg(torch.randn(4, 3), num_points=1), "num_points"),
+    ],
+)
+def test_value_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_regularized_loss_conventions():
+    task, reg = torch.tensor(2.0), torch.tensor(10.0)
+    assert sigreg.regularized_loss(task, reg, alpha=0.1).item() == pytest.approx(0.9 * 2 + 1)
+    assert sigreg.regularized_loss(task, reg, lam=0.5).item() == pytest.approx(7.0)
+    for bad in ({}, {"alpha": 0.1, "lam": 1.0}, {"alpha": 1.5}, {"lam": -1.0}):
+        with pytest.raises(ValueError):
+            sigreg.regularized_loss(task, reg, **bad)
+
+
+def test_sketch_and_direction_helpers_are_seeded_and_scaled():
+    a1 = sigreg.draw_directions(50, 7, sigreg.seeded_generator(3))
+    a2 = sigreg.draw_directions(50, 7, sigreg.seeded_generator(3))
+    assert torch.equal(a1, a2)
+    assert torch.allclose(a1.norm(dim=0), torch.ones(7))
+    s = sigreg.draw_sketch(4096, 64, sigreg.seeded_generator(0))
+    assert s.std().item() == pytest.approx(1 / math.sqrt(4096), rel=0.02)
+    with pytest.raises(ValueError):
+        sigreg.draw_sketch(0, 3)
