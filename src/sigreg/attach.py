@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,8 +17,8 @@ from torch import nn
 from .functional import _check_weights, regularized_loss
 from .modules import make_regularizer
 
-LayerSpec = Union[str, type, Callable[[str, nn.Module], bool]]
-Pool = Union[str, Callable[[Any], torch.Tensor]]
+LayerSpec = str | type | Callable[[str, nn.Module], bool]
+Pool = str | Callable[[Any], torch.Tensor]
 POOLS = ("mean", "flatten", "cls")
 
 
@@ -180,7 +180,7 @@ class SIGRegHandle:
         self._hooks = []
         self._pending, self._features = {}, {}
 
-    def __enter__(self) -> SIGRegHandle:
+    def __enter__(self) -> SIGRegHandle:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

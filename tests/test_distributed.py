@@ -1,0 +1,92 @@
+"""Two gloo processes on loopback, each with half a batch, equal one process with all of it."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sigreg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
+
+
+def step(model, handle, x, y):
+    """One loss + backward; returns the loss and each parameter's gradient."""
+    out = model(x)
+    loss = handle.combine(nn.functional.cross_entropy(out, y))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def worker(rank, world, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, y = make_batch()
+        half = slice(rank * 16, (rank + 1) * 16)
+        # Functional losses: the global value from each rank's half.
+        z = x @ torch.linspace(-1, 1, 10 * 6).reshape(10, 6)
+        weak = sigreg.weak_sigreg(z[half]).item()
+        strong = sigreg.strong_sigreg(z[half], sigreg.draw_directions(6, 5, sigreg.seeded_generator(0))).item()
+        local = sigreg.weak_sigreg(z[half], distributed=False).item()
+        # A regularized training step under DDP, for each variant.
+        for variant in VARIANTS:
+            model = make_model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            handle = sigreg.attach(model, nn.Linear, variant=variant, sketch_dim=8)
+            loss, grads = step(ddp, handle, x[half], y[half])
+            results[rank, variant] = (weak, strong, local, loss.item(), grads)
+    finally:
+        dist.destroy_process_group()
+
+
+VARIANTS = ("weak", "strong")
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(worker, args=(2, free_port(), results), nprocs=2, start_method="spawn")
+        return dict(results)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_ranks_equal_one_process(variant, ddp_results):
+    results = {rank: ddp_results[rank, variant] for rank in (0, 1)}
+
+    x, y = make_batch()
+    z = x @ torch.linspace(-1, 1, 10 * 6).reshape(10, 6)
+    weak = sigreg.weak_sigreg(z).item()
+    strong = sigreg.strong_sigreg(z, sigreg.draw_directions(6, 5, sigreg.seeded_generator(0))).item()
+    model = make_model()
+    handle = sigreg.attach(model, nn.Linear, variant=variant, sketch_dim=8)
+    loss, grads = step(model, handle, x, y)
+
+    for rank in (0, 1):
+        r_weak, r_strong, r_local, _, r_grads = results[rank]
+        assert r_weak == pytest.approx(weak, rel=1e-5)
+        assert r_strong == pytest.approx(strong, rel=1e-5)
+        assert r_local != pytest.approx(weak, rel=1e-3)  # opting out really is local
+        # The task loss is each rank's local mean, so only the gradients must match globally.
+        for g_ddp, g_one in zip(r_grads, grads):
+            torch.testing.assert_close(g_ddp, g_one, rtol=1e-4, atol=1e-6)
+    # The two ranks' losses average to the single-process loss (same-size halves).
+    assert (results[0][3] + results[1][3]) / 2 == pytest.approx(loss.item(), rel=1e-5)
