@@ -170,3 +170,17 @@ def test_glob_star_stays_within_one_name_component():
     assert sigreg.resolve_layers(model, "0.*") == ["0.0", "0.1"]
     assert sigreg.resolve_layers(model, "*") == ["0", "1"]
     assert sigreg.resolve_layers(model, "**") == ["0", "0.0", "0.1", "1"]
+
+
+def test_feature_recorder_records_only_while_on_and_in_eval_too():
+    model = convnet().eval()
+    rec = sigreg.FeatureRecorder(model, nn.Conv2d)
+    x = torch.randn(5, 3, 8, 8)
+    model(x)
+    assert rec.features == {}
+    with torch.no_grad(), rec.recording():
+        model(x)
+    assert rec.features["0"].shape == (5, 8)
+    assert torch.allclose(rec.features["0"], model[0](x).mean((2, 3)))
+    rec.remove()
+    assert all(not m._forward_hooks for m in model.modules())

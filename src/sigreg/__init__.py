@@ -8,13 +8,14 @@ One line regularizes any model::
 References: Weak-SIGReg (arXiv 2603.05924); LeJEPA (arXiv 2511.08544).
 """
 
-from .attach import SIGRegHandle, attach, pool_features, resolve_layers
+from .attach import FeatureRecorder, SIGRegHandle, attach, pool_features, resolve_layers
 from .distributed import all_reduce_sum, is_distributed
 from .functional import regularized_loss, strong_sigreg, weak_sigreg
 from .modules import StrongSIGReg, WeakSIGReg, make_regularizer
 from .sketch import draw_directions, draw_sketch, seeded_generator
 
 __all__ = [
+    "FeatureRecorder",
     "SIGRegHandle",
     "StrongSIGReg",
     "WeakSIGReg",

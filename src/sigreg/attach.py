@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -154,7 +155,11 @@ class SIGRegHandle:
 
     def layer_losses(self) -> dict[str, float]:
         """Per-layer values of the latest :meth:`loss` call, as floats for logging."""
-        return {n: float(v.detach()) for n, v in self._last.items()}
+        return {n: float(v) for n, v in self.layer_loss_tensors().items()}
+
+    def layer_loss_tensors(self) -> dict[str, torch.Tensor]:
+        """Like :meth:`layer_losses` but detached tensors: no device sync, for accumulating."""
+        return {n: v.detach() for n, v in self._last.items()}
 
     def features(self) -> dict[str, torch.Tensor]:
         """Detached pooled features of the latest forward (needs ``keep_features=True``)."""
@@ -244,3 +249,48 @@ def attach(
         for i, n in enumerate(names)
     }
     return SIGRegHandle(model, names, regularizers, pool, alpha, lam, keep_features)
+
+
+class FeatureRecorder:
+    """Records detached pooled outputs of some layers, only while switched on.
+
+    For diagnostics: the hooks stay registered and cost one attribute check per call while
+    off, so a trainer can switch recording on for the occasional monitored step, or a probe
+    for a whole evaluation pass (unlike :func:`attach`, it also records in eval mode).
+
+        with recorder.recording():
+            model(x)
+        feats = recorder.features   # {name: (N, C) tensor}
+    """
+
+    def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec],
+                 pool: Pool = "mean") -> None:
+        self.names = resolve_layers(model, layers)
+        self.pool = pool
+        self.active = False
+        self.features: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self._hooks = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str) -> Callable:
+        @torch.compiler.disable
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.active:
+                self.features[name] = pool_features(output, self.pool).detach()
+
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record during the ``with`` block; ``features`` then holds the last call per layer."""
+        self.features = {}
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
