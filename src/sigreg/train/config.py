@@ -130,7 +130,9 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
         if key not in fields or key == "model_args":
             valid = ", ".join(n for n in fields if n != "model_args")
             raise ValueError(f"unknown setting {key!r}; valid: {valid}, model.<arg>")
-        value = _coerce(key, value, str(fields[key].type))
+        annotation = str(fields[key].type)
+        # Plain string settings take the text as is ("none" is a sigreg choice, not null).
+        value = text.strip() if annotation == "str" else _coerce(key, value, annotation)
         if key in CHOICES and value not in CHOICES[key]:
             raise ValueError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         setattr(cfg, key, value)

@@ -1,0 +1,112 @@
+"""``sigreg`` command line: presets, train, compare, data download, probe, sweep."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import apply_overrides
+from .data import DATASETS, DataError, download_dataset
+from .presets import PRESETS, get_preset, preset_config
+from .report import markdown, write_report
+from .trainer import TrainingDiverged, train
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    width = max(map(len, PRESETS))
+    for name, preset in PRESETS.items():
+        paper = f"  [paper: {preset.paper:.2f}%]" if preset.paper is not None else ""
+        print(f"{name:{width}s}  {preset.description}{paper}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = apply_overrides(preset_config(args.preset), args.set)
+    out = args.out or Path("runs") / args.preset
+    summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    print(f"{args.preset}: final test acc {summary['final_test_acc']:.2%}, "
+          f"best {summary['best_test_acc']:.2%} (epoch {summary['best_epoch']}); files in {out}")
+
+
+def run_comparison(presets: Sequence[str], overrides: Sequence[str], out: Path, *,
+                   resume: bool = False, progress: bool = True) -> dict:
+    """Train each preset into ``out/<preset>`` and write the report files into ``out``."""
+    configs = {name: apply_overrides(preset_config(name), list(overrides)) for name in presets}
+    for i, (name, cfg) in enumerate(configs.items(), 1):
+        print(f"[{i}/{len(configs)}] {name}: {get_preset(name).description}", flush=True)
+        train(cfg, out / name, resume=resume, progress=progress)
+    res = write_report({name: out / name for name in configs}, out)
+    print()
+    print(markdown(res))
+    print(f"wrote {out / 'report.md'}, {out / 'curves.png'}, {out / 'results.json'}")
+    return res
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    for name in args.presets:
+        get_preset(name)  # fail on a typo before hours of training
+    if len(set(args.presets)) != len(args.presets):
+        raise ValueError("each preset may appear once in --presets")
+    run_comparison(args.presets, args.set, args.out, resume=args.resume,
+                   progress=not args.no_progress)
+
+
+def cmd_data_download(args: argparse.Namespace) -> None:
+    path = download_dataset(args.name, args.dir)
+    print(f"{args.name} is ready in {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sigreg", description="Train, compare and inspect SIGReg-regularized models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("presets", help="list the named presets")
+    p.set_defaults(func=cmd_presets)
+
+    def add_run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override settings, e.g. --set epochs=5 lr=3e-3 model.depth=4")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from checkpoint.pt in the run directory")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train", help="train one preset")
+    p.add_argument("--preset", required=True, help="a name from `sigreg presets`")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<preset>)")
+    add_run_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several presets and write a comparison report")
+    p.add_argument("--presets", nargs="+", required=True, help="names from `sigreg presets`")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="report directory")
+    add_run_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    d = data_sub.add_parser("download", help="download a dataset and verify its MD5")
+    d.add_argument("name", choices=[n for n in DATASETS if n != "synthetic"])
+    d.add_argument("--dir", type=Path, default=Path("data"), help="target directory")
+    d.set_defaults(func=cmd_data_download)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, DataError, TrainingDiverged, FileNotFoundError) as exc:
+        print(f"sigreg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sigreg: interrupted; the last finished epoch is saved: rerun with --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
