@@ -36,6 +36,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def load_data(cfg: TrainConfig) -> ImageDataset:
+    if cfg.dataset == "synthetic":  # sized by num_train / num_test instead of subsetting
+        sizes = {k: v for k, v in (("num_train", cfg.num_train), ("num_test", cfg.num_test)) if v}
+        return load_dataset("synthetic", seed=cfg.seed, **sizes)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if cfg.num_train is not None or cfg.num_test is not None:
         data = data.subset(cfg.num_train, cfg.num_test, seed=cfg.seed)
