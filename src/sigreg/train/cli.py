@@ -57,6 +57,38 @@ def cmd_data_download(args: argparse.Namespace) -> None:
     print(f"{args.name} is ready in {path}")
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    from .probe import find_run_dirs, probe_runs
+
+    if args.max_samples is not None and args.max_samples < 2:
+        raise ValueError(f"--max-samples must be at least 2, got {args.max_samples}")
+    runs = find_run_dirs(args.run)
+    # One directory given: results go next to its runs; several: into runs/probe.
+    out = args.out or (Path(args.run[0]) if len(args.run) == 1 else Path("runs/probe"))
+    table = probe_runs(runs, out, batch_size=args.batch_size, max_samples=args.max_samples,
+                       device=args.device)
+    print()
+    print(table)
+    print(f"wrote {out / 'probe.json'}, {out / 'probe.png'}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import markdown as sweep_markdown
+    from .sweep import parse_list, run_sweep
+
+    alphas = parse_list(args.alpha, float, "--alpha")
+    sketch_dims = parse_list(args.sketch_dim, int, "--sketch-dim")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds is a count of seeds and must be at least 1, got {args.seeds}")
+    get_preset(args.preset)
+    out = args.out or Path("runs") / f"sweep-{args.preset}"
+    result = run_sweep(args.preset, alphas, sketch_dims, args.seeds, out, args.set,
+                       progress=not args.no_progress)
+    print()
+    print(sweep_markdown(result))
+    print(f"wrote {out / 'sweep.md'}, {out / 'sweep.png'}, {out / 'sweep.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sigreg", description="Train, compare and inspect SIGReg-regularized models.")
@@ -83,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="report directory")
     add_run_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("probe", help="layer diagnostics of trained runs on their test set")
+    p.add_argument("--run", nargs="+", required=True, metavar="DIR",
+                   help="run directories, or directories whose subdirectories are runs")
+    p.add_argument("--out", type=Path,
+                   help="where probe.json/probe.png go (default: the one DIR, else runs/probe)")
+    p.add_argument("--max-samples", type=int, help="probe only the first N test images")
+    p.add_argument("--batch-size", type=int, default=1000, help="test images per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device for the probe (default cpu)")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("sweep", help="train a -weak/-strong preset over alpha x sketch dim x seeds")
+    p.add_argument("--preset", required=True, help="a -weak or -strong name from `sigreg presets`")
+    p.add_argument("--alpha", required=True, help="comma-separated weights, e.g. 0.01,0.1,0.3")
+    p.add_argument("--sketch-dim", required=True, help="comma-separated K, e.g. 16,64,256")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
+    p.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-<preset>)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override settings of the preset (not alpha, sketch_dim or seed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -1,0 +1,206 @@
+"""Sweep SIGReg's weight alpha and sketch size K over seeds, for one preset.
+
+Every ``(alpha, K, seed)`` trains into ``out/a{alpha}-k{K}-s{seed}/``; a run whose
+``summary.json`` exists is skipped and one with only a checkpoint is resumed, so an
+interrupted sweep continues where it stopped. Then ``sweep.json``, ``sweep.md`` (rows alpha,
+columns K, mean +- std of the final test accuracy over seeds) and ``sweep.png`` (heatmap)
+are written into ``out``.
+
+    sigreg sweep --preset fmnist-mlp-weak --alpha 0.01,0.03,0.1,0.3 --sketch-dim 16,64,256
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, apply_overrides
+from .presets import preset_config
+from .trainer import train
+
+# Settings the sweep itself sets for every run; --set may not fight over them.
+SWEPT_KEYS = ("alpha", "sketch_dim", "seed")
+
+
+def parse_list(text: str, kind: type, option: str) -> list[Any]:
+    """Parse ``"0.1,0.3"`` into numbers of type ``kind`` (float or int); ValueError if bad."""
+    items = [t.strip() for t in text.split(",")]
+    if not items or any(not t for t in items):
+        raise ValueError(f"{option} expects a comma-separated list like 1,2,3, got {text!r}")
+    values = []
+    for t in items:
+        try:
+            value = kind(t)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise ValueError(f"{option}: {t!r} is not {noun} (in {text!r})") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{option}: {t!r} is not a finite number")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{option} lists a value twice: {text!r}")
+    return values
+
+
+def run_name(alpha: float, sketch_dim: int, seed: int) -> str:
+    """Directory name of one sweep run, e.g. ``a0.1-k64-s0``."""
+    return f"a{alpha:g}-k{sketch_dim}-s{seed}"
+
+
+def _check_grid(alphas: Sequence[float], sketch_dims: Sequence[int], seeds: Sequence[int]) -> None:
+    if not alphas or not sketch_dims or not seeds:
+        raise ValueError("a sweep needs at least one alpha, one sketch dim and one seed")
+    for a in alphas:
+        if not 0.0 < a < 1.0:
+            raise ValueError(f"alpha weighs (1 - alpha) * task + alpha * reg: it must lie "
+                             f"strictly between 0 and 1, got {a:g}")
+    for k in sketch_dims:
+        if k < 1:
+            raise ValueError(f"sketch dims must be positive integers, got {k}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+
+
+def base_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The preset with ``overrides`` applied, checked to be usable as a sweep base."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in SWEPT_KEYS:
+            raise ValueError(f"--set {key}=... conflicts with the sweep: use --alpha, "
+                             "--sketch-dim and --seeds instead")
+    cfg = apply_overrides(preset_config(preset), list(overrides))
+    if cfg.sigreg == "none":
+        raise ValueError(f"preset {preset!r} has sigreg=none, so alpha and K change nothing: "
+                         "choose a -weak or -strong preset (e.g. fmnist-mlp-weak)")
+    return cfg
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as JSON would give it back, without the device (a run may move)."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "device"}
+
+
+def _train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
+                   log: Callable[[str], Any]) -> dict[str, Any]:
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if _comparable(summary["config"]) != _comparable(cfg.to_dict()):
+            raise ValueError(f"{run_dir} holds a finished run with a different config; "
+                             "use another --out or delete that directory")
+        log(f"  {run_dir.name}: done already, skipped")
+        return summary
+    resume = (run_dir / "checkpoint.pt").exists()
+    return train(cfg, run_dir, resume=resume, progress=progress, log=log)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def run_sweep(preset: str, alphas: Sequence[float], sketch_dims: Sequence[int],
+              seeds: int | Sequence[int], out: str | Path, overrides: Sequence[str] = (), *,
+              progress: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Train the grid, write ``sweep.json``, ``sweep.md`` and ``sweep.png``; return the results.
+
+    Args:
+        preset: a ``-weak`` or ``-strong`` preset name.
+        alphas: regularizer weights, each in (0, 1).
+        sketch_dims: sketch sizes K (weak) or numbers of directions (strong).
+        seeds: a count n (seeds 0 .. n-1) or explicit seeds.
+        out: sweep directory; run directories go inside it.
+        overrides: ``key=value`` settings applied to the preset (not alpha/sketch_dim/seed).
+        progress: show per-epoch progress bars.
+        log: where progress lines go.
+    """
+    out = Path(out)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    alphas, sketch_dims = list(alphas), list(sketch_dims)
+    _check_grid(alphas, sketch_dims, seed_list)
+    base = base_config(preset, overrides)
+    runs: list[dict[str, Any]] = []
+    total = len(alphas) * len(sketch_dims) * len(seed_list)
+    for alpha in alphas:
+        for k in sketch_dims:
+            for seed in seed_list:
+                name = run_name(alpha, k, seed)
+                log(f"[{len(runs) + 1}/{total}] {preset} alpha={alpha:g} K={k} seed={seed}")
+                cfg = apply_overrides(base, [f"alpha={alpha!r}", f"sketch_dim={k}",
+                                             f"seed={seed}"])
+                summary = _train_or_skip(cfg, out / name, progress, log)
+                runs.append({"name": name, "alpha": alpha, "sketch_dim": k, "seed": seed,
+                             "final_test_acc": summary["final_test_acc"],
+                             "best_test_acc": summary["best_test_acc"],
+                             "train_time_s": summary["train_time"]})
+    cells = []
+    for alpha in alphas:
+        for k in sketch_dims:
+            accs = [r["final_test_acc"] for r in runs if r["alpha"] == alpha and r["sketch_dim"] == k]
+            mean, std = _mean_std(accs)
+            cells.append({"alpha": alpha, "sketch_dim": k, "mean_test_acc": mean,
+                          "std_test_acc": std, "num_seeds": len(accs), "test_accs": accs})
+    result = {"preset": preset, "sigreg": base.sigreg, "overrides": list(overrides),
+              "epochs": base.epochs, "alphas": alphas, "sketch_dims": sketch_dims,
+              "seeds": seed_list, "cells": cells, "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sweep.md").write_text(markdown(result))
+    plot_heatmap(result, out / "sweep.png")
+    return result
+
+
+def _cell(result: dict[str, Any], alpha: float, k: int) -> dict[str, Any]:
+    return next(c for c in result["cells"] if c["alpha"] == alpha and c["sketch_dim"] == k)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Rows alpha, columns K, cells mean +- std of the final test accuracy (%) over seeds."""
+    ks = result["sketch_dims"]
+    extra = f", settings {' '.join(result['overrides'])}" if result["overrides"] else ""
+    lines = [f"# Sweep of {result['preset']} (SIGReg {result['sigreg']})", "",
+             (f"Final test accuracy (%), mean ± sample std over seeds {result['seeds']}; "
+              f"{result['epochs']} epochs{extra}."), "",
+             "| alpha \\ K | " + " | ".join(str(k) for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    for alpha in result["alphas"]:
+        cells = []
+        for k in ks:
+            c = _cell(result, alpha, k)
+            cells.append(f"{100 * c['mean_test_acc']:.2f} ± {100 * c['std_test_acc']:.2f}")
+        lines.append(f"| {alpha:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(result: dict[str, Any], path: Path) -> None:
+    """Heatmap of the mean final test accuracy, each cell annotated with mean +- std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas, ks = result["alphas"], result["sketch_dims"]
+    grid = [[100 * _cell(result, a, k)["mean_test_acc"] for k in ks] for a in alphas]
+    fig, ax = plt.subplots(figsize=(1.6 * len(ks) + 2.5, 0.8 * len(alphas) + 2))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="mean final test acc (%)")
+    lo, hi = min(min(r) for r in grid), max(max(r) for r in grid)
+    for i, a in enumerate(alphas):
+        for j, k in enumerate(ks):
+            std = 100 * _cell(result, a, k)["std_test_acc"]
+            # Dark text on the bright end of viridis, light text elsewhere.
+            bright = hi > lo and grid[i][j] > lo + 0.6 * (hi - lo)
+            ax.text(j, i, f"{grid[i][j]:.2f}\n± {std:.2f}", ha="center", va="center",
+                    fontsize=9, color="black" if bright else "white")
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_xlabel("sketch dim K")
+    ax.set_ylabel("alpha")
+    ax.set_title(f"{result['preset']}: {len(result['seeds'])} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
