@@ -1,0 +1,112 @@
+"""End-to-end tests of ``sigreg probe`` and ``sigreg sweep`` on tiny synthetic runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sigreg.train.cli import main
+from sigreg.train.sweep import parse_list
+
+TINY = ["dataset=synthetic", "num_train=64", "num_test=64", "epochs=1", "batch_size=32",
+        "model.depth=3", "model.width=16", "monitor_every=0"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny-weak"
+    assert main(["train", "--preset", "fmnist-mlp-weak", "--out", str(run), "--no-progress",
+                 "--set", *TINY]) == 0
+    return run
+
+
+def _check_probe(path: Path, runs: set[str]) -> None:
+    results = json.loads((path / "probe.json").read_text())
+    assert set(results) == runs
+    for layers in results.values():
+        assert list(layers) == ["layers.0", "layers.1"]  # depth 3: two hidden layers
+        for m in layers.values():
+            assert all(math.isfinite(v) for v in m.values())
+            assert m["width"] == 16 and m["num_samples"] == 64
+            assert 1.0 <= m["effective_dim"] <= m["width"]
+            assert 0.0 <= m["entropy_ratio"] <= 1.0 + 1e-9
+    assert (path / "probe.png").stat().st_size > 0
+
+
+def test_probe_run_dir_and_parent_dir(trained_run: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "--run", str(trained_run)]) == 0
+    _check_probe(trained_run, {"tiny-weak"})
+    assert "| tiny-weak | layers.0 |" in capsys.readouterr().out
+    # A compare-style directory: the runs are its subdirectories.
+    out = tmp_path / "probe"
+    assert main(["probe", "--run", str(trained_run.parent), "--out", str(out),
+                 "--max-samples", "40"]) == 0
+    results = json.loads((out / "probe.json").read_text())
+    assert results["tiny-weak"]["layers.0"]["num_samples"] == 40
+
+
+def test_probe_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sigreg: error:") and "no checkpoint.pt" in err
+    assert main(["probe", "--run", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--preset", "fmnist-mlp-weak", "--alpha", "0.1,0.3", "--sketch-dim", "8",
+            "--seeds", "1", "--out", str(out), "--no-progress", "--set", *TINY]
+    assert main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert [(c["alpha"], c["sketch_dim"], c["num_seeds"]) for c in result["cells"]] == [
+        (0.1, 8, 1), (0.3, 8, 1)]
+    for cell in result["cells"]:
+        assert 0.0 <= cell["mean_test_acc"] <= 1.0 and cell["std_test_acc"] == 0.0
+    for name in ("a0.1-k8-s0", "a0.3-k8-s0"):
+        config = json.loads((out / name / "config.json").read_text())
+        assert (config["alpha"], config["sketch_dim"], config["seed"]) == (
+            float(name[1:4]), 8, 0)
+    md = (out / "sweep.md").read_text()
+    assert "| alpha \\ K | 8 |" in md and "| 0.1 | " in md and "| 0.3 | " in md
+    assert (out / "sweep.png").stat().st_size > 0
+
+    # A rerun trains nothing: the finished runs are left untouched.
+    summaries = sorted(out.glob("*/summary.json"))
+    mtimes = [p.stat().st_mtime_ns for p in summaries]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in summaries] == mtimes
+    assert capsys.readouterr().out.count("done already, skipped") == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preset", "fmnist-mlp-none", "--alpha", "0.1", "--sketch-dim", "8"],
+     "choose a -weak or -strong preset"),
+    (["--preset", "fmnist-mlp-weak", "--alpha", "0.1,abc", "--sketch-dim", "8"],
+     "--alpha: 'abc' is not a number"),
+    (["--preset", "fmnist-mlp-weak", "--alpha", "0.1", "--sketch-dim", "8,1.5"],
+     "--sketch-dim: '1.5' is not an integer"),
+    (["--preset", "fmnist-mlp-weak", "--alpha", "1.5", "--sketch-dim", "8"],
+     "strictly between 0 and 1"),
+    (["--preset", "fmnist-mlp-weak", "--alpha", "0.1", "--sketch-dim", "8", "--set", "seed=3"],
+     "conflicts with the sweep"),
+])
+def test_sweep_errors(args: list[str], message: str, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", *args, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sigreg: error:") and message in err
+    assert not (tmp_path / "s").exists()  # failed before any training
+
+
+def test_parse_list() -> None:
+    assert parse_list("0.01, 0.1", float, "--alpha") == [0.01, 0.1]
+    assert parse_list("16,64", int, "--sketch-dim") == [16, 64]
+    for bad in ("", "0.1,", "0.1,0.1", "nan"):
+        with pytest.raises(ValueError, match="--alpha"):
+            parse_list(bad, float, "--alpha")
