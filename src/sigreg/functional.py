@@ -138,11 +138,14 @@ def strong_sigreg(
         p = z.to(dtype) @ directions.to(device=z.device, dtype=dtype)  # (N, K)
         t, w = trapezoid_weights(t_max, num_points, device=z.device, dtype=dtype)
         tp = p.unsqueeze(-1) * t  # (N, K, T)
-        # One reduction for both parts of the ECF sums.
-        sums = _sum_over_batch(torch.stack((tp.cos(), tp.sin()), dim=-1), distributed)
+        # Sum over the batch first; stack only the small (K, T) sums (stacking the (N, K, T)
+        # tensors costs more than the trigonometry), so one all-reduce serves both parts.
+        sums = torch.stack((tp.cos().sum(0), tp.sin().sum(0)))
+        if distributed:
+            sums = all_reduce_sum(sums)
         n = _batch_count(z, distributed)
         gauss = torch.exp(-0.5 * t * t)
-        err = (sums[..., 0] / n - gauss).square() + (sums[..., 1] / n).square()  # (K, T)
+        err = (sums[0] / n - gauss).square() + (sums[1] / n).square()  # (K, T)
         return (n * (err * (w * gauss)).sum(-1)).mean()
 
 
