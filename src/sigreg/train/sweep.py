@@ -84,8 +84,13 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "device"}
 
 
-def _train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
-                   log: Callable[[str], Any]) -> dict[str, Any]:
+def train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
+                  log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``, or return its summary if it already finished there.
+
+    A run with a checkpoint but no summary (interrupted) is resumed. A finished run whose
+    config differs from ``cfg`` (device aside) is an error, not silently reused.
+    """
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -132,7 +137,7 @@ def run_sweep(preset: str, alphas: Sequence[float], sketch_dims: Sequence[int],
                 log(f"[{len(runs) + 1}/{total}] {preset} alpha={alpha:g} K={k} seed={seed}")
                 cfg = apply_overrides(base, [f"alpha={alpha!r}", f"sketch_dim={k}",
                                              f"seed={seed}"])
-                summary = _train_or_skip(cfg, out / name, progress, log)
+                summary = train_or_skip(cfg, out / name, progress, log)
                 runs.append({"name": name, "alpha": alpha, "sketch_dim": k, "seed": seed,
                              "final_test_acc": summary["final_test_acc"],
                              "best_test_acc": summary["best_test_acc"],

@@ -1,0 +1,153 @@
+"""Two CPU-scale studies of the issue on Fashion-MNIST, with the ``fmnist-mlp-*`` presets.
+
+The presets train a 10-layer vanilla MLP (width 256) with plain SGD for 5 epochs; one run
+takes roughly 30-60 s on a CPU, much less on a GPU.
+
+* ``sketch``: weak SIGReg with a fixed sketch (``sketch=fixed``, drawn once) against a
+  fresh sketch every step (``sketch=resample``), same seeds and same epochs.
+* ``variant``: no regularizer vs weak vs strong SIGReg at equal epochs; the table also
+  gives the training time per epoch (median over epochs, so the first epoch's warm-up does
+  not count; evaluation excluded), the cost side of the comparison.
+
+The issue's third arm, a VICReg-style variance + covariance regularizer, is not part of the
+``sigreg`` library and is left out here.
+
+Identical runs are shared: ``variant``'s weak arm is ``sketch``'s resample arm. Each run
+goes to ``<out>/<arm>-s<seed>/``; a run whose ``summary.json`` exists is reused, one with
+only a checkpoint is resumed, so an interrupted study continues. Every invocation rewrites
+``<out>/results.jsonl`` (one line per study, arm and seed) and ``<out>/studies.md`` and
+prints the markdown table (mean ± sample std over seeds).
+
+    PYTHONPATH=src python3 experiments/studies.py --out runs/studies
+    PYTHONPATH=src python3 experiments/studies.py --study variant --seeds 5 --set device=cuda
+    # smoke test:
+    PYTHONPATH=src python3 experiments/studies.py --out /tmp/st --seeds 1 \\
+        --set num_train=1000 num_test=500 epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from sigreg.train.config import apply_overrides
+from sigreg.train.presets import preset_config
+from sigreg.train.sweep import train_or_skip
+
+# Arm -> (preset, settings). Each arm is trained once per seed, whichever study needs it.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "none": ("fmnist-mlp-none", []),
+    "weak-resample": ("fmnist-mlp-weak", ["sketch=resample"]),
+    "weak-fixed": ("fmnist-mlp-weak", ["sketch=fixed"]),
+    "strong": ("fmnist-mlp-strong", []),
+}
+# Study -> {row label: arm}.
+STUDIES: dict[str, dict[str, str]] = {
+    "sketch": {"fixed": "weak-fixed", "resample": "weak-resample"},
+    "variant": {"none": "none", "weak": "weak-resample", "strong": "strong"},
+}
+RESERVED = ("seed", "sigreg", "sketch")  # what the studies vary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--epochs", type=int,
+                        help="epochs for every run (default: the presets' 5; wins over --set)")
+    parser.add_argument("--out", type=Path, default=Path("runs/studies"))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings for every run, e.g. device=cuda num_train=10000")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    for item in args.set:
+        key = item.partition("=")[0].strip()
+        if key in RESERVED:
+            parser.error(f"--set {key}=... would change the studies' arms (use --seeds "
+                         "for the seeds)")
+    return args
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or reuse) one arm for one seed; return its accuracy and timing."""
+    preset, settings = ARMS[arm]
+    extra = [f"epochs={args.epochs}"] if args.epochs is not None else []
+    cfg = apply_overrides(preset_config(preset), [*settings, *args.set, *extra, f"seed={seed}"])
+    run_dir = args.out / f"{arm}-s{seed}"
+    summary = train_or_skip(cfg, run_dir, progress=not args.no_progress)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    return {
+        "preset": preset, "settings": settings, "seed": seed, "epochs": len(epochs),
+        "final_test_acc": summary["final_test_acc"], "best_test_acc": summary["best_test_acc"],
+        "time_per_epoch_s": statistics.median(r["epoch_time"] for r in epochs),
+        "images_per_s": statistics.median(r["images_per_s"] for r in epochs),
+        "device": cfg.device, "dir": str(run_dir),
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+
+
+def markdown(results: list[dict[str, Any]], seeds: int) -> str:
+    """One row per (study, arm): mean ± std over seeds of accuracy (%) and time per epoch."""
+    lines = ["# SIGReg studies (Fashion-MNIST, 10-layer MLP, plain SGD)", "",
+             (f"Mean ± sample std over {seeds} seed(s). Time per epoch: median over "
+              "epochs, training only."), "",
+             "| study | arm | final test acc (%) | best test acc (%) | time / epoch (s) |",
+             "|---|---|---|---|---|"]
+    for study, labels in STUDIES.items():
+        for label in labels:
+            rows = [r for r in results if r["study"] == study and r["arm"] == label]
+            if not rows:
+                continue
+            lines.append(
+                f"| {study} | {label} | {_mean_std([100 * r['final_test_acc'] for r in rows])} | "
+                f"{_mean_std([100 * r['best_test_acc'] for r in rows])} | "
+                f"{_mean_std([r['time_per_epoch_s'] for r in rows])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    studies = list(STUDIES) if args.study == "all" else [args.study]
+    arms = list(dict.fromkeys(arm for s in studies for arm in STUDIES[s].values()))
+    # Seed-major order: the arms of one seed run back to back, so a slow drift of the
+    # machine's speed does not favour one arm's timings.
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    total = len(arms) * args.seeds
+    try:
+        for seed in range(args.seeds):
+            for arm in arms:
+                print(f"[{len(done) + 1}/{total}] {arm} seed {seed}", flush=True)
+                done[arm, seed] = run_arm(arm, seed, args)
+    except ValueError as exc:
+        print(f"studies: error: {exc}", file=sys.stderr)
+        return 2
+    results = [{"study": study, "arm": label, **done[arm, seed]}
+               for study in studies for label, arm in STUDIES[study].items()
+               for seed in range(args.seeds)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "results.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    table = markdown(results, args.seeds)
+    (args.out / "studies.md").write_text(table)
+    print()
+    print(table)
+    print(f"wrote {args.out / 'results.jsonl'} and {args.out / 'studies.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
