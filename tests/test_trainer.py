@@ -1,0 +1,401 @@
+"""End-to-end checks of the training loop (sigreg.train.trainer) on the synthetic dataset, CPU only.
+
+Every run is tiny (a few steps of a model with a handful of units), so the whole file stays
+well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sigreg.train import checkpoint
+from sigreg.train.config import TrainConfig, apply_overrides
+from sigreg.train.models import build_model
+from sigreg.train.presets import PRESETS, preset_config
+from sigreg.train.trainer import TrainingDiverged, train
+
+# Tiny sizes per model family, as ``--set`` overrides.
+TINY = {
+    "paper-vit": ["model.patch_size=8", "model.dim=16", "model.depth=2", "model.heads=2",
+                  "model.mlp_ratio=1"],
+    "peak-vit": ["model.patch_size=8", "model.dim=16", "model.depth=2", "model.heads=2",
+                 "model.mlp_ratio=1"],
+    "mlp": ["model.depth=3", "model.width=16"],
+    "resnet18": ["model.width=4", "model.blocks=[1,1]"],
+}
+TIMING_KEYS = {"epoch_time", "images_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add overhead on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def epoch_rows(out: Path) -> list[dict]:
+    return [r for r in read_rows(out) if r["kind"] == "epoch"]
+
+
+def flat(row: dict, prefix: str = "") -> dict:
+    """A metrics row as one flat dict ("eff_dim.blocks.0": ...), wall-clock fields left out."""
+    out = {}
+    for key, value in row.items():
+        if key in TIMING_KEYS:
+            continue
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_mlp(**changes) -> TrainConfig:
+    """A 3-layer width-16 MLP on 32 synthetic images, 8 per batch: 4 steps an epoch."""
+    settings = {"dataset": "synthetic", "num_train": 32, "num_test": 40, "model": "mlp",
+                "model_args": {"depth": 3, "width": 16}, "epochs": 1, "batch_size": 8,
+                "optimizer": "sgd", "lr": 0.05, "schedule": "constant", "monitor_every": 1,
+                "device": "cpu", "sketch_dim": 8}
+    return TrainConfig(**{**settings, **changes})
+
+
+# --------------------------------------------------------------------------- 1. every preset
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_trains_two_steps(name, tmp_path):
+    preset = preset_config(name)
+    cfg = apply_overrides(preset, [
+        "dataset=synthetic", "epochs=1", "num_train=16", "batch_size=8", "num_test=20",
+        "monitor_every=1", "device=cpu", *TINY[preset.model],
+    ])
+    # Only sizes, data and schedule length change; the preset's recipe is what runs.
+    for key in ("model", "optimizer", "sigreg", "sketch_dim", "sketch", "mixup_alpha",
+                "cutmix_alpha", "randaugment_ops", "grad_clip", "alpha"):
+        assert getattr(cfg, key) == getattr(preset, key)
+
+    summary = train(cfg, tmp_path, progress=False, log=quiet)
+
+    rows = read_rows(tmp_path)
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    monitors = [r for r in rows if r["kind"] == "monitor"]
+    assert len(epochs) == 1 and epochs[0]["epoch"] == 1
+    row = epochs[0]
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
+    assert 0.0 <= row["test_acc"] <= 1.0 and 0.0 <= row["train_acc"] <= 1.0
+    # 16 images / 8 per batch = exactly 2 optimizer steps, each measured by the monitor.
+    assert [m["step"] for m in monitors] == [0, 1]
+
+    model = build_model(cfg.model, num_classes=10, image_size=32, in_channels=3, **cfg.model_args)
+    layers = set(model.sigreg_layers)
+    assert all(set(m["eff_dim"]) == layers for m in monitors)
+    if cfg.sigreg == "none":
+        assert row["reg_layers"] == {} and row["reg_loss"] == 0.0
+    else:
+        assert set(row["reg_layers"]) == layers
+        assert all(math.isfinite(v) for v in row["reg_layers"].values())
+        assert row["reg_loss"] != 0.0
+
+    # The checkpoint holds a model of exactly this shape, and the run's files are consistent.
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    model.load_state_dict(state["model"])  # strict: same names and shapes
+    assert state["epoch"] == 1
+    assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+    assert json.loads((tmp_path / "summary.json").read_text())["final_test_acc"] == row["test_acc"]
+    assert summary["final_test_acc"] == row["test_acc"]
+
+
+# --------------------------------------------------------------------------- 2. resume
+MIX_WEAK = {"epochs": 3, "sigreg": "weak", "sketch": "resample", "randaugment_ops": 2,
+            "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "optimizer": "adamw", "lr": 3e-3}
+RESUME_CONFIGS = {
+    # weak SIGReg with a fresh sketch every step, RandAugment, crop/flip and MixUp/CutMix.
+    "mlp-weak-mix": tiny_mlp(**MIX_WEAK),
+    # Drop path draws from torch's global RNG, which the checkpoint must restore.
+    "peak-vit": tiny_mlp(epochs=3, model="peak-vit", sigreg="weak", optimizer="adamw", lr=1e-3,
+                         model_args={"patch_size": 8, "dim": 16, "depth": 2, "heads": 2,
+                                     "mlp_ratio": 1, "drop_path_rate": 0.5},
+                         randaugment_ops=1, mixup_alpha=0.8, grad_clip=1.0),
+    # A learning rate that changes every step (every preset but the MLP ones uses cosine).
+    "mlp-cosine": tiny_mlp(**MIX_WEAK, schedule="cosine", warmup_epochs=0.5),
+}
+COSINE_BUG = (
+    "optim.Schedule keeps the param-group dicts it saw at construction; the trainer then calls "
+    "optimizer.load_state_dict, which replaces them, so after a resume the schedule edits dead "
+    "dicts and the lr stays frozen at the checkpoint's last value"
+)
+RESUME_CASES = [
+    pytest.param(name, marks=pytest.mark.xfail(reason=COSINE_BUG, strict=True))
+    if name == "mlp-cosine" else name
+    for name in RESUME_CONFIGS
+]
+
+
+def interrupt_after_epoch_1(line: str) -> None:
+    """A log callback that stops the run right after epoch 1's checkpoint and row."""
+    if re.match(r"epoch\s+1/3\b", line):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["interrupt", "crash-mid-epoch"])
+@pytest.mark.parametrize("name", RESUME_CASES)
+def test_resume_matches_uninterrupted_run(name, how, tmp_path, monkeypatch):
+    cfg = RESUME_CONFIGS[name]
+    summary_a = train(cfg, tmp_path / "a", progress=False, log=quiet)
+    rows_a = read_rows(tmp_path / "a")
+
+    out = tmp_path / "b"
+    if how == "interrupt":
+        # Ctrl-C right after epoch 1 was logged: checkpoint and rows are at epoch 1.
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, out, progress=False, log=interrupt_after_epoch_1)
+    else:
+        # Dies while saving epoch 2: epoch 2's monitor rows are in the log, the checkpoint
+        # still says epoch 1. The resume must drop those rows, not duplicate them.
+        real_save = checkpoint.save_atomic
+
+        def dying_save(state, path):
+            if state["epoch"] == 2:
+                raise RuntimeError("simulated crash")
+            real_save(state, path)
+
+        monkeypatch.setattr(checkpoint, "save_atomic", dying_save)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg, out, progress=False, log=quiet)
+        monkeypatch.setattr(checkpoint, "save_atomic", real_save)
+        assert any(r["epoch"] == 2 for r in read_rows(out))
+    assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in epoch_rows(out)] == [1]
+
+    lines: list[str] = []
+    summary_b = train(cfg, out, resume=True, progress=False, log=lines.append)
+    assert any(line.startswith("resumed") and "epoch 1/3" in line for line in lines)
+    assert sum(bool(re.match(r"epoch\s+\d+/3", line)) for line in lines) == 2  # epochs 2 and 3
+
+    rows_b = read_rows(out)
+    assert [r["epoch"] for r in epoch_rows(out)] == [1, 2, 3]
+    assert [(r["kind"], r["epoch"], r.get("step")) for r in rows_b] == \
+        [(r["kind"], r["epoch"], r.get("step")) for r in rows_a]
+    # Same numbers as the run that was never stopped: losses, accuracies, lr, eff. dims.
+    for got, want in zip(rows_b, rows_a, strict=True):
+        got, want = flat(got), flat(want)
+        numbers = {k for k, v in want.items() if isinstance(v, float)}
+        assert {k: v for k, v in got.items() if k not in numbers} == \
+            {k: v for k, v in want.items() if k not in numbers}
+        assert {k: got.get(k) for k in numbers} == \
+            pytest.approx({k: want[k] for k in numbers}, rel=1e-6, abs=1e-9)
+    for key in ("final_test_acc", "best_test_acc", "best_epoch"):
+        assert summary_b[key] == summary_a[key]
+    # The trajectory is not trivially constant: epochs differ from each other.
+    losses = [r["train_loss"] for r in epoch_rows(out)]
+    assert len(set(losses)) == 3
+
+
+
+# --------------------------------------------------------------------------- 3. divergence
+def test_divergence_in_epoch_2_keeps_epoch_1_checkpoint(tmp_path):
+    # One step per epoch; lr 1e30 with no clipping: the first step's loss is finite (initial
+    # weights), the update makes the weights ~1e30 and the next forward overflows.
+    cfg = tiny_mlp(epochs=3, num_train=16, batch_size=16, lr=1e30, grad_clip=0.0, sigreg="weak")
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg, tmp_path, progress=False, log=quiet)
+    message = str(info.value)
+    assert "epoch 2" in message
+    assert f"{tmp_path / 'checkpoint.pt'} (epoch 1)" in message
+
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [r["epoch"] for r in epoch_rows(tmp_path)] == [1]
+    assert math.isfinite(epoch_rows(tmp_path)[0]["train_loss"])
+
+
+def test_divergence_in_epoch_1_has_no_checkpoint(tmp_path):
+    cfg = tiny_mlp(epochs=3, num_train=32, batch_size=16, lr=1e30, grad_clip=0.0)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1 by step 2; last good checkpoint: none yet"):
+        train(cfg, tmp_path, progress=False, log=quiet)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert epoch_rows(tmp_path) == []
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- 4. DDP
+DDP_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from sigreg.train.config import TrainConfig
+from sigreg.train.trainer import train
+
+torch.set_num_threads(1)
+cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+train(cfg, sys.argv[2], progress=False, log=lambda _: None)
+dist.destroy_process_group()
+"""
+
+
+def test_two_cpu_ranks_match_one_process(tmp_path):
+    # No random augmentation, so 2 ranks x 8 images must follow the same trajectory as one
+    # process with 16: gradients are averaged by DDP, weak SIGReg pools global-batch statistics,
+    # the evaluation shards are all-reduced.
+    cfg = tiny_mlp(num_train=32, batch_size=16, sigreg="weak", crop_padding=0, flip=False,
+                   epochs=2)
+    script = tmp_path / "run_ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
+         json.dumps(cfg.to_dict()), str(out)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rows = epoch_rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2]  # written once, by rank 0
+    assert json.loads((out / "summary.json").read_text())["final_test_acc"] == rows[-1]["test_acc"]
+    for row in rows:
+        assert math.isfinite(row["train_loss"])
+        # Throughput counts both ranks: 2 steps x 16 images (8 per rank) per epoch.
+        assert row["images_per_s"] * row["epoch_time"] == pytest.approx(32, rel=1e-6)
+
+    single = epoch_rows(_run(cfg, tmp_path / "single"))
+    for got, want in zip(rows, single, strict=True):
+        for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss", "test_acc"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+        assert got["reg_layers"] == pytest.approx(want["reg_layers"], rel=1e-4)
+
+
+def _run(cfg: TrainConfig, out: Path) -> Path:
+    train(cfg, out, progress=False, log=quiet)
+    return out
+
+
+# --------------------------------------------------------------------------- 5. overrides
+def test_overrides_parse_values():
+    base = TrainConfig()
+    cfg = apply_overrides(base, [
+        "sigreg=none", "sketch_dim=none", "model.dim=64", "model.blocks=[1,2]", "epochs=3.0",
+        "lr=1e-2", "betas=[0.8,0.9]", "flip=false", "num_train=None", "optimizer=muon",
+        "description=a b=c",
+    ])
+    assert cfg.sigreg == "none" and isinstance(cfg.sigreg, str)
+    assert cfg.sketch_dim is None and cfg.num_train is None
+    assert cfg.model_args == {"dim": 64, "blocks": [1, 2]}
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert cfg.lr == 0.01 and cfg.betas == (0.8, 0.9) and cfg.flip is False
+    assert cfg.optimizer == "muon" and cfg.description == "a b=c"
+    assert "sketch_dim" not in cfg.model_args and "dim" not in vars(cfg)
+    # The input is left alone (model_args is copied, not shared).
+    assert base.model_args == {} and base.sketch_dim == 64 and base.sigreg == "none"
+    # Round trip: what the overrides produced is a valid config.
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_unknown_setting_lists_valid_keys():
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'") as info:
+        apply_overrides(TrainConfig(), ["learning_rate=0.1"])
+    valid = str(info.value).split("valid:", 1)[1]
+    for key in ("lr", "sigreg", "sketch_dim", "batch_size", "model.<arg>"):
+        assert key in valid
+    assert "model_args" not in valid
+    with pytest.raises(ValueError, match="unknown setting 'model_args'"):
+        apply_overrides(TrainConfig(), ["model_args={}"])
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("epochs=abc", "epochs expects an integer"),
+    ("epochs=1.5", "epochs expects an integer"),
+    ("epochs=true", "epochs expects an integer"),
+    ("batch_size=none", "batch_size cannot be none"),
+    ("lr=fast", "lr expects a number"),
+    ("lr=false", "lr expects a number"),
+    ("flip=1", "flip expects true or false"),
+    ("amp=yes", "amp expects true or false"),
+    ("betas=0.9", "betas expects two numbers"),
+    ("betas=[0.9,0.99,0.999]", "betas expects two numbers"),
+    ("sigreg=medium", "sigreg must be one of none, weak, strong"),
+    ("optimizer=adam", "optimizer must be one of sgd, adamw, muon"),
+    ("sketch=None", "sketch must be one of resample, fixed"),
+    ("lr", "expects key=value"),
+    ("=3", "expects key=value"),
+])
+def test_bad_override_is_refused(item, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        apply_overrides(TrainConfig(), [item])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "config._coerce turns JSON-looking text into str(value) for 'str | None' fields: "
+    "data_dir=1e3 becomes '1000.0', data_dir=true becomes 'True'"))
+def test_optional_string_keeps_its_text():
+    assert apply_overrides(TrainConfig(), ["data_dir=1e3"]).data_dir == "1e3"
+
+
+# --------------------------------------------------------------------------- 6. checkpoints
+def test_checkpoint_is_weights_only_and_atomic(tmp_path):
+    cfg = tiny_mlp(epochs=2, sigreg="strong", mixup_alpha=0.8, optimizer="muon")
+    train(cfg, tmp_path, progress=False, log=quiet)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert set(state) == {"config", "epoch", "best", "model", "optimizer", "augmenter", "sigreg",
+                          "rng_cpu"}
+    assert state["epoch"] == 2 and TrainConfig.from_dict(state["config"]) == cfg
+    assert state["sigreg"]  # the regularizer's sketch state is saved
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+class _Payload:
+    """Unpickling this runs os.makedirs(marker): code execution, if it is ever loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_resume_refuses_a_malicious_checkpoint(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    torch.save({"epoch": 1, "model": _Payload(marker)}, out / "checkpoint.pt")
+    (out / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 1}\n')
+
+    with pytest.raises(pickle.UnpicklingError):
+        train(tiny_mlp(), out, resume=True, progress=False, log=quiet)
+    assert not marker.exists()
+    # Nothing in the run directory was touched before the refusal.
+    assert (out / "metrics.jsonl").read_text() == '{"kind": "epoch", "epoch": 1}\n'
+    assert not (out / "config.json").exists()
+
+    # The payload is live: an unsafe load would have run it.
+    torch.load(out / "checkpoint.pt", weights_only=False)
+    assert marker.exists()
