@@ -1,0 +1,62 @@
+"""Small timing and statistics helpers shared by the benchmark scripts (stdlib + torch only)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def command_line() -> str:
+    """The command that started this script, ready to paste (python path relative if we can)."""
+    python = sys.executable
+    if python.startswith(os.getcwd() + os.sep):
+        python = os.path.relpath(python)
+    return shlex.join([python, *sys.argv])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so a wall-clock reading covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[..., object], device: torch.device, *args: object) -> float:
+    """Seconds taken by ``fn(*args)``, synchronising the device before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn(*args)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile, q in [0, 1]."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def bootstrap_ci(
+    values: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the median of ``values``."""
+    rng = random.Random(seed)
+    n = len(values)
+    meds = [statistics.median(rng.choices(values, k=n)) for _ in range(n_boot)]
+    tail = (1 - level) / 2
+    return quantile(meds, tail), quantile(meds, 1 - tail)

@@ -1,0 +1,77 @@
+"""Smoke tests of the benchmark scripts: each runs in its quick mode and writes sane JSON."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, json_path: Path, timeout: float = 60) -> dict:
+    """Run ``benchmarks/<script> --quick --json json_path``; return the parsed JSON.
+
+    The quick runs take a few seconds; the timeout leaves room for a busy machine.
+    """
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(json_path)]
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--quick" in done.stdout  # the command line is echoed at the top
+    return json.loads(json_path.read_text())
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_overhead_quick(tmp_path):
+    res = run_quick("overhead.py", tmp_path / "overhead.json")
+    assert {"command", "config", "env", "step_time", "weak_memory", "elapsed_s"} <= set(res)
+
+    arms = res["step_time"]["arms"]
+    assert set(arms) == {"none", "weak", "strong"}
+    for name, arm in arms.items():
+        assert positive(arm["median_ms"]) and arm["q25_ms"] <= arm["q75_ms"], name
+        assert len(arm["times_ms"]) == res["config"]["steps"]
+        assert all(positive(t) for t in arm["times_ms"])
+    assert positive(arms["weak"]["hooks_alone_ms"])
+    assert positive(arms["strong"]["hooks_alone_ms"])
+
+    ratios = res["step_time"]["ratios"]
+    assert set(ratios) == {"weak", "strong"}
+    for r in ratios.values():
+        assert all(positive(r[k]) for k in ("median", "ci95_low", "ci95_high", "target"))
+        assert r["ci95_low"] <= r["median"] <= r["ci95_high"]
+        assert isinstance(r["pass"], bool)
+
+    rows = res["weak_memory"]
+    assert {row["K"] for row in rows} == {res["config"]["sketch_dim"], None}  # sketch and full
+    for row in rows:
+        assert positive(row["median_ms"]) and positive(row["peak_mib"]), row
+
+
+def test_throughput_quick(tmp_path):
+    path = tmp_path / "throughput.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick",
+           "--workers", "1", "--json", str(path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=40, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--quick --workers 1" in done.stdout.splitlines()[0]  # command line comes first
+    res = json.loads(path.read_text())
+    assert {"command", "config", "env", "train_step", "augment_only", "target", "pass",
+            "elapsed_s"} <= set(res)
+    assert isinstance(res["pass"], bool) and positive(res["target"])
+    rounds = res["config"]["rounds"]
+    for phase in ("train_step", "augment_only"):
+        for arm in ("ours", "dataloader"):
+            r = res[phase][arm]
+            assert positive(r["median_img_s"]), (phase, arm)
+            assert len(r["per_round_img_s"]) == rounds
+            assert all(positive(v) for v in r["per_round_img_s"])
+        ratio = res[phase]["ratio"]
+        assert all(positive(ratio[k]) for k in ("median", "min", "max")), phase
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert len(ratio["per_round"]) == rounds
