@@ -145,16 +145,7 @@ RESUME_CONFIGS = {
     # A learning rate that changes every step (every preset but the MLP ones uses cosine).
     "mlp-cosine": tiny_mlp(**MIX_WEAK, schedule="cosine", warmup_epochs=0.5),
 }
-COSINE_BUG = (
-    "optim.Schedule keeps the param-group dicts it saw at construction; the trainer then calls "
-    "optimizer.load_state_dict, which replaces them, so after a resume the schedule edits dead "
-    "dicts and the lr stays frozen at the checkpoint's last value"
-)
-RESUME_CASES = [
-    pytest.param(name, marks=pytest.mark.xfail(reason=COSINE_BUG, strict=True))
-    if name == "mlp-cosine" else name
-    for name in RESUME_CONFIGS
-]
+RESUME_CASES = list(RESUME_CONFIGS)
 
 
 def interrupt_after_epoch_1(line: str) -> None:

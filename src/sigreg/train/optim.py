@@ -84,8 +84,9 @@ class Schedule:
     """Sets every param group's lr from its base lr and :func:`lr_factor`."""
 
     def __init__(self, optimizer: MultiOptimizer, cfg: TrainConfig, steps_per_epoch: int) -> None:
-        self.groups = optimizer.param_groups
-        self.base = [g["lr"] for g in self.groups]
+        # Keep the optimizer, not its groups: load_state_dict replaces the group dicts.
+        self.optimizer = optimizer
+        self.base = [g["lr"] for g in optimizer.param_groups]
         self.total = cfg.epochs * steps_per_epoch
         self.warmup = round(cfg.warmup_epochs * steps_per_epoch)
         self.schedule = cfg.schedule
@@ -93,6 +94,6 @@ class Schedule:
 
     def set(self, step: int) -> float:
         factor = lr_factor(step, self.total, self.warmup, self.schedule, self.floor)
-        for group, base in zip(self.groups, self.base, strict=True):
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
             group["lr"] = base * factor
         return factor
