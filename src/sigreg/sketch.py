@@ -18,6 +18,13 @@ def _check_dims(in_features: int, sketch_dim: int) -> None:
         )
 
 
+def _gaussian(rows: int, cols: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard normal (rows, cols), drawn on the generator's device for reproducibility."""
+    _check_dims(rows, cols)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(rows, cols, generator=generator, device=gen_device)
+
+
 def draw_sketch(
     in_features: int,
     sketch_dim: int,
@@ -29,9 +36,7 @@ def draw_sketch(
     The 1/sqrt(C) scale keeps Cov(Z S) = S^T Cov(Z) S near I_K when Cov(Z) = I_C, as in
     the paper's code. Drawn on ``generator``'s device, then moved to ``device``.
     """
-    _check_dims(in_features, sketch_dim)
-    gen_device = generator.device if generator is not None else device
-    s = torch.randn(in_features, sketch_dim, generator=generator, device=gen_device)
+    s = _gaussian(in_features, sketch_dim, generator, device)
     return s.div_(math.sqrt(in_features)).to(device)
 
 
@@ -42,9 +47,7 @@ def draw_directions(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Random unit directions A of shape (C, K): Gaussian columns normalised to length 1."""
-    _check_dims(in_features, num_directions)
-    gen_device = generator.device if generator is not None else device
-    a = torch.randn(in_features, num_directions, generator=generator, device=gen_device)
+    a = _gaussian(in_features, num_directions, generator, device)
     return (a / a.norm(dim=0, keepdim=True)).to(device)
 
 
