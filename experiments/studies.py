@@ -5,12 +5,11 @@ takes roughly 30-60 s on a CPU, much less on a GPU.
 
 * ``sketch``: weak SIGReg with a fixed sketch (``sketch=fixed``, drawn once) against a
   fresh sketch every step (``sketch=resample``), same seeds and same epochs.
-* ``variant``: no regularizer vs weak vs strong SIGReg at equal epochs; the table also
-  gives the training time per epoch (median over epochs, so the first epoch's warm-up does
-  not count; evaluation excluded), the cost side of the comparison.
-
-The issue's third arm, a VICReg-style variance + covariance regularizer, is not part of the
-``sigreg`` library and is left out here.
+* ``variant``: no regularizer vs weak vs strong SIGReg vs the VICReg-style baseline
+  (VICReg's variance + covariance terms on the full covariance, no sketch: the
+  ``fmnist-mlp-vicreg`` preset) at equal epochs; the table also gives the training time
+  per epoch (median over epochs, so the first epoch's warm-up does not count; evaluation
+  excluded), the cost side of the comparison.
 
 Identical runs are shared: ``variant``'s weak arm is ``sketch``'s resample arm. Each run
 goes to ``<out>/<arm>-s<seed>/``; a run whose ``summary.json`` exists is reused, one with
@@ -44,11 +43,12 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "weak-resample": ("fmnist-mlp-weak", ["sketch=resample"]),
     "weak-fixed": ("fmnist-mlp-weak", ["sketch=fixed"]),
     "strong": ("fmnist-mlp-strong", []),
+    "vicreg": ("fmnist-mlp-vicreg", []),
 }
 # Study -> {row label: arm}.
 STUDIES: dict[str, dict[str, str]] = {
     "sketch": {"fixed": "weak-fixed", "resample": "weak-resample"},
-    "variant": {"none": "none", "weak": "weak-resample", "strong": "strong"},
+    "variant": {"none": "none", "weak": "weak-resample", "strong": "strong", "vicreg": "vicreg"},
 }
 RESERVED = ("seed", "sigreg", "sketch")  # what the studies vary
 

@@ -56,7 +56,7 @@ def worker(rank, world, port, results):
         dist.destroy_process_group()
 
 
-VARIANTS = ("weak", "strong")
+VARIANTS = ("weak", "strong", "vicreg")
 
 
 @pytest.fixture(scope="module")

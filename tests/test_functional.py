@@ -171,3 +171,46 @@ def test_sketch_and_direction_helpers_are_seeded_and_scaled():
     assert s.std().item() == pytest.approx(1 / math.sqrt(4096), rel=0.02)
     with pytest.raises(ValueError):
         sigreg.draw_sketch(0, 3)
+
+
+def reference_varcov(z, gamma=1.0, mu=25.0, nu=1.0, eps=1e-4):
+    """VICReg's eqs. 1-4 written with explicit loops over features, in float64."""
+    z = z.double()
+    n, c = z.shape
+    centred = z - z.mean(0)
+    variance = sum(max(0.0, gamma - math.sqrt((centred[:, j] ** 2).sum().item() / (n - 1) + eps))
+                   for j in range(c)) / c
+    covariance = sum(((centred[:, i] * centred[:, j]).sum().item() / (n - 1)) ** 2
+                     for i in range(c) for j in range(c) if i != j) / c
+    return mu * variance + nu * covariance
+
+
+def test_vicreg_varcov_matches_loop_reference(gen):
+    # Mixed scales: some features below the hinge (std < 1), some above, correlated.
+    z = torch.randn(64, 10, generator=gen) @ torch.randn(10, 10, generator=gen) * 0.4
+    assert sigreg.vicreg_varcov(z).item() == pytest.approx(reference_varcov(z), rel=1e-5)
+    got = sigreg.vicreg_varcov(z, gamma=2.0, var_weight=3.0, cov_weight=0.5).item()
+    assert got == pytest.approx(reference_varcov(z, 2.0, 3.0, 0.5), rel=1e-5)
+
+
+def test_vicreg_varcov_zero_only_for_decorrelated_wide_features():
+    z = torch.randn(500, 8, dtype=torch.float64)
+    z = z - z.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(z.T))
+    white = z @ evecs @ torch.diag(evals.rsqrt())
+    # Decorrelated with every std >= 1 (the hinge ignores large variances): zero.
+    assert sigreg.vicreg_varcov(white * torch.linspace(1.01, 5, 8, dtype=torch.float64)).item() < 1e-9
+    # Collapsed onto one direction: both terms fire.
+    collapsed = torch.randn(500, 1, dtype=torch.float64) * torch.ones(1, 8, dtype=torch.float64)
+    assert sigreg.vicreg_varcov(collapsed, var_weight=0.0).item() > 1.0
+    assert sigreg.vicreg_varcov(0.1 * white, cov_weight=0.0).item() == pytest.approx(
+        25 * (1 - math.sqrt(0.01 + 1e-4)), rel=1e-6)
+
+
+def test_vicreg_varcov_gradcheck_and_errors(gen):
+    z = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: sigreg.vicreg_varcov(x), (z,))
+    with pytest.raises(ValueError, match="2-D"):
+        sigreg.vicreg_varcov(torch.randn(4))
+    with pytest.raises(ValueError, match="at least 2"):
+        sigreg.vicreg_varcov(torch.randn(1, 3))

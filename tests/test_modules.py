@@ -75,3 +75,20 @@ def test_module_gradients_flow():
     z = torch.randn(32, 20, requires_grad=True)
     (sigreg.WeakSIGReg(8)(z) + sigreg.StrongSIGReg(8)(z)).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_vicreg_module_validates_and_ignores_projection_settings():
+    from sigreg import VarCovReg, make_regularizer
+
+    for bad in ({"gamma": 0.0}, {"var_weight": -1.0}, {"var_weight": 0.0, "cov_weight": 0.0},
+                {"eps": 0.0}):
+        with pytest.raises(ValueError):
+            VarCovReg(**bad)
+    reg = make_regularizer("vicreg", 16, sketch="fixed", seed=3, var_weight=2.0)
+    assert isinstance(reg, VarCovReg) and reg.var_weight == 2.0
+    z = torch.randn(32, 6)
+    assert reg(z).item() == pytest.approx(
+        sigreg.vicreg_varcov(z, var_weight=2.0).item(), rel=1e-6)
+    assert reg.state_dict() == {}  # nothing random to save
+    with pytest.raises(ValueError, match="unknown regularizer variant"):
+        make_regularizer("vicreg2")

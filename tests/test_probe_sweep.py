@@ -87,6 +87,8 @@ def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(("args", "message"), [
     (["--preset", "fmnist-mlp-none", "--alpha", "0.1", "--sketch-dim", "8"],
      "choose a -weak or -strong preset"),
+    (["--preset", "fmnist-mlp-vicreg", "--alpha", "0.1", "--sketch-dim", "8"],
+     "no sketch to size"),
     (["--preset", "fmnist-mlp-weak", "--alpha", "0.1,abc", "--sketch-dim", "8"],
      "--alpha: 'abc' is not a number"),
     (["--preset", "fmnist-mlp-weak", "--alpha", "0.1", "--sketch-dim", "8,1.5"],

@@ -10,14 +10,15 @@ References: Weak-SIGReg (arXiv 2603.05924); LeJEPA (arXiv 2511.08544).
 
 from .attach import FeatureRecorder, SIGRegHandle, attach, pool_features, resolve_layers
 from .distributed import all_reduce_sum, is_distributed
-from .functional import regularized_loss, strong_sigreg, weak_sigreg
-from .modules import StrongSIGReg, WeakSIGReg, make_regularizer
+from .functional import regularized_loss, strong_sigreg, vicreg_varcov, weak_sigreg
+from .modules import StrongSIGReg, VarCovReg, WeakSIGReg, make_regularizer
 from .sketch import draw_directions, draw_sketch, seeded_generator
 
 __all__ = [
     "FeatureRecorder",
     "SIGRegHandle",
     "StrongSIGReg",
+    "VarCovReg",
     "WeakSIGReg",
     "all_reduce_sum",
     "attach",
@@ -30,6 +31,7 @@ __all__ = [
     "resolve_layers",
     "seeded_generator",
     "strong_sigreg",
+    "vicreg_varcov",
     "weak_sigreg",
 ]
 __version__ = "0.1.0"

@@ -216,7 +216,9 @@ def attach(
         model: any ``nn.Module``; it is not modified apart from forward hooks.
         layers: names, globs ("blocks.*"), module types or a predicate; see
             :func:`resolve_layers`.
-        variant: ``"weak"`` (covariance) or ``"strong"`` (characteristic function).
+        variant: ``"weak"`` (covariance), ``"strong"`` (characteristic function), or
+            ``"vicreg"``, VICReg's variance + covariance terms, a baseline to compare with
+            (full covariance: ``sketch_dim``, ``sketch`` and ``seed`` do not apply).
         sketch_dim: K, sketch width (weak) or number of directions (strong). Weak: None
             or K >= C means the full covariance.
         pool: how outputs become (N, C); see :func:`pool_features`.
@@ -226,7 +228,8 @@ def attach(
             ``(1 - alpha) * task + alpha * reg`` or ``task + lam * reg``. Default alpha=0.1.
         distributed: global-batch statistics under torch.distributed (None: automatic).
         keep_features: keep the latest pooled features for diagnostics.
-        variant_kwargs: ``t_max``, ``num_points`` for the strong variant.
+        variant_kwargs: ``t_max``, ``num_points`` for the strong variant; ``gamma``,
+            ``var_weight``, ``cov_weight``, ``eps`` for ``"vicreg"``.
 
     Returns:
         A :class:`SIGRegHandle`: ``handle.loss()``, ``handle.combine(task)``,

@@ -73,13 +73,57 @@ def weak_sigreg(
         y = z.to(_compute_dtype(z))
         if sketch is not None:
             y = y @ sketch.to(device=y.device, dtype=y.dtype)
-        n = _batch_count(y, distributed)
-        # Centre with the (global) mean first: exact, unlike sum(yy^T) - n mu mu^T.
-        centred = y - _sum_over_batch(y, distributed) / n
-        second = centred.T @ centred
-        cov = (all_reduce_sum(second) if distributed else second) / (n - 1)
+        cov = _covariance(y, distributed)
         eye = torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
         return torch.linalg.matrix_norm(cov - eye)
+
+
+def _covariance(y: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """Unbiased (C, C) covariance of y (N, C), over the global batch when distributed."""
+    n = _batch_count(y, distributed)
+    # Centre with the (global) mean first: exact, unlike sum(yy^T) - n mu mu^T.
+    centred = y - _sum_over_batch(y, distributed) / n
+    second = centred.T @ centred
+    return (all_reduce_sum(second) if distributed else second) / (n - 1)
+
+
+def vicreg_varcov(
+    z: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    var_weight: float = 25.0,
+    cov_weight: float = 1.0,
+    eps: float = 1e-4,
+    distributed: bool | None = None,
+) -> torch.Tensor:
+    """VICReg's variance and covariance terms on features (N, C): a baseline for SIGReg.
+
+    ``var_weight * mean_j relu(gamma - sqrt(Var(z_j) + eps))
+    + cov_weight * sum_{i != j} Cov(Z)_ij^2 / C``, with the unbiased covariance of the
+    whole (C, C) matrix: no sketch, no invariance term. Unlike weak SIGReg it only pushes
+    each standard deviation up to ``gamma`` (a hinge) and decorrelates; it does not pull
+    large variances down.
+
+    Args:
+        z: features, shape (N, C). Computed in float32 (float64 kept).
+        gamma: target standard deviation of every feature.
+        var_weight, cov_weight: VICReg's mu and nu (defaults 25 and 1, as in VICReg).
+        eps: added to the variance before the square root (keeps its gradient finite).
+        distributed: statistics over the global batch (None: automatic).
+
+    Returns:
+        Scalar float32 tensor.
+
+    Reference: Bardes, Ponce, LeCun, VICReg, arXiv 2105.04906, eqs. 1-4.
+    """
+    distributed = use_distributed(distributed)
+    _check_features(z, min_rows=1 if distributed else 2)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        cov = _covariance(z.to(_compute_dtype(z)), distributed)
+        var = cov.diagonal()
+        variance = torch.relu(gamma - torch.sqrt(var + eps)).mean()
+        covariance = (cov - torch.diag_embed(var)).square().sum() / cov.shape[0]
+        return var_weight * variance + cov_weight * covariance
 
 
 def trapezoid_weights(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import strong_sigreg, weak_sigreg
+from .functional import strong_sigreg, vicreg_varcov, weak_sigreg
 from .sketch import draw_directions, draw_sketch, seeded_generator
 
 POLICIES = ("resample", "fixed")
@@ -182,11 +182,66 @@ class StrongSIGReg(_ProjectedSIGReg):
         )
 
 
-VARIANTS = {"weak": WeakSIGReg, "strong": StrongSIGReg}
+class VarCovReg(nn.Module):
+    """VICReg's variance + covariance terms on features (N, C): a baseline, not SIGReg.
+
+    Full (C, C) covariance, no sketch, nothing random: see :func:`sigreg.vicreg_varcov`.
+
+    Args:
+        gamma: target standard deviation of each feature (VICReg: 1).
+        var_weight, cov_weight: weights of the variance hinge and of the off-diagonal
+            covariance (VICReg's mu = 25 and nu = 1).
+        eps: added to variances before the square root.
+        distributed: statistics over the global batch (None: automatic).
+
+    Shape: input (N, C), output scalar.
+
+    Reference: VICReg, arXiv 2105.04906.
+    """
+
+    def __init__(
+        self,
+        gamma: float = 1.0,
+        var_weight: float = 25.0,
+        cov_weight: float = 1.0,
+        eps: float = 1e-4,
+        distributed: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not gamma > 0:
+            raise ValueError(f"gamma must be positive, got {gamma}")
+        if not (var_weight >= 0 and cov_weight >= 0) or var_weight + cov_weight == 0:
+            raise ValueError(f"var_weight and cov_weight must be non-negative and not both 0, "
+                             f"got {var_weight} and {cov_weight}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.gamma, self.var_weight, self.cov_weight = float(gamma), float(var_weight), float(cov_weight)
+        self.eps = float(eps)
+        self.distributed = distributed
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 2:
+            raise ValueError(f"features must be 2-D (N, C), got shape {tuple(z.shape)}")
+        return vicreg_varcov(z, gamma=self.gamma, var_weight=self.var_weight,
+                             cov_weight=self.cov_weight, eps=self.eps,
+                             distributed=self.distributed)
+
+    def extra_repr(self) -> str:
+        return (f"gamma={self.gamma}, var_weight={self.var_weight}, "
+                f"cov_weight={self.cov_weight}, eps={self.eps}")
+
+
+VARIANTS = {"weak": WeakSIGReg, "strong": StrongSIGReg, "vicreg": VarCovReg}
+# Settings of the projection stream, meaningless for a regularizer that projects nothing.
+_PROJECTION_KWARGS = ("sketch", "seed")
 
 
 def make_regularizer(variant: str, sketch_dim: int | None = 64, **kwargs: Any) -> nn.Module:
-    """Build a regularizer by name: ``"weak"`` or ``"strong"`` (sketch_dim = K for both)."""
+    """Build a regularizer by name: ``"weak"``, ``"strong"`` (sketch_dim = K for both) or
+    ``"vicreg"`` (the baseline; full covariance, so ``sketch_dim``, ``sketch`` and ``seed``
+    do not apply and are ignored)."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown SIGReg variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        raise ValueError(f"unknown regularizer variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    if variant == "vicreg":
+        return VarCovReg(**{k: v for k, v in kwargs.items() if k not in _PROJECTION_KWARGS})
     return VARIANTS[variant](sketch_dim, **kwargs)

@@ -42,12 +42,14 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     # Regularizer
-    sigreg: str = "none"  # none | weak | strong
+    sigreg: str = "none"  # none | weak | strong | vicreg (baseline: VICReg's var + cov terms)
     alpha: float = 0.1  # total = (1 - alpha) * task + alpha * reg
     sketch_dim: int | None = 64
     sketch: str = "resample"  # resample | fixed
     t_max: float = 3.0
     num_points: int = 17
+    vicreg_var_weight: float = 25.0  # VICReg's mu; sigreg=vicreg only
+    vicreg_cov_weight: float = 1.0  # VICReg's nu; sigreg=vicreg only
     # Run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -76,7 +78,7 @@ class TrainConfig:
 CHOICES = {
     "optimizer": ("sgd", "adamw", "muon"),
     "schedule": ("cosine", "constant"),
-    "sigreg": ("none", "weak", "strong"),
+    "sigreg": ("none", "weak", "strong", "vicreg"),
     "sketch": ("resample", "fixed"),
 }
 

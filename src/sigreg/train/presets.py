@@ -1,8 +1,9 @@
 """Named training presets: one per row of the paper's tables, plus CPU-scale Fashion-MNIST ones.
 
 A preset is a :class:`TrainConfig` and a line of text; names read
-``<model>-<optimizer>-<mix|nomix>-<none|weak|strong>``. ``paper`` holds the top-1 the paper
-reports for that row on CIFAR-100 (best epoch), for the comparison report.
+``<model>-<optimizer>-<mix|nomix>-<none|weak|strong>``. The Fashion-MNIST families also have
+``-vicreg``: VICReg's variance + covariance terms, the baseline of docs/studies.md. ``paper``
+holds the top-1 the paper reports for that row on CIFAR-100 (best epoch), for the report.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ for stem, text, settings in CPU_ROWS:
     for variant in VARIANTS:
         config = TrainConfig(**{**settings, **FMNIST_SIGREG, "sigreg": variant})
         register(f"{stem}-{variant}", config, f"{text}; SIGReg {variant}")
+    # The baseline of docs/studies.md: VICReg's variance + covariance terms, same alpha.
+    config = TrainConfig(**{**settings, **FMNIST_SIGREG, "sigreg": "vicreg", "sketch_dim": None})
+    register(f"{stem}-vicreg", config, f"{text}; VICReg-style variance + covariance baseline")
 
 
 def get_preset(name: str) -> Preset:

@@ -49,16 +49,19 @@ def _row_key(name: str, res: dict[str, Any]) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    """The paper's table layout (none / strong / weak columns), then one line per run."""
+    """The paper's table layout (none / strong / weak [/ vicreg] columns), then one line per run."""
     table: dict[str, dict[str, str]] = {}
     for name, r in res.items():
         cell = f"{100 * r['final_test_acc']:.2f} (best {100 * r['best_test_acc']:.2f})"
         table.setdefault(_row_key(name, r), {})[r["sigreg"]] = cell
+    # The VICReg-style baseline gets a column only when some run used it.
+    columns = ["none", "strong", "weak"] + (["vicreg"] if any(
+        r["sigreg"] == "vicreg" for r in res.values()) else [])
     lines = ["# SIGReg comparison", "",
              "Test top-1 (%) at the last epoch, best epoch in brackets.", "",
-             "| setting | none | strong | weak |", "|---|---|---|---|"]
+             "| setting | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for key, cells in table.items():
-        lines.append(f"| {key} | " + " | ".join(cells.get(v, "-") for v in ("none", "strong", "weak")) + " |")
+        lines.append(f"| {key} | " + " | ".join(cells.get(v, "-") for v in columns) + " |")
     lines += ["", "| run | regularizer | epochs | final acc | best acc (epoch) | final train loss "
               "| train time (s) | images/s | paper top-1 |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():

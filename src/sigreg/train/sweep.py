@@ -76,6 +76,9 @@ def base_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
     if cfg.sigreg == "none":
         raise ValueError(f"preset {preset!r} has sigreg=none, so alpha and K change nothing: "
                          "choose a -weak or -strong preset (e.g. fmnist-mlp-weak)")
+    if cfg.sigreg == "vicreg":
+        raise ValueError(f"preset {preset!r} is the VICReg-style baseline, which has no sketch "
+                         "to size: choose a -weak or -strong preset")
     return cfg
 
 

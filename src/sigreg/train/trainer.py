@@ -115,7 +115,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
                         in_channels=channels, **cfg.model_args).to(rt.device)
     handle = None
     if cfg.sigreg != "none":
-        extra = {"t_max": cfg.t_max, "num_points": cfg.num_points} if cfg.sigreg == "strong" else {}
+        extra = {"strong": {"t_max": cfg.t_max, "num_points": cfg.num_points},
+                 "vicreg": {"var_weight": cfg.vicreg_var_weight,
+                            "cov_weight": cfg.vicreg_cov_weight}}.get(cfg.sigreg, {})
         handle = attach(model, model.sigreg_layers, cfg.sigreg, cfg.sketch_dim, model.sigreg_pool,
                         sketch=cfg.sketch, seed=cfg.seed, alpha=cfg.alpha, **extra)
     monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool, cfg.monitor_every,
