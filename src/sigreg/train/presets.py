@@ -72,8 +72,8 @@ CPU_ROWS = [
      {**FMNIST, **MLP, "model_args": {"depth": 10, "width": 256}, "epochs": 5}),
     ("fmnist-mlp-shallow", "Fashion-MNIST, 6-layer vanilla MLP width 256, plain SGD, 5 epochs",
      {**FMNIST, **MLP, "model_args": {"depth": 6, "width": 256}, "epochs": 5}),
-    ("fmnist-vit", "Fashion-MNIST 10k, paper ViT dim 128 x 6, AdamW lr 3e-3, RandAugment + "
-     "MixUp/CutMix, 10 epochs (CPU: ~10 min a run)",
+    ("fmnist-vit", ("Fashion-MNIST 10k, paper ViT dim 128 x 6, AdamW lr 3e-3, RandAugment + "
+                    "MixUp/CutMix, 10 epochs (CPU: ~10 min a run)"),
      {**FMNIST, **PAPER_VIT, **PAPER_AUG, "lr": 3e-3, "num_train": 10000, "epochs": 10,
       "model_args": {"dim": 128, "depth": 6, "heads": 4, "patch_size": 4}}),
 ]

@@ -45,7 +45,7 @@ def results(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _row_key(name: str, res: dict[str, Any]) -> str:
     """Runs that differ only in the regularizer share a table row."""
     suffix = f"-{res['sigreg']}"
-    return name[: -len(suffix)] if name.endswith(suffix) else name
+    return name.removesuffix(suffix)
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -62,8 +62,9 @@ def markdown(res: dict[str, Any]) -> str:
              "| setting | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for key, cells in table.items():
         lines.append(f"| {key} | " + " | ".join(cells.get(v, "-") for v in columns) + " |")
-    lines += ["", "| run | regularizer | epochs | final acc | best acc (epoch) | final train loss "
-              "| train time (s) | images/s | paper top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", ("| run | regularizer | epochs | final acc | best acc (epoch) | final train loss "
+                   "| train time (s) | images/s | paper top-1 |"),
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         paper = f"{r['paper_top1']:.2f}" if r["paper_top1"] is not None else "-"
         lines.append(
