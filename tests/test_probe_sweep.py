@@ -83,6 +83,18 @@ def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert [p.stat().st_mtime_ns for p in summaries] == mtimes
     assert capsys.readouterr().out.count("done already, skipped") == 2
 
+    # A run saved before a setting existed still counts (the setting takes its default);
+    # a run with another value of a setting does not.
+    summary_path = out / "a0.1-k8-s0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["config"]["vicreg_cov_weight"]
+    summary_path.write_text(json.dumps(summary))
+    assert main(argv) == 0
+    summary["config"]["lr"] = 0.5
+    summary_path.write_text(json.dumps(summary))
+    assert main(argv) == 2
+    assert "different config" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--preset", "fmnist-mlp-none", "--alpha", "0.1", "--sketch-dim", "8"],

@@ -83,8 +83,13 @@ def base_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict as JSON would give it back, without the device (a run may move)."""
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "device"}
+    """A config dict as JSON would give it back, without the device (a run may move).
+
+    Settings added to TrainConfig after the run was saved take their defaults, so an older
+    run still counts as the same run.
+    """
+    full = TrainConfig.from_dict(config).to_dict()
+    return {k: v for k, v in json.loads(json.dumps(full)).items() if k != "device"}
 
 
 def train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
