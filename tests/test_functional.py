@@ -214,3 +214,21 @@ def test_vicreg_varcov_gradcheck_and_errors(gen):
         sigreg.vicreg_varcov(torch.randn(4))
     with pytest.raises(ValueError, match="at least 2"):
         sigreg.vicreg_varcov(torch.randn(1, 3))
+
+
+def test_strong_constants_cached_under_inference_mode_still_train(gen):
+    """The quadrature constants are cached; a first call under inference_mode must not
+    poison later training calls with inference tensors."""
+    from sigreg.functional import _quadrature
+
+    _quadrature.cache_clear()
+    z = torch.randn(32, 6, generator=gen)
+    a = sigreg.draw_directions(6, 4, gen)
+    with torch.inference_mode():
+        evaluated = sigreg.strong_sigreg(z, a, t_max=2.5, num_points=11).item()
+    z.requires_grad_()
+    trained = sigreg.strong_sigreg(z, a, t_max=2.5, num_points=11)
+    trained.backward()
+    assert trained.item() == pytest.approx(evaluated, rel=1e-6)
+    assert torch.isfinite(z.grad).all()
+    assert _quadrature.cache_info().hits >= 1

@@ -145,7 +145,9 @@ class SIGRegHandle:
                 "no training-mode forward pass with autograd since the last loss() call: "
                 "run the model (model.train(), outside torch.no_grad()) first"
             )
-        self._last = {n: torch.stack(v).mean() for n, v in self._pending.items()}
+        # A layer called once (the usual case) needs no stack + mean: fewer GPU launches.
+        self._last = {n: v[0] if len(v) == 1 else torch.stack(v).mean()
+                      for n, v in self._pending.items()}
         self._pending = {}
         return torch.stack(list(self._last.values())).mean()
 

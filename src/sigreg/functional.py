@@ -8,6 +8,8 @@ Under ``torch.distributed`` they are computed over the global batch by default.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .distributed import all_reduce_sum, broadcast_from_rank0, use_distributed
@@ -31,11 +33,6 @@ def _check_projection(p: torch.Tensor, in_features: int, name: str) -> None:
             f"{name} must have shape (C, K) with C={in_features} (the feature width), "
             f"got {tuple(p.shape)}"
         )
-
-
-def _sum_over_batch(x: torch.Tensor, distributed: bool) -> torch.Tensor:
-    s = x.sum(0)
-    return all_reduce_sum(s) if distributed else s
 
 
 def _compute_dtype(z: torch.Tensor) -> torch.dtype:
@@ -73,18 +70,25 @@ def weak_sigreg(
         y = z.to(_compute_dtype(z))
         if sketch is not None:
             y = y @ sketch.to(device=y.device, dtype=y.dtype)
-        cov = _covariance(y, distributed)
-        eye = torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
-        return torch.linalg.matrix_norm(cov - eye)
+        return torch.linalg.matrix_norm(_covariance(y, distributed, minus_identity=True))
 
 
-def _covariance(y: torch.Tensor, distributed: bool) -> torch.Tensor:
-    """Unbiased (C, C) covariance of y (N, C), over the global batch when distributed."""
-    n = _batch_count(y, distributed)
-    # Centre with the (global) mean first: exact, unlike sum(yy^T) - n mu mu^T.
-    centred = y - _sum_over_batch(y, distributed) / n
-    second = centred.T @ centred
-    return (all_reduce_sum(second) if distributed else second) / (n - 1)
+def _covariance(y: torch.Tensor, distributed: bool, minus_identity: bool = False) -> torch.Tensor:
+    """Unbiased (C, C) covariance of y (N, C), minus I_C if asked, over the global batch
+    when distributed. Centred with the mean first: exact, unlike sum(yy^T) - n mu mu^T."""
+    eye = torch.eye(y.shape[1], device=y.device, dtype=y.dtype) if minus_identity else None
+    if distributed:
+        n = _batch_count(y, distributed)
+        centred = y - all_reduce_sum(y.sum(0)) / n
+        cov = all_reduce_sum(centred.T @ centred) / (n - 1)
+        return cov - eye if minus_identity else cov
+    # One fused kernel for the product, scale and shift: on a GPU these hooks are bound
+    # by kernel launches, not arithmetic.
+    centred = y - y.mean(0)
+    scale = 1 / (y.shape[0] - 1)
+    if minus_identity:
+        return torch.addmm(eye, centred.T, centred, beta=-1, alpha=scale)
+    return torch.mm(centred.T, centred).mul_(scale)
 
 
 def vicreg_varcov(
@@ -136,6 +140,25 @@ def trapezoid_weights(
     return t, 2 * w  # doubled: the integrand is even in t
 
 
+@functools.lru_cache(maxsize=32)
+def _quadrature(
+    t_max: float, num_points: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nodes t, the target (Re, Im) = (exp(-t^2/2), 0) of the empirical characteristic
+    function, and the weights w * exp(-t^2/2) of the strong loss.
+
+    Cached per device: building them costs a handful of tiny kernel launches, as much as
+    the loss itself on a GPU. The cached tensors are never modified in place, and are built
+    outside inference mode so that a first call under ``torch.inference_mode()`` does not
+    leave tensors that autograd refuses to save.
+    """
+    with torch.inference_mode(False):
+        t, w = trapezoid_weights(t_max, num_points, device=device, dtype=dtype)
+        gauss = torch.exp(-0.5 * t * t)
+        target = torch.stack((gauss, torch.zeros_like(gauss))).unsqueeze(1)  # (2, 1, T)
+        return t, target, w * gauss
+
+
 def strong_sigreg(
     z: torch.Tensor,
     directions: torch.Tensor | None = None,
@@ -180,7 +203,7 @@ def strong_sigreg(
     with torch.autocast(device_type=z.device.type, enabled=False):
         dtype = _compute_dtype(z)
         p = z.to(dtype) @ directions.to(device=z.device, dtype=dtype)  # (N, K)
-        t, w = trapezoid_weights(t_max, num_points, device=z.device, dtype=dtype)
+        t, target, weights = _quadrature(float(t_max), int(num_points), z.device, dtype)
         tp = p.unsqueeze(-1) * t  # (N, K, T)
         # Sum over the batch first; stack only the small (K, T) sums (stacking the (N, K, T)
         # tensors costs more than the trigonometry), so one all-reduce serves both parts.
@@ -188,9 +211,8 @@ def strong_sigreg(
         if distributed:
             sums = all_reduce_sum(sums)
         n = _batch_count(z, distributed)
-        gauss = torch.exp(-0.5 * t * t)
-        err = (sums[0] / n - gauss).square() + (sums[1] / n).square()  # (K, T)
-        return (n * (err * (w * gauss)).sum(-1)).mean()
+        err = (sums / n - target).square().sum(0)  # |ECF - target|^2, (K, T)
+        return n * (err @ weights).mean()
 
 
 def regularized_loss(
