@@ -75,3 +75,15 @@ def test_throughput_quick(tmp_path):
         assert all(positive(ratio[k]) for k in ("median", "min", "max")), phase
         assert ratio["min"] <= ratio["median"] <= ratio["max"]
         assert len(ratio["per_round"]) == rounds
+
+
+def test_regularizer_cost_quick(tmp_path):
+    res = run_quick("regularizer_cost.py", tmp_path / "cost.json")
+    assert set(res["arms"]) == {"none", "weak", "strong", "vicreg"}
+    assert set(res["ratios"]) == {"weak", "strong", "vicreg"}
+    for arm in res["arms"].values():
+        assert len(arm["times_ms"]) == res["config"]["rounds"]
+        assert positive(arm["median_ms"]) and all(positive(t) for t in arm["times_ms"])
+    for r in res["ratios"].values():
+        assert all(positive(r[k]) for k in ("median", "ci95_low", "ci95_high"))
+        assert r["ci95_low"] <= r["median"] <= r["ci95_high"]

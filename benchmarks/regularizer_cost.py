@@ -1,0 +1,150 @@
+"""Cost of each regularizer at the studies' scale: weak, strong, VICReg-style vs none.
+
+The cost side of docs/studies.md: one training step (forward, cross-entropy, regularizer on
+every layer the trainer regularizes, backward, SGD step) of a preset's model on a random
+batch, for the arms none / weak / strong / vicreg with the preset's settings (alpha, K,
+quadrature). The arms are deep copies of one initialisation; every round runs each arm once
+in a random order, and the cost is the median over rounds of the per-round ratio arm/none,
+with a bootstrap 95% CI (robust to the machine's load drifting during the run).
+
+    .venv/bin/python benchmarks/regularizer_cost.py                  # ~1 minute on 2 CPU cores
+    .venv/bin/python benchmarks/regularizer_cost.py --quick --json /tmp/cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from _timing import bootstrap_ci, command_line, pick_device, timed
+
+import sigreg
+from sigreg.train.models import build_model
+from sigreg.train.presets import preset_config
+
+ARMS = ("none", "weak", "strong", "vicreg")
+
+
+def make_arms(preset: str, image_shape: tuple[int, int, int], device: torch.device, seed: int):
+    """arm -> (model, handle or None, optimizer), regularized as the trainer would."""
+    cfg = preset_config(preset)
+    channels, size, _ = image_shape
+    torch.manual_seed(seed)
+    base = build_model(cfg.model, num_classes=10, image_size=size, in_channels=channels,
+                       **cfg.model_args).to(device)
+    variant_kwargs = {"strong": {"t_max": cfg.t_max, "num_points": cfg.num_points},
+                      "vicreg": {"var_weight": cfg.vicreg_var_weight,
+                                 "cov_weight": cfg.vicreg_cov_weight}}
+    arms = {}
+    for arm in ARMS:
+        model = copy.deepcopy(base)
+        handle = None
+        if arm != "none":
+            handle = sigreg.attach(model, model.sigreg_layers, arm, cfg.sketch_dim,
+                                   model.sigreg_pool, alpha=cfg.alpha,
+                                   **variant_kwargs.get(arm, {}))
+        arms[arm] = (model, handle, torch.optim.SGD(model.parameters(), lr=cfg.lr))
+    return cfg, arms
+
+
+def train_step(arm, x: torch.Tensor, y: torch.Tensor) -> None:
+    model, handle, opt = arm
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if handle is not None:
+        loss = handle.combine(loss)
+    loss.backward()
+    opt.step()
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
+    shape = (1, 28, 28)
+    cfg, arms = make_arms(args.preset, shape, device, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    rng = random.Random(args.seed)
+    times: dict[str, list[float]] = {a: [] for a in ARMS}
+    for r in range(args.warmup + args.rounds):
+        order = list(ARMS)
+        rng.shuffle(order)
+        for arm in order:
+            # A block of steps per timing: one MLP step is too short to time alone on a GPU.
+            t = timed(lambda a=arms[arm]: [train_step(a, x, y) for _ in range(args.steps)],
+                      device) / args.steps
+            if r >= args.warmup:
+                times[arm].append(t)
+    out = {"preset": args.preset, "model": cfg.model, "model_args": cfg.model_args,
+           "alpha": cfg.alpha, "sketch_dim": cfg.sketch_dim, "arms": {}, "ratios": {}}
+    for arm in ARMS:
+        out["arms"][arm] = {"median_ms": 1e3 * statistics.median(times[arm]),
+                            "times_ms": [1e3 * t for t in times[arm]]}
+        if arm != "none":
+            ratios = [a / b for a, b in zip(times[arm], times["none"], strict=True)]
+            lo, hi = bootstrap_ci(ratios, seed=args.seed)
+            out["ratios"][arm] = {"median": statistics.median(ratios), "ci95_low": lo,
+                                  "ci95_high": hi}
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="fmnist-mlp-weak",
+                   help="preset whose model and SIGReg settings are used (its sigreg is ignored)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="training steps per timed block")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.steps, args.rounds, args.warmup = 16, 1, 3, 1
+    for name in ("batch", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(command_line())
+    print(f"device {name or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    start = time.perf_counter()
+    res = measure(args, device)
+    res.update(command=command_line(), device=str(device), device_name=name,
+               torch=torch.__version__, config=vars(args),
+               elapsed_s=time.perf_counter() - start)
+    print(f"{args.preset}: model {res['model']} {res['model_args']}, batch {args.batch}, "
+          f"alpha {res['alpha']}, K {res['sketch_dim']}; {args.rounds} rounds of "
+          f"{args.steps} steps per arm")
+    print(f"\n   {'arm':<8}{'ms/step':>9}{'ratio to none':>15}{'95% CI':>17}")
+    for arm in ARMS:
+        a, r = res["arms"][arm], res["ratios"].get(arm)
+        cost = f"{r['median']:.2f}x" if r else "-"
+        ci = f"{r['ci95_low']:.2f} - {r['ci95_high']:.2f}" if r else ""
+        print(f"   {arm:<8}{a['median_ms']:>9.2f}{cost:>15}{ci:>17}")
+    print(f"\n{res['elapsed_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
