@@ -390,3 +390,24 @@ def test_resume_refuses_a_malicious_checkpoint(tmp_path):
     # The payload is live: an unsafe load would have run it.
     torch.load(out / "checkpoint.pt", weights_only=False)
     assert marker.exists()
+
+
+def test_tensorboard_gets_losses_and_effective_dimensions(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_mlp(sigreg="weak", epochs=2), tmp_path, progress=False, log=lambda _: None)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "reg_loss", "test_acc"} <= tags
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["eff_dim"] for r in rows if r["kind"] == "monitor"]
+    # One curve per regularized layer (the MLP's 2 hidden layers), each monitored step.
+    layer_tags = {t for t in tags if t.startswith("eff_dim/")}
+    assert layer_tags == {f"eff_dim/{name}" for name in logged[0]} and len(layer_tags) == 2
+    for tag in layer_tags:
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == list(range(len(logged)))  # every monitored step
+        name = tag.removeprefix("eff_dim/")
+        assert [s.value for s in scalars] == pytest.approx([m[name] for m in logged], rel=1e-5)
+    assert [s.step for s in events.Scalars("test_acc")] == [1, 2]
