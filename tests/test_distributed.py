@@ -1,6 +1,4 @@
-"""Two gloo processes on loopback, each with half a batch, equal one process with all of it."""
-
-import socket
+"""Two gloo processes, each with half a batch, equal one process with all of it."""
 
 import pytest
 import torch
@@ -9,12 +7,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sigreg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model() -> nn.Module:
@@ -35,8 +27,9 @@ def step(model, handle, x, y):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def worker(rank, world, port, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def worker(rank, world, rendezvous, results):
+    # A file rendezvous: no port to pick, so no race with other processes for one.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         x, y = make_batch()
         half = slice(rank * 16, (rank + 1) * 16)
@@ -60,11 +53,13 @@ VARIANTS = ("weak", "strong", "vicreg")
 
 
 @pytest.fixture(scope="module")
-def ddp_results():
+def ddp_results(tmp_path_factory):
+    rendezvous = tmp_path_factory.mktemp("ddp") / "rendezvous"
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(worker, args=(2, free_port(), results), nprocs=2, start_method="spawn")
+        mp.start_processes(worker, args=(2, str(rendezvous), results), nprocs=2,
+                           start_method="spawn")
         return dict(results)
 
 

@@ -133,8 +133,14 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
             valid = ", ".join(n for n in fields if n != "model_args")
             raise ValueError(f"unknown setting {key!r}; valid: {valid}, model.<arg>")
         annotation = str(fields[key].type)
-        # Plain string settings take the text as is ("none" is a sigreg choice, not null).
-        value = text.strip() if annotation == "str" else _coerce(key, value, annotation)
+        # String settings take the text as is ("none" is a sigreg choice, not null; a
+        # data_dir may look like a number); optional ones read none/null as None.
+        if annotation == "str":
+            value = text.strip()
+        elif annotation == "str | None":
+            value = None if value is None else text.strip()
+        else:
+            value = _coerce(key, value, annotation)
         if key in CHOICES and value not in CHOICES[key]:
             raise ValueError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         setattr(cfg, key, value)

@@ -9,6 +9,7 @@ most the epoch in progress and ``resume=True`` continues exactly where the check
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -204,8 +205,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
                     for name, value in row["eff_dim"].items():
                         writer.add_scalar(f"eff_dim/{name}", value, step)
             if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_per_epoch:
-                running = sums[0].item() / (i + 1)
-                if not torch.isfinite(sums[0]):
+                # Every rank tests the same global sum, so all stop together: a rank that
+                # stopped alone would leave the others waiting in their next collective.
+                running = sum_over_ranks(sums[:1].clone(), rt).item() / ((i + 1) * rt.world_size)
+                if not math.isfinite(running):
                     kept = f"{ckpt_path} (epoch {epoch - 1})" if epoch > 1 else "none yet"
                     raise TrainingDiverged(
                         f"loss became non-finite in epoch {epoch} by step {i + 1}; last good "
