@@ -244,15 +244,16 @@ dist.destroy_process_group()
 """
 
 
-def run_two_ranks(script: Path, cfg: TrainConfig, out: Path) -> subprocess.CompletedProcess:
-    """``script cfg out`` on 2 CPU ranks under torchrun; --standalone picks a free port
-    itself (choosing one here and passing it on races with other processes)."""
+def run_two_ranks(script: Path, cfg: TrainConfig, out: Path,
+                  *args: str) -> subprocess.CompletedProcess:
+    """``script cfg out *args`` on 2 CPU ranks under torchrun; --standalone picks a free
+    port itself (choosing one here and passing it on races with other processes)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), json.dumps(cfg.to_dict()), str(out)],
+         str(script), json.dumps(cfg.to_dict()), str(out), *args],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )
 
@@ -332,6 +333,53 @@ def test_two_cpu_ranks_match_one_process(tmp_path):
         assert got["reg_layers"] == pytest.approx(want["reg_layers"], rel=1e-4)
 
 
+DDP_RESUME_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from sigreg.train.config import TrainConfig
+from sigreg.train.trainer import train
+
+torch.set_num_threads(1)
+cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+mode = sys.argv[3]
+
+def log(line):
+    if mode == "stop" and line.split()[:2] == ["epoch", "1/3"]:
+        # Rank 0 (the one that logs) dies right after epoch 1's checkpoint; rank 1 then
+        # fails in its next collective, as a job does when one of its processes is killed.
+        raise KeyboardInterrupt
+
+try:
+    train(cfg, sys.argv[2], resume=mode == "resume", progress=False, log=log)
+except KeyboardInterrupt:
+    pass
+dist.destroy_process_group()
+"""
+
+
+def test_two_cpu_ranks_resume_exactly(tmp_path):
+    # Random crops, flips, RandAugment and MixUp/CutMix drawn independently on each rank:
+    # the checkpoint must carry both ranks' streams for epochs 2-3 to repeat exactly.
+    cfg = tiny_mlp(num_train=32, batch_size=16, sigreg="weak", epochs=3, randaugment_ops=1,
+                   mixup_alpha=0.8, cutmix_alpha=1.0)
+    script = tmp_path / "resume_ddp.py"
+    script.write_text(textwrap.dedent(DDP_RESUME_SCRIPT))
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    for out, mode in ((full, "full"), (stopped, "stop"), (stopped, "resume")):
+        proc = run_two_ranks(script, cfg, out, mode)
+        if mode == "stop":
+            assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1
+            assert [r["epoch"] for r in epoch_rows(out)] == [1]
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = epoch_rows(full), epoch_rows(stopped)
+    assert [r["epoch"] for r in got] == [1, 2, 3]
+    for g, w in zip(got[1:], want[1:], strict=True):
+        for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss", "test_acc"):
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), key
+
+
 def _run(cfg: TrainConfig, out: Path) -> Path:
     train(cfg, out, progress=False, log=quiet)
     return out
@@ -403,8 +451,8 @@ def test_checkpoint_is_weights_only_and_atomic(tmp_path):
     cfg = tiny_mlp(epochs=2, sigreg="strong", mixup_alpha=0.8, optimizer="muon")
     train(cfg, tmp_path, progress=False, log=quiet)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert set(state) == {"config", "epoch", "best", "model", "optimizer", "augmenter", "sigreg",
-                          "rng_cpu"}
+    assert set(state) == {"config", "epoch", "best", "model", "optimizer", "sigreg", "rng_ranks"}
+    assert {k: len(v) for k, v in state["rng_ranks"].items()} == {"augmenter": 1, "cpu": 1}
     assert state["epoch"] == 2 and TrainConfig.from_dict(state["config"]) == cfg
     assert state["sigreg"]  # the regularizer's sketch state is saved
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
@@ -457,3 +505,23 @@ def test_tensorboard_gets_losses_and_effective_dimensions(tmp_path):
         name = tag.removeprefix("eff_dim/")
         assert [s.value for s in scalars] == pytest.approx([m[name] for m in logged], rel=1e-5)
     assert [s.step for s in events.Scalars("test_acc")] == [1, 2]
+
+
+def test_rng_states_from_old_checkpoints_and_other_world_sizes():
+    from sigreg.train.runtime import Runtime
+    from sigreg.train.trainer import _own_rng_state
+
+    cpu, aug = torch.get_rng_state(), torch.Generator().manual_seed(5).get_state()
+    old_format = {"augmenter": {"generator": aug}, "rng_cpu": cpu}  # before per-rank states
+    notes: list[str] = []
+    got = _own_rng_state(old_format, Runtime(torch.device("cpu")), notes.append)
+    assert torch.equal(got["augmenter"], aug) and torch.equal(got["cpu"], cpu) and notes == []
+
+    per_rank = {"rng_ranks": {"augmenter": [aug, aug + 1], "cpu": [cpu, cpu + 1]}}
+    got = _own_rng_state(per_rank, Runtime(torch.device("cpu"), rank=1, world_size=2), notes.append)
+    assert torch.equal(got["augmenter"], aug + 1) and torch.equal(got["cpu"], cpu + 1)
+    # Resumed on 3 ranks: the extra rank reuses rank 0's streams, and rank 0 says so.
+    got = _own_rng_state(per_rank, Runtime(torch.device("cpu"), rank=2, world_size=3), notes.append)
+    assert torch.equal(got["cpu"], cpu) and notes == []  # rank 2 does not log
+    _own_rng_state(per_rank, Runtime(torch.device("cpu"), rank=0, world_size=3), notes.append)
+    assert len(notes) == 1 and "2 rank(s), this job has 3" in notes[0]

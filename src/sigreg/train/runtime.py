@@ -58,3 +58,14 @@ def sum_over_ranks(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if runtime.world_size > 1:
         dist.all_reduce(values)
     return values
+
+
+def gather_from_ranks(value: torch.Tensor, runtime: Runtime) -> list[torch.Tensor]:
+    """Every rank's ``value`` (same shape and dtype on all ranks), as CPU tensors in rank
+    order; every rank must call it. Goes through the device, which NCCL requires."""
+    if runtime.world_size == 1:
+        return [value.cpu()]
+    local = value.to(runtime.device)
+    parts = [torch.empty_like(local) for _ in range(runtime.world_size)]
+    dist.all_gather(parts, local)
+    return [p.cpu() for p in parts]

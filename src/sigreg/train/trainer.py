@@ -27,7 +27,7 @@ from .data import ImageDataset, load_dataset
 from .models import build_model
 from .monitor import CollapseMonitor
 from .optim import Schedule, build_optimizer
-from .runtime import Runtime, setup_runtime, sum_over_ranks
+from .runtime import Runtime, gather_from_ranks, setup_runtime, sum_over_ranks
 
 CHECK_EVERY = 25  # steps between non-finite checks (each one is a device sync)
 
@@ -55,6 +55,27 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _own_rng_state(state: dict[str, Any], rt: Runtime, log) -> dict[str, torch.Tensor]:
+    """This rank's augmenter and CPU RNG states from a checkpoint.
+
+    Checkpoints from before per-rank states (keys ``augmenter`` / ``rng_cpu``) hold rank
+    0's only. A job resumed on a different number of ranks cannot repeat the interrupted
+    run's draws; ranks beyond the saved ones reuse rank 0's state, said once in the log.
+    """
+    if "rng_ranks" not in state:
+        saved = {"augmenter": [state["augmenter"]["generator"]], "cpu": [state["rng_cpu"]]}
+        if "rng_cuda" in state:
+            saved["cuda"] = [state["rng_cuda"]]
+    else:
+        saved = state["rng_ranks"]
+    count = len(saved["cpu"])
+    if count != rt.world_size and rt.is_main:
+        log(f"note: the checkpoint holds random states for {count} rank(s), this job has "
+            f"{rt.world_size}: augmentations will differ from an uninterrupted run")
+    index = rt.rank if rt.rank < count else 0
+    return {key: states[index].cpu() for key, states in saved.items()}
 
 
 def _open_tensorboard(out: Path):
@@ -149,12 +170,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        augmenter.load_state_dict(state["augmenter"])
         if handle is not None:
             handle.load_state_dict(state["sigreg"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if rt.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), rt.device)
+        rng = _own_rng_state(state, rt, log)
+        augmenter.load_state_dict({"generator": rng["augmenter"]})
+        torch.set_rng_state(rng["cpu"])
+        if rt.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], rt.device)
         start_epoch, best = state["epoch"], state["best"]
         if rt.is_main:  # forget log rows written after the checkpoint (a crash mid-epoch)
             rows = [r for r in _read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
@@ -241,16 +263,21 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         }
         if test_acc > best["test_acc"]:
             best = {"test_acc": test_acc, "epoch": epoch}
+        # Each rank draws its own augmentations: keep every rank's streams (a collective,
+        # so all ranks take part; only rank 0 writes).
+        rng_ranks = {
+            "augmenter": gather_from_ranks(augmenter.state_dict()["generator"], rt),
+            "cpu": gather_from_ranks(torch.get_rng_state(), rt),
+        }
+        if rt.device.type == "cuda":
+            rng_ranks["cuda"] = gather_from_ranks(torch.cuda.get_rng_state(rt.device), rt)
         if rt.is_main:
             state_out = {
                 "config": cfg.to_dict(), "epoch": epoch, "best": best,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "augmenter": augmenter.state_dict(),
                 "sigreg": handle.state_dict() if handle is not None else {},
-                "rng_cpu": torch.get_rng_state(),
+                "rng_ranks": rng_ranks,
             }
-            if rt.device.type == "cuda":
-                state_out["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
             checkpoint.save_atomic(state_out, ckpt_path)
             _log_jsonl(metrics_path, row)
             if writer:
