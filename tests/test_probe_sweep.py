@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+from _fake_datasets import write_fashion_mnist
 
 from sigreg.train.cli import main
 from sigreg.train.sweep import parse_list
@@ -49,12 +51,42 @@ def test_probe_run_dir_and_parent_dir(trained_run: Path, tmp_path: Path,
     assert results["tiny-weak"]["layers.0"]["num_samples"] == 40
 
 
-def test_probe_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_probe_errors(trained_run: Path, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["probe", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sigreg: error:") and "no checkpoint.pt" in err
     assert main(["probe", "--run", str(tmp_path / "missing")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "neither a run directory nor a checkpoint file" in capsys.readouterr().err
+    # A model trained on 3x32x32 synthetic images cannot read 28x28 Fashion-MNIST.
+    data = tmp_path / "data"
+    write_fashion_mnist(data / "fashion-mnist", n_train=20, n_test=12)
+    assert main(["probe", "--run", str(trained_run), "--dataset", "fashion-mnist",
+                 "--data-dir", str(data), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "trained on synthetic; it does not fit fashion-mnist (1x28x28 images" in err
+
+
+def test_probe_a_moved_checkpoint_on_its_moved_dataset(tmp_path: Path) -> None:
+    # Trained on Fashion-MNIST in one place; the checkpoint and the data then live elsewhere.
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    write_fashion_mnist(first / "fashion-mnist", n_train=32, n_test=16)
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "fmnist-mlp-weak", "--out", str(run), "--no-progress",
+                 "--set", f"data_dir={first}", "num_train=none", "num_test=none", "epochs=1",
+                 "batch_size=16", "model.depth=3", "model.width=16", "monitor_every=0"]) == 0
+    shutil.rmtree(first)
+    write_fashion_mnist(moved / "fashion-mnist", n_train=32, n_test=24, seed=1)
+    checkpoint = tmp_path / "kept" / "weak-mlp.pt"
+    checkpoint.parent.mkdir()
+    shutil.copy(run / "checkpoint.pt", checkpoint)
+    out = tmp_path / "probe"
+    assert main(["probe", "--run", str(checkpoint), "--data-dir", str(moved),
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "probe.json").read_text())
+    assert list(results) == ["weak-mlp"]
+    # The 24 test images of the moved copy, not the 16 of the original (or a system copy).
+    assert {m["num_samples"] for m in results["weak-mlp"].values()} == {24}
 
 
 def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -63,10 +63,11 @@ def cmd_probe(args: argparse.Namespace) -> None:
     if args.max_samples is not None and args.max_samples < 2:
         raise ValueError(f"--max-samples must be at least 2, got {args.max_samples}")
     runs = find_run_dirs(args.run)
-    # One directory given: results go next to its runs; several: into runs/probe.
-    out = args.out or (Path(args.run[0]) if len(args.run) == 1 else Path("runs/probe"))
+    # One directory given: results go next to its runs; otherwise into runs/probe.
+    single_dir = len(args.run) == 1 and Path(args.run[0]).is_dir()
+    out = args.out or (Path(args.run[0]) if single_dir else Path("runs/probe"))
     table = probe_runs(runs, out, batch_size=args.batch_size, max_samples=args.max_samples,
-                       device=args.device)
+                       device=args.device, dataset=args.dataset, data_dir=args.data_dir)
     print()
     print(table)
     print(f"wrote {out / 'probe.json'}, {out / 'probe.png'}")
@@ -117,10 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("probe", help="layer diagnostics of trained runs on their test set")
-    p.add_argument("--run", nargs="+", required=True, metavar="DIR",
-                   help="run directories, or directories whose subdirectories are runs")
+    p.add_argument("--run", nargs="+", required=True, metavar="PATH",
+                   help="run directories, directories whose subdirectories are runs, or "
+                        "checkpoint files")
     p.add_argument("--out", type=Path,
-                   help="where probe.json/probe.png go (default: the one DIR, else runs/probe)")
+                   help="where probe.json/probe.png go (default: the one run directory, "
+                        "else runs/probe)")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="probe on this dataset's test split (default: each run's own)")
+    p.add_argument("--data-dir", help="where the dataset lives (default: where the run found it)")
     p.add_argument("--max-samples", type=int, help="probe only the first N test images")
     p.add_argument("--batch-size", type=int, default=1000, help="test images per forward pass")
     p.add_argument("--device", default="cpu", help="torch device for the probe (default cpu)")

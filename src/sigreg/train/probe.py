@@ -8,10 +8,12 @@ without keeping its features. ``probe_runs`` does this for several runs and writ
 
     sigreg probe --run runs/compare            # every run directory inside it
     sigreg probe --run runs/a runs/b --out runs/probe --max-samples 2000
+    sigreg probe --run ~/ckpt/weak.pt --dataset fashion-mnist --data-dir /data   # a checkpoint
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -36,34 +38,61 @@ PLOT_METRICS = ("effective_dim", "entropy_ratio", "mean_cosine", "norm_variance"
 LayerMetrics = dict[str, dict[str, float]]
 
 
+def checkpoint_path(run: str | Path) -> Path:
+    """The checkpoint of a run directory, or ``run`` itself if it is a checkpoint file."""
+    path = Path(run)
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT).is_file():
+        return path / CHECKPOINT
+    raise ValueError(f"no {CHECKPOINT} in {run}: train the run first (sigreg train), or pass "
+                     "a checkpoint file")
+
+
 @torch.no_grad()
-def probe_run(run_dir: str | Path, *, batch_size: int = 1000, max_samples: int | None = None,
-              device: str | torch.device = "cpu") -> LayerMetrics:
-    """Diagnostics of each SIGReg layer of a trained run over its test set.
+def probe_run(run: str | Path, *, batch_size: int = 1000, max_samples: int | None = None,
+              device: str | torch.device = "cpu", dataset: str | None = None,
+              data_dir: str | None = None) -> LayerMetrics:
+    """Diagnostics of each SIGReg layer of a trained run over a test set.
 
     Args:
-        run_dir: a run directory holding ``checkpoint.pt`` (written by :func:`train`).
+        run: a run directory holding ``checkpoint.pt`` (written by :func:`train`), or a
+            checkpoint file.
         batch_size: test images per forward pass.
         max_samples: probe only the first ``max_samples`` test images (None: all).
         device: where the model and data go.
+        dataset: probe on this dataset's test split instead of the run's own (same image
+            shape and number of classes; normalised with its own statistics).
+        data_dir: where the dataset lives, if not where the run found it (for example a
+            checkpoint copied to another machine).
 
     Returns:
         ``{layer name: diagnose-style metrics}``, layers in ``model.sigreg_layers`` order.
     """
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"no {CHECKPOINT} in {run_dir}: train the run first (sigreg train)")
+    path = checkpoint_path(run)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_samples is not None and max_samples < 2:
         raise ValueError(f"max_samples must be at least 2, got {max_samples}")
     state = checkpoint.load(path, device)
     cfg = TrainConfig.from_dict(state["config"])
-    data = load_data(cfg)  # the run's own dataset (and subset, which is seeded by cfg.seed)
+    trained_on = cfg.dataset
+    if dataset is not None and dataset != cfg.dataset:
+        # Another dataset's whole test split: the run's subset sizes are about its own data.
+        cfg = dataclasses.replace(cfg, dataset=dataset, num_train=None, num_test=None)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    data = load_data(cfg)  # a run's own subset is seeded by cfg.seed, so it is the same one
     channels, height, _ = data.image_shape
     model = build_model(cfg.model, num_classes=data.num_classes, image_size=height,
                         in_channels=channels, **cfg.model_args).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{path} holds a {cfg.model} trained on {trained_on}; it does not fit "
+            f"{cfg.dataset} ({channels}x{height}x{height} images, {data.num_classes} classes): "
+            f"{str(exc).splitlines()[0]}") from None
     model.eval()
 
     images, labels = data.test_images, data.test_labels
@@ -87,24 +116,30 @@ def probe_run(run_dir: str | Path, *, batch_size: int = 1000, max_samples: int |
 
 
 def find_run_dirs(paths: Sequence[str | Path]) -> dict[str, Path]:
-    """Map run names to run directories (those holding ``checkpoint.pt``).
+    """Map run names to run directories (those holding ``checkpoint.pt``) or checkpoint files.
 
-    A path with a checkpoint is one run, named after the directory; a path without one (for
-    example a ``sigreg compare`` output directory) contributes each immediate subdirectory
-    that has one. Raises ValueError when a path yields no run at all.
+    A checkpoint file is one run, named after its directory (or its own name when that is
+    not ``checkpoint.pt``); a directory with a checkpoint is one run, named after the
+    directory; a directory without one (for example a ``sigreg compare`` output directory)
+    contributes each immediate subdirectory that has one. Raises ValueError when a path
+    yields no run at all.
     """
     runs: dict[str, Path] = {}
 
-    def add(run_dir: Path) -> None:
-        name = run_dir.name
-        if name in runs:  # same directory name from two places: qualify with the parent
-            name = f"{run_dir.parent.name}/{run_dir.name}"
-        runs[name] = run_dir
+    def add(run: Path) -> None:
+        named = run.parent if run.name == CHECKPOINT else run
+        name = named.name if run.is_dir() or run.name == CHECKPOINT else run.stem
+        if name in runs:  # same name from two places: qualify with the parent
+            name = f"{named.parent.name}/{name}"
+        runs[name] = run
 
     for raw in paths:
         path = Path(raw)
+        if path.is_file():
+            add(path)
+            continue
         if not path.is_dir():
-            raise ValueError(f"{path} is not a directory")
+            raise ValueError(f"{path} is neither a run directory nor a checkpoint file")
         if (path / CHECKPOINT).is_file():
             add(path)
             continue
@@ -160,14 +195,16 @@ def plot(results: dict[str, LayerMetrics], path: Path) -> None:
 
 def probe_runs(run_dirs: dict[str, Path], out: str | Path, *, batch_size: int = 1000,
                max_samples: int | None = None, device: str | torch.device = "cpu",
+               dataset: str | None = None, data_dir: str | None = None,
                log: Any = print) -> str:
-    """Probe each run, write ``probe.json`` and ``probe.png`` into ``out``; return markdown."""
+    """Probe each run (see :func:`probe_run`), write ``probe.json`` and ``probe.png`` into
+    ``out``; return the markdown table."""
     out = Path(out)
     results: dict[str, LayerMetrics] = {}
     for i, (name, run_dir) in enumerate(run_dirs.items(), 1):
         log(f"[{i}/{len(run_dirs)}] probing {name} ({run_dir})")
         results[name] = probe_run(run_dir, batch_size=batch_size, max_samples=max_samples,
-                                  device=device)
+                                  device=device, dataset=dataset, data_dir=data_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "probe.png")
