@@ -1,4 +1,5 @@
 """Cost of each regularizer at the studies' scale: weak, strong, VICReg-style vs none.
+Also the cost of the trainer's live collapse monitor on the same model.
 
 The cost side of docs/studies.md: one training step (forward, cross-entropy, regularizer on
 every layer the trainer regularizes, backward, SGD step) of a preset's model on a random
@@ -27,6 +28,7 @@ from _timing import bootstrap_ci, command_line, pick_device, timed
 
 import sigreg
 from sigreg.train.models import build_model
+from sigreg.train.monitor import CollapseMonitor
 from sigreg.train.presets import preset_config
 
 ARMS = ("none", "weak", "strong", "vicreg")
@@ -64,6 +66,19 @@ def train_step(arm, x: torch.Tensor, y: torch.Tensor) -> None:
     opt.step()
 
 
+def time_monitor(model, x: torch.Tensor, cfg, args: argparse.Namespace,
+                 device: torch.device) -> float:
+    """Seconds of one collapse-monitor measurement (effective dimension of every layer) on
+    the features of a training batch, median over rounds; the forward it reads is free."""
+    monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool, every=1,
+                              threshold=0.0, warn=lambda _: None)
+    with monitor.recording(0):
+        model(x)
+    times = [timed(monitor.measure, device, 0, 1) for _ in range(args.warmup + args.rounds)]
+    monitor.recorder.remove()
+    return statistics.median(times[args.warmup:])
+
+
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
     shape = (1, 28, 28)
     cfg, arms = make_arms(args.preset, shape, device, args.seed)
@@ -81,8 +96,13 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
                       device) / args.steps
             if r >= args.warmup:
                 times[arm].append(t)
+    monitor_s = time_monitor(arms["none"][0], x, cfg, args, device)
     out = {"preset": args.preset, "model": cfg.model, "model_args": cfg.model_args,
            "alpha": cfg.alpha, "sketch_dim": cfg.sketch_dim, "arms": {}, "ratios": {}}
+    none_s = statistics.median(times["none"])
+    out["monitor"] = {"ms_per_measurement": 1e3 * monitor_s, "every": cfg.monitor_every,
+                      "share_of_none_step": monitor_s / (cfg.monitor_every * none_s)
+                      if cfg.monitor_every else 0.0}
     for arm in ARMS:
         out["arms"][arm] = {"median_ms": 1e3 * statistics.median(times[arm]),
                             "times_ms": [1e3 * t for t in times[arm]]}
@@ -140,6 +160,10 @@ def main(argv=None) -> None:
         cost = f"{r['median']:.2f}x" if r else "-"
         ci = f"{r['ci95_low']:.2f} - {r['ci95_high']:.2f}" if r else ""
         print(f"   {arm:<8}{a['median_ms']:>9.2f}{cost:>15}{ci:>17}")
+    mon = res["monitor"]
+    print(f"\ncollapse monitor: {mon['ms_per_measurement']:.2f} ms per measurement of all "
+          f"layers; every {mon['every']} steps that is {100 * mon['share_of_none_step']:.1f} % "
+          "of the unregularized training time")
     print(f"\n{res['elapsed_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -87,3 +87,6 @@ def test_regularizer_cost_quick(tmp_path):
     for r in res["ratios"].values():
         assert all(positive(r[k]) for k in ("median", "ci95_low", "ci95_high"))
         assert r["ci95_low"] <= r["median"] <= r["ci95_high"]
+    monitor = res["monitor"]
+    assert positive(monitor["ms_per_measurement"]) and monitor["every"] == 25
+    assert 0 < monitor["share_of_none_step"] < 10
