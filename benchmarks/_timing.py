@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import random
 import shlex
 import statistics
@@ -19,6 +21,24 @@ def command_line() -> str:
     if python.startswith(os.getcwd() + os.sep):
         python = os.path.relpath(python)
     return shlex.join([python, *sys.argv])
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """What a result was measured on: torch version, device name, threads, platform."""
+    return {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "platform": f"{platform.machine()} {os.cpu_count()} cpus, python "
+        f"{platform.python_version()}",
+    }
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write ``result`` to ``path`` as JSON (nothing when no path was asked for)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def pick_device(name: str) -> torch.device:

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -37,7 +35,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _timing import bootstrap_ci, command_line, pick_device, quantile, sync, timed
+from _timing import (
+    bootstrap_ci,
+    command_line,
+    environment,
+    pick_device,
+    quantile,
+    sync,
+    timed,
+    write_json,
+)
 from torch import nn
 
 import sigreg
@@ -372,22 +379,14 @@ def main(argv=None) -> None:
     res = {
         "command": command_line(),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "mem_case")},
-        "env": {
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(),
-            "platform": f"{platform.machine()} {os.cpu_count()} cpus, python "
-            f"{platform.python_version()}",
-        },
+        "env": environment(device),
         "step_time": bench_step_time(args, device),
         "weak_memory": bench_memory(args, device),
         "memory_measure": memory_note(device),
     }
     res["elapsed_s"] = time.perf_counter() - start
     print_report(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

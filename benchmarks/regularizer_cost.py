@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import random
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from _timing import bootstrap_ci, command_line, pick_device, timed
+from _timing import bootstrap_ci, command_line, environment, pick_device, timed, write_json
 
 import sigreg
 from sigreg.train.models import build_model
@@ -142,14 +140,13 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    env = environment(device)
     print(command_line())
-    print(f"device {name or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"device {env['device']}, torch {env['torch']}, {env['threads']} threads, "
+          f"{env['platform']}")
     start = time.perf_counter()
     res = measure(args, device)
-    res.update(command=command_line(), device=str(device), device_name=name,
-               torch=torch.__version__, config=vars(args),
+    res.update(command=command_line(), env=env, config=vars(args),
                elapsed_s=time.perf_counter() - start)
     print(f"{args.preset}: model {res['model']} {res['model_args']}, batch {args.batch}, "
           f"alpha {res['alpha']}, K {res['sketch_dim']}; {args.rounds} rounds of "
@@ -165,9 +162,7 @@ def main(argv=None) -> None:
           f"layers; every {mon['every']} steps that is {100 * mon['share_of_none_step']:.1f} % "
           "of the unregularized training time")
     print(f"\n{res['elapsed_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

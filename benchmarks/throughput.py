@@ -28,14 +28,12 @@ the augmentation alone (no model). PASS means the training-step median ratio is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
 import torch
-from _timing import command_line, pick_device, sync
+from _timing import command_line, environment, pick_device, sync, write_json
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sigreg.train.augment import AugmentConfig, Batch, BatchAugmenter, augment_single_image
@@ -223,13 +221,7 @@ def main(argv=None) -> None:
     res = {
         "command": command_line(),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "env": {
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(),
-            "platform": f"{platform.machine()} {os.cpu_count()} cpus, python "
-            f"{platform.python_version()}",
-        },
+        "env": environment(device),
         "train_step": compare(arms, args.steps, args.rounds, train=True),
         "augment_only": compare(arms, args.aug_steps, args.rounds, train=False),
         "target": TARGET,
@@ -237,9 +229,7 @@ def main(argv=None) -> None:
     res["pass"] = res["train_step"]["ratio"]["median"] >= TARGET
     res["elapsed_s"] = time.perf_counter() - start
     print_report(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":
