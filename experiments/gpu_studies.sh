@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU half of docs/studies.md: every run of the studies and sweeps, trained in parallel
-# processes on one GPU (they are launch-bound, so one process cannot fill it), then the
-# tables assembled by experiments/studies.py and `sigreg sweep`, which find the finished runs
-# and train nothing. Timings of parallel runs are not comparable: costs come from
+# processes on one GPU (they are launch-bound, so one process cannot fill it): the study arms
+# and ablations through xargs, then the tables assembled by experiments/studies.py (which
+# finds the finished runs and trains nothing), the sweeps by `sigreg sweep --jobs`. Timings of parallel runs are not comparable: costs come from
 # benchmarks/regularizer_cost.py instead.
 #
 #   DATA_DIR=/usr/share/datasets PARALLEL=15 bash experiments/gpu_studies.sh
@@ -23,12 +23,7 @@ jobs() {
     echo "--preset fmnist-mlp-strong --out runs/gpu-studies/strong-s$s --set $S seed=$s"
     echo "--preset fmnist-mlp-vicreg --out runs/gpu-studies/vicreg-s$s --set $S seed=$s"
   done
-  sweep_job() { echo "--preset $1 --out $2/a$3-k$4-s$5 --set $S alpha=$3 sketch_dim=$4 seed=$5"; }
-  for s in 0 1 2; do  # sweeps and ablations: 3 seeds
-    for a in 0.01 0.03 0.1 0.3; do for k in 16 64 256; do
-      sweep_job fmnist-mlp-strong runs/gpu-sweep-strong $a $k $s; done; done
-    for k in 16 64; do sweep_job fmnist-mlp-weak runs/gpu-sweep-weak-a0.5 0.5 $k $s; done
-    for k in 128 255; do sweep_job fmnist-mlp-weak runs/gpu-sweep-weak-k 0.1 $k $s; done
+  for s in 0 1 2; do  # ablations: 3 seeds
     echo "--preset fmnist-mlp-weak --out runs/gpu-extra/weak-a0.1-k256-s$s --set $S alpha=0.1 sketch_dim=256 seed=$s"
     echo "--preset fmnist-mlp-vicreg --out runs/gpu-extra/vicreg-covonly-s$s --set $S vicreg_var_weight=0 seed=$s"
     echo "--preset fmnist-mlp-vicreg --out runs/gpu-extra/vicreg-varonly-s$s --set $S vicreg_cov_weight=0 seed=$s"
@@ -38,7 +33,7 @@ jobs() {
 jobs | xargs -P "$PARALLEL" -L 1 sh -c "$PY -m sigreg.train.cli train --no-progress \$0 \"\$@\" > /dev/null"
 $PY experiments/studies.py --out runs/gpu-studies --seeds 5 --set $S --no-progress
 sweep() { $PY -m sigreg.train.cli sweep --preset "$1" --alpha "$2" --sketch-dim "$3" --seeds 3 \
-            --out "$4" --set $S --no-progress | tail -n 8; }
+            --out "$4" --jobs "$PARALLEL" --set $S --no-progress | tail -n 8; }
 sweep fmnist-mlp-strong 0.01,0.03,0.1,0.3 16,64,256 runs/gpu-sweep-strong
 sweep fmnist-mlp-weak 0.5 16,64 runs/gpu-sweep-weak-a0.5
 sweep fmnist-mlp-weak 0.1 128,255 runs/gpu-sweep-weak-k

@@ -128,6 +128,28 @@ def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "different config" in capsys.readouterr().err
 
 
+def test_parallel_sweep_equals_sequential(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    grid = ["sweep", "--preset", "fmnist-mlp-weak", "--alpha", "0.1,0.3", "--sketch-dim", "4,8",
+            "--seeds", "1", "--no-progress", "--set", *TINY]
+    assert main([*grid, "--out", str(tmp_path / "seq")]) == 0
+    assert main([*grid, "--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs to train, 2 at a time" in out and out.count("final test acc") == 4
+    seq = json.loads((tmp_path / "seq" / "sweep.json").read_text())
+    par = json.loads((tmp_path / "par" / "sweep.json").read_text())
+    assert [r["name"] for r in par["runs"]] == [r["name"] for r in seq["runs"]]
+    for a, b in zip(par["runs"], seq["runs"], strict=True):
+        assert a["final_test_acc"] == pytest.approx(b["final_test_acc"], abs=1e-9), a["name"]
+    assert "epoch   1/1" in (tmp_path / "par" / "a0.1-k4-s0" / "train.log").read_text()
+    # Rerun in parallel: every run is found finished in this process, nothing is spawned.
+    assert main([*grid, "--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already, skipped") == 4 and "runs to train" not in out
+    assert main([*grid, "--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--preset", "fmnist-mlp-none", "--alpha", "0.1", "--sketch-dim", "8"],
      "choose a -weak or -strong preset"),

@@ -83,8 +83,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise ValueError(f"--seeds is a count of seeds and must be at least 1, got {args.seeds}")
     get_preset(args.preset)
     out = args.out or Path("runs") / f"sweep-{args.preset}"
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     result = run_sweep(args.preset, alphas, sketch_dims, args.seeds, out, args.set,
-                       progress=not args.no_progress)
+                       jobs=args.jobs, progress=not args.no_progress and args.jobs == 1)
     print()
     print(sweep_markdown(result))
     print(f"wrote {out / 'sweep.md'}, {out / 'sweep.png'}, {out / 'sweep.json'}")
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sketch-dim", required=True, help="comma-separated K, e.g. 16,64,256")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
     p.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-<preset>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once in separate processes (default 1); small runs "
+                        "leave a GPU mostly idle, so e.g. 12 fill it far better")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings of the preset (not alpha, sketch_dim or seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

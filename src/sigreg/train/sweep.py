@@ -7,6 +7,7 @@ columns K, mean +- std of the final test accuracy over seeds) and ``sweep.png`` 
 are written into ``out``.
 
     sigreg sweep --preset fmnist-mlp-weak --alpha 0.01,0.03,0.1,0.3 --sketch-dim 16,64,256
+    sigreg sweep ... --jobs 12 --set device=cuda      # 12 runs at a time on one GPU
 """
 
 from __future__ import annotations
@@ -116,9 +117,51 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _train_in_worker(config: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """One run in a worker process; its log lines go to ``run_dir/train.log``, not stdout."""
+    import torch
+
+    torch.set_num_threads(threads)
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with (path / "train.log").open("a") as f:
+        def log(line: str) -> None:
+            f.write(line + "\n")
+            f.flush()
+
+        return train_or_skip(TrainConfig.from_dict(config), path, False, log)
+
+
+def _train_parallel(jobs_by_name: dict[str, TrainConfig], out: Path, jobs: int,
+                    log: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    """Train runs in ``jobs`` worker processes (spawned: safe with CUDA); stop at the first
+    failure. Small runs are bound by Python and kernel launches, so several processes fill
+    a GPU, or several CPU cores, that one run leaves idle."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    summaries: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_in_worker, cfg.to_dict(), str(out / name), threads): name
+                   for name, cfg in jobs_by_name.items()}
+        try:
+            for future in as_completed(futures):
+                name = futures[future]
+                summaries[name] = future.result()
+                log(f"[{len(summaries)}/{len(futures)}] {name}: final test acc "
+                    f"{100 * summaries[name]['final_test_acc']:.2f}%")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return summaries
+
+
 def run_sweep(preset: str, alphas: Sequence[float], sketch_dims: Sequence[int],
               seeds: int | Sequence[int], out: str | Path, overrides: Sequence[str] = (), *,
-              progress: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
+              jobs: int = 1, progress: bool = False,
+              log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Train the grid, write ``sweep.json``, ``sweep.md`` and ``sweep.png``; return the results.
 
     Args:
@@ -128,28 +171,44 @@ def run_sweep(preset: str, alphas: Sequence[float], sketch_dims: Sequence[int],
         seeds: a count n (seeds 0 .. n-1) or explicit seeds.
         out: sweep directory; run directories go inside it.
         overrides: ``key=value`` settings applied to the preset (not alpha/sketch_dim/seed).
-        progress: show per-epoch progress bars.
+        jobs: runs trained at once, each in its own process (its log in ``train.log`` of its
+            run directory). 1: one after the other in this process.
+        progress: show per-epoch progress bars (one run at a time only).
         log: where progress lines go.
     """
     out = Path(out)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     alphas, sketch_dims = list(alphas), list(sketch_dims)
     _check_grid(alphas, sketch_dims, seed_list)
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     base = base_config(preset, overrides)
+    grid = {run_name(alpha, k, seed): (alpha, k, seed)
+            for alpha in alphas for k in sketch_dims for seed in seed_list}
+    configs = {name: apply_overrides(base, [f"alpha={a!r}", f"sketch_dim={k}", f"seed={s}"])
+               for name, (a, k, s) in grid.items()}
+    if jobs == 1:
+        summaries = {}
+        for i, (name, cfg) in enumerate(configs.items(), 1):
+            alpha, k, seed = grid[name]
+            log(f"[{i}/{len(grid)}] {preset} alpha={alpha:g} K={k} seed={seed}")
+            summaries[name] = train_or_skip(cfg, out / name, progress, log)
+    else:
+        # Finished runs are checked here (no process to start for them); the rest in parallel.
+        summaries = {name: train_or_skip(cfg, out / name, False, log)
+                     for name, cfg in configs.items() if (out / name / "summary.json").exists()}
+        todo = {name: cfg for name, cfg in configs.items() if name not in summaries}
+        if todo:
+            log(f"{preset}: {len(todo)} runs to train, {jobs} at a time "
+                "(logs in <run>/train.log)")
+            summaries.update(_train_parallel(todo, out, jobs, log))
     runs: list[dict[str, Any]] = []
-    total = len(alphas) * len(sketch_dims) * len(seed_list)
-    for alpha in alphas:
-        for k in sketch_dims:
-            for seed in seed_list:
-                name = run_name(alpha, k, seed)
-                log(f"[{len(runs) + 1}/{total}] {preset} alpha={alpha:g} K={k} seed={seed}")
-                cfg = apply_overrides(base, [f"alpha={alpha!r}", f"sketch_dim={k}",
-                                             f"seed={seed}"])
-                summary = train_or_skip(cfg, out / name, progress, log)
-                runs.append({"name": name, "alpha": alpha, "sketch_dim": k, "seed": seed,
-                             "final_test_acc": summary["final_test_acc"],
-                             "best_test_acc": summary["best_test_acc"],
-                             "train_time_s": summary["train_time"]})
+    for name, (alpha, k, seed) in grid.items():
+        summary = summaries[name]
+        runs.append({"name": name, "alpha": alpha, "sketch_dim": k, "seed": seed,
+                     "final_test_acc": summary["final_test_acc"],
+                     "best_test_acc": summary["best_test_acc"],
+                     "train_time_s": summary["train_time"]})
     cells = []
     for alpha in alphas:
         for k in sketch_dims:
