@@ -18,7 +18,8 @@ only a checkpoint is resumed, so an interrupted study continues. Every invocatio
 prints the markdown table (mean ± sample std over seeds).
 
     PYTHONPATH=src python3 experiments/studies.py --out runs/studies
-    PYTHONPATH=src python3 experiments/studies.py --study variant --seeds 5 --set device=cuda
+    PYTHONPATH=src python3 experiments/studies.py --study variant --seeds 5 --set device=cuda \\
+        --jobs 12      # 12 runs at a time on one GPU
     # smoke test:
     PYTHONPATH=src python3 experiments/studies.py --out /tmp/st --seeds 1 \\
         --set num_train=1000 num_test=500 epochs=1
@@ -33,9 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sigreg.train.config import apply_overrides
+from sigreg.train.config import TrainConfig, apply_overrides
 from sigreg.train.presets import preset_config
-from sigreg.train.sweep import train_or_skip
+from sigreg.train.sweep import train_or_skip, train_parallel
 
 # Arm -> (preset, settings). Each arm is trained once per seed, whichever study needs it.
 ARMS: dict[str, tuple[str, list[str]]] = {
@@ -63,7 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for every run, e.g. device=cuda num_train=10000")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once in separate processes (default 1); their "
+                             "time per epoch is then not comparable between arms")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     if args.epochs is not None and args.epochs < 1:
@@ -76,11 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def arm_config(arm: str, seed: int, args: argparse.Namespace) -> TrainConfig:
+    preset, settings = ARMS[arm]
+    extra = [f"epochs={args.epochs}"] if args.epochs is not None else []
+    return apply_overrides(preset_config(preset), [*settings, *args.set, *extra, f"seed={seed}"])
+
+
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or reuse) one arm for one seed; return its accuracy and timing."""
     preset, settings = ARMS[arm]
-    extra = [f"epochs={args.epochs}"] if args.epochs is not None else []
-    cfg = apply_overrides(preset_config(preset), [*settings, *args.set, *extra, f"seed={seed}"])
+    cfg = arm_config(arm, seed, args)
     run_dir = args.out / f"{arm}-s{seed}"
     summary = train_or_skip(cfg, run_dir, progress=not args.no_progress)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -128,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[tuple[str, int], dict[str, Any]] = {}
     total = len(arms) * args.seeds
     try:
+        if args.jobs > 1:  # train in parallel first; the loop below then finds them done
+            configs = {f"{arm}-s{seed}": arm_config(arm, seed, args)
+                       for seed in range(args.seeds) for arm in arms}
+            todo = {name: cfg for name, cfg in configs.items()
+                    if not (args.out / name / "summary.json").exists()}
+            if todo:
+                train_parallel(todo, args.out, args.jobs)
         for seed in range(args.seeds):
             for arm in arms:
                 print(f"[{len(done) + 1}/{total}] {arm} seed {seed}", flush=True)

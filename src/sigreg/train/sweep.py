@@ -132,10 +132,10 @@ def _train_in_worker(config: dict[str, Any], run_dir: str, threads: int) -> dict
         return train_or_skip(TrainConfig.from_dict(config), path, False, log)
 
 
-def _train_parallel(jobs_by_name: dict[str, TrainConfig], out: Path, jobs: int,
-                    log: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
-    """Train runs in ``jobs`` worker processes (spawned: safe with CUDA); stop at the first
-    failure. Small runs are bound by Python and kernel launches, so several processes fill
+def train_parallel(jobs_by_name: dict[str, TrainConfig], out: Path, jobs: int,
+                   log: Callable[[str], Any] = print) -> dict[str, dict[str, Any]]:
+    """Train each config into ``out/<name>`` in ``jobs`` worker processes (spawned: safe
+    with CUDA), skipping finished runs like :func:`train_or_skip`; stop at the first failure. Small runs are bound by Python and kernel launches, so several processes fill
     a GPU, or several CPU cores, that one run leaves idle."""
     import multiprocessing
     import os
@@ -201,7 +201,7 @@ def run_sweep(preset: str, alphas: Sequence[float], sketch_dims: Sequence[int],
         if todo:
             log(f"{preset}: {len(todo)} runs to train, {jobs} at a time "
                 "(logs in <run>/train.log)")
-            summaries.update(_train_parallel(todo, out, jobs, log))
+            summaries.update(train_parallel(todo, out, jobs, log))
     runs: list[dict[str, Any]] = []
     for name, (alpha, k, seed) in grid.items():
         summary = summaries[name]
