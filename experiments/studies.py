@@ -140,12 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     total = len(arms) * args.seeds
     try:
         if args.jobs > 1:  # train in parallel first; the loop below then finds them done
-            configs = {f"{arm}-s{seed}": arm_config(arm, seed, args)
-                       for seed in range(args.seeds) for arm in arms}
-            todo = {name: cfg for name, cfg in configs.items()
-                    if not (args.out / name / "summary.json").exists()}
-            if todo:
-                train_parallel(todo, args.out, args.jobs)
+            train_parallel({f"{arm}-s{seed}": arm_config(arm, seed, args)
+                            for seed in range(args.seeds) for arm in arms}, args.out, args.jobs)
         for seed in range(args.seeds):
             for arm in arms:
                 print(f"[{len(done) + 1}/{total}] {arm} seed {seed}", flush=True)

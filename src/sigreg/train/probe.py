@@ -127,8 +127,9 @@ def find_run_dirs(paths: Sequence[str | Path]) -> dict[str, Path]:
     runs: dict[str, Path] = {}
 
     def add(run: Path) -> None:
-        named = run.parent if run.name == CHECKPOINT else run
-        name = named.name if run.is_dir() or run.name == CHECKPOINT else run.stem
+        # Named after the run directory, or after a checkpoint file not called checkpoint.pt.
+        named = run.parent if run.name == CHECKPOINT and run.is_file() else run
+        name = named.stem if named.is_file() else named.name
         if name in runs:  # same name from two places: qualify with the parent
             name = f"{named.parent.name}/{name}"
         runs[name] = run

@@ -132,25 +132,34 @@ def _train_in_worker(config: dict[str, Any], run_dir: str, threads: int) -> dict
         return train_or_skip(TrainConfig.from_dict(config), path, False, log)
 
 
-def train_parallel(jobs_by_name: dict[str, TrainConfig], out: Path, jobs: int,
+def train_parallel(configs: dict[str, TrainConfig], out: Path, jobs: int,
                    log: Callable[[str], Any] = print) -> dict[str, dict[str, Any]]:
-    """Train each config into ``out/<name>`` in ``jobs`` worker processes (spawned: safe
-    with CUDA), skipping finished runs like :func:`train_or_skip`; stop at the first failure. Small runs are bound by Python and kernel launches, so several processes fill
-    a GPU, or several CPU cores, that one run leaves idle."""
+    """Train each config into ``out/<name>``, ``jobs`` at a time in spawned worker processes
+    (safe with CUDA); return the summaries by name. Finished runs are checked here, with
+    :func:`train_or_skip`, so no process starts for them. Stops at the first failure.
+
+    Small runs are bound by Python and kernel launches, so several processes fill a GPU, or
+    several CPU cores, that one run leaves idle.
+    """
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    summaries = {name: train_or_skip(cfg, out / name, False, log)
+                 for name, cfg in configs.items() if (out / name / "summary.json").exists()}
+    todo = {name: cfg for name, cfg in configs.items() if name not in summaries}
+    if not todo:
+        return summaries
+    log(f"{len(todo)} runs to train, {jobs} at a time (logs in <run>/train.log)")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    summaries: dict[str, dict[str, Any]] = {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_train_in_worker, cfg.to_dict(), str(out / name), threads): name
-                   for name, cfg in jobs_by_name.items()}
+                   for name, cfg in todo.items()}
         try:
-            for future in as_completed(futures):
+            for done, future in enumerate(as_completed(futures), 1):
                 name = futures[future]
                 summaries[name] = future.result()
-                log(f"[{len(summaries)}/{len(futures)}] {name}: final test acc "
+                log(f"[{done}/{len(futures)}] {name}: final test acc "
                     f"{100 * summaries[name]['final_test_acc']:.2f}%")
         except BaseException:
             pool.shutdown(cancel_futures=True)
@@ -194,14 +203,7 @@ def run_sweep(preset: str, alphas: Sequence[float], sketch_dims: Sequence[int],
             log(f"[{i}/{len(grid)}] {preset} alpha={alpha:g} K={k} seed={seed}")
             summaries[name] = train_or_skip(cfg, out / name, progress, log)
     else:
-        # Finished runs are checked here (no process to start for them); the rest in parallel.
-        summaries = {name: train_or_skip(cfg, out / name, False, log)
-                     for name, cfg in configs.items() if (out / name / "summary.json").exists()}
-        todo = {name: cfg for name, cfg in configs.items() if name not in summaries}
-        if todo:
-            log(f"{preset}: {len(todo)} runs to train, {jobs} at a time "
-                "(logs in <run>/train.log)")
-            summaries.update(train_parallel(todo, out, jobs, log))
+        summaries = train_parallel(configs, out, jobs, log)
     runs: list[dict[str, Any]] = []
     for name, (alpha, k, seed) in grid.items():
         summary = summaries[name]

@@ -58,10 +58,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _own_rng_state(state: dict[str, Any], rt: Runtime, log) -> dict[str, torch.Tensor]:
-    """This rank's augmenter and CPU RNG states from a checkpoint.
+    """This rank's augmenter, CPU and (if saved) CUDA RNG states from a checkpoint.
 
-    Checkpoints from before per-rank states (keys ``augmenter`` / ``rng_cpu``) hold rank
-    0's only. A job resumed on a different number of ranks cannot repeat the interrupted
+    Checkpoints from before per-rank states (keys ``augmenter`` / ``rng_cpu`` /
+    ``rng_cuda``) hold rank 0's only. A job resumed on a different number of ranks cannot repeat the interrupted
     run's draws; ranks beyond the saved ones reuse rank 0's state, said once in the log.
     """
     if "rng_ranks" not in state:
