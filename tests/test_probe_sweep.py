@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from _fake_datasets import write_fashion_mnist
 
 from sigreg.train.cli import main
@@ -58,6 +59,14 @@ def test_probe_errors(trained_run: Path, tmp_path: Path,
     assert err.startswith("sigreg: error:") and "no checkpoint.pt" in err
     assert main(["probe", "--run", str(tmp_path / "missing")]) == 2
     assert "neither a run directory nor a checkpoint file" in capsys.readouterr().err
+    # Files that are not checkpoints of the trainer: one line each, no traceback.
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "state_dict.pt")
+    assert main(["probe", "--run", str(tmp_path / "notes.pt")]) == 2
+    assert "notes.pt is not a readable sigreg checkpoint" in capsys.readouterr().err
+    assert main(["probe", "--run", str(tmp_path / "state_dict.pt")]) == 2
+    assert "state_dict.pt is not a sigreg checkpoint (no config and model" in \
+        capsys.readouterr().err
     # A model trained on 3x32x32 synthetic images cannot read 28x28 Fashion-MNIST.
     data = tmp_path / "data"
     write_fashion_mnist(data / "fashion-mnist", n_train=20, n_test=12)

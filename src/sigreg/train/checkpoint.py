@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,22 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
+class CheckpointError(pickle.UnpicklingError, ValueError):
+    """The file is not a readable sigreg checkpoint (a ValueError, for clear CLI errors)."""
+
+
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing pickled code (tensors and plain containers only)."""
-    return torch.load(path, map_location=device, weights_only=True)
+    """Load a checkpoint without executing pickled code (tensors and plain containers only).
+
+    Raises CheckpointError for a file that is not one written by the trainer, including one
+    that would need to run code to load.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path} is not a readable sigreg checkpoint "
+                              f"({type(exc).__name__}: {first})") from exc
+    if not isinstance(state, dict) or not {"config", "model"} <= set(state):
+        raise CheckpointError(f"{path} is not a sigreg checkpoint (no config and model in it)")
+    return state
