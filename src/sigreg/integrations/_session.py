@@ -1,0 +1,105 @@
+"""What every integration shares: attach SIGReg when training starts, combine once per
+training forward, and turn the per-layer values and effective dimensions into log entries."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attach import FeatureRecorder, LayerSpec, Pool, SIGRegHandle, attach
+from ..diagnostics import effective_dimension
+
+
+class SIGRegSession:
+    """:func:`sigreg.attach` settings, and the hooks while a training run holds them.
+
+    Sketch state (fixed sketches, resample counters) survives :meth:`detach`, so a second
+    ``fit`` on the same object continues the sketch stream instead of repeating it.
+    """
+
+    def __init__(self, layers: LayerSpec | list[LayerSpec], variant: str = "weak",
+                 sketch_dim: int | None = 64, pool: Pool = "mean", **attach_kwargs: Any) -> None:
+        self.options = dict(layers=layers, variant=variant, sketch_dim=sketch_dim, pool=pool,
+                            **attach_kwargs)
+        self.handle: SIGRegHandle | None = None
+        self._recorder: FeatureRecorder | None = None
+        self._recording = contextlib.ExitStack()
+        self._state: dict[str, Any] | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self.handle is not None
+
+    def attach(self, model: nn.Module) -> SIGRegHandle:
+        """Place the hooks on ``model`` (and restore sketch state saved earlier)."""
+        if self.handle is not None:
+            raise RuntimeError("SIGReg is already attached; detach() it first")
+        self.handle = attach(model, **self.options)
+        if self._state is not None:
+            self.handle.load_state_dict(self._state)
+        self._recorder = FeatureRecorder(model, self.handle.names, self.options["pool"])
+        return self.handle
+
+    def detach(self) -> None:
+        """Remove every hook; the model is as before :meth:`attach`. Safe to call twice."""
+        self._recording.close()
+        if self.handle is not None:
+            self._state = self.handle.state_dict()
+            self.handle.remove()
+            self._recorder.remove()
+        self.handle, self._recorder = None, None
+
+    def combine(self, task_loss: torch.Tensor, reg_scale: float = 1.0) -> torch.Tensor:
+        """``handle.combine(task_loss)``, with the regularizer's share multiplied by ``reg_scale``.
+
+        ``combine(task / s) * s`` equals ``(1 - a) task + a s reg`` (or ``task + l s reg``): the
+        scale touches only the regularizer, through the handle's public ``combine``.
+        """
+        if reg_scale == 1.0:
+            return self.handle.combine(task_loss)
+        return self.handle.combine(task_loss / reg_scale) * reg_scale
+
+    def layer_values(self) -> dict[str, torch.Tensor]:
+        """Detached per-layer regularizer values of the latest combine (no device sync)."""
+        return self.handle.layer_loss_tensors()
+
+    def start_recording(self) -> None:
+        """Keep the pooled features of the next training forward for :meth:`stop_recording`."""
+        self._recording.close()
+        self._recording.enter_context(self._recorder.recording())
+
+    def stop_recording(self) -> dict[str, float]:
+        """Effective dimension per layer of the features recorded since :meth:`start_recording`
+        (empty if nothing was recorded)."""
+        self._recording.close()
+        if self._recorder is None:
+            return {}
+        dims = {n: effective_dimension(z) for n, z in self._recorder.features.items()
+                if z.shape[0] >= 2}
+        self._recorder.features = {}
+        return dims
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Sketch state for a checkpoint (None before the first attach)."""
+        return self.handle.state_dict() if self.handle is not None else self._state
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore sketch state now if attached, else at the next :meth:`attach`."""
+        self._state = state
+        if self.handle is not None and state is not None:
+            self.handle.load_state_dict(state)
+
+
+def log_entries(prefix: str, layer_values: dict[str, Any], eff_dims: dict[str, float]) -> dict:
+    """Log keys shared by every integration: ``{prefix}/loss`` (mean over layers, the value
+    ``combine`` used), ``{prefix}/loss/<layer>`` and ``{prefix}/eff_dim/<layer>``."""
+    out: dict[str, Any] = {}
+    if layer_values:
+        values = list(layer_values.values())
+        out[f"{prefix}/loss"] = sum(values) / len(values)
+        out.update({f"{prefix}/loss/{n}": v for n, v in layer_values.items()})
+    out.update({f"{prefix}/eff_dim/{n}": v for n, v in eff_dims.items()})
+    return out

@@ -1,0 +1,118 @@
+"""SIGReg for the Hugging Face ``Trainer``: a ``compute_loss`` mixin and a ready Trainer.
+
+    from sigreg.integrations.transformers import SIGRegTrainer
+
+    trainer = SIGRegTrainer(
+        model=model, args=args, train_dataset=train,
+        sigreg=dict(layers="transformer.h.*", pool="flatten", alpha=0.01),  # a language model
+    )
+    trainer.train()
+
+``sigreg`` holds :func:`sigreg.attach`'s settings (layer names are those of
+``trainer.model``; ``pool="cls"`` for a ViT's CLS token, ``"flatten"`` to treat every token
+as a sample; tuple outputs use their first element), plus ``log_prefix`` (default
+``"sigreg"``) and ``log_eff_dim`` (default True). To add SIGReg to another Trainer subclass,
+put :class:`SIGRegMixin` first: ``class MyTrainer(SIGRegMixin, Seq2SeqTrainer)``.
+
+The hooks are attached at the first training forward of ``train()`` and removed when it
+returns or fails; evaluation and prediction never compute the regularizer. The training
+loss is the combined loss; each log adds ``sigreg/loss`` and ``sigreg/loss/<layer>``
+(means since the previous log) and ``sigreg/eff_dim/<layer>``, the effective dimension of
+the features of the first batch after the previous log (on rank 0 under DDP). Gradient
+accumulation keeps the regularizer's weight: when the Trainer does not divide the loss by
+the accumulation steps (models that take ``num_items_in_batch``), the regularizer is divided
+here. DDP (torchrun / accelerate) uses global-batch statistics as :func:`sigreg.attach`;
+``DataParallel`` (several GPUs, one process) is not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._extras import require
+from ._session import SIGRegSession, log_entries
+
+require("transformers", "sigreg.integrations.transformers")
+
+from transformers import Trainer
+
+__all__ = ["SIGRegMixin", "SIGRegTrainer"]
+
+
+class SIGRegMixin:
+    """``compute_loss`` and ``log`` for a ``transformers.Trainer`` subclass; list it first.
+
+    Args:
+        sigreg: keyword arguments of :func:`sigreg.attach` (``layers`` is required), plus
+            ``log_prefix`` and ``log_eff_dim``.
+    """
+
+    def __init__(self, *args: Any, sigreg: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        options = dict(sigreg)
+        self.sigreg_log_prefix: str = options.pop("log_prefix", "sigreg")
+        self.sigreg_log_eff_dim: bool = options.pop("log_eff_dim", True)
+        self.sigreg = SIGRegSession(**options)
+        if getattr(self.args, "n_gpu", 1) > 1:
+            raise ValueError("SIGReg hooks do not support DataParallel (n_gpu > 1 in one process);"
+                             " launch with torchrun or accelerate for DDP")
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        # Running sums of the per-layer values since the last log, kept as tensors (no sync).
+        self._sigreg_sums: dict[str, torch.Tensor] = {}
+        self._sigreg_count = 0
+        self._sigreg_measure = self.sigreg_log_eff_dim
+        self._sigreg_eff_dims: dict[str, float] = {}
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.sigreg.detach()
+            self._reset_window()
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """The Trainer's loss, plus SIGReg on training forwards (outside them, unchanged)."""
+        if not (model.training and torch.is_grad_enabled()):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        if not self.sigreg.attached:
+            self.sigreg.attach(self.model)
+        measure = self._sigreg_measure
+        if measure:
+            self.sigreg.start_recording()
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        if measure:
+            self._sigreg_eff_dims = self.sigreg.stop_recording()
+            self._sigreg_measure = False
+        loss = self.sigreg.combine(loss, reg_scale=self._sigreg_scale(num_items_in_batch))
+        for name, value in self.sigreg.layer_values().items():
+            self._sigreg_sums[name] = self._sigreg_sums.get(name, 0) + value
+        self._sigreg_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _sigreg_scale(self, num_items_in_batch: torch.Tensor | int | None) -> float:
+        # Trainer.training_step divides the loss by the accumulation steps only in this case;
+        # otherwise the task loss arrives pre-normalized and the regularizer must be divided here.
+        divides = ((not self.model_accepts_loss_kwargs or num_items_in_batch is None)
+                   and self.compute_loss_func is None)
+        return 1.0 if divides else 1.0 / self.current_gradient_accumulation_steps
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the SIGReg entries to training logs (those with ``"loss"``), then log."""
+        if "loss" in logs and self._sigreg_count:
+            means = {n: float(s) / self._sigreg_count for n, s in self._sigreg_sums.items()}
+            logs = {**logs, **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims)}
+            self._reset_window()
+        super().log(logs, *args, **kwargs)
+
+
+class SIGRegTrainer(SIGRegMixin, Trainer):
+    """``transformers.Trainer`` with SIGReg; takes ``sigreg=dict(layers=..., ...)``."""

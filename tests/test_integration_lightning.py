@@ -1,0 +1,165 @@
+"""sigreg.integrations.lightning: a few steps of Lightning fit against a hand-written loop."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import sigreg
+
+L = pytest.importorskip(
+    "lightning.pytorch", reason="needs the [lightning] extra: pip install -e '.[lightning]'")
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from sigreg.integrations.lightning import SIGRegCallback, regularize
+
+SETTINGS = dict(layers=nn.Linear, sketch_dim=8, alpha=0.5)
+LAYERS = ["net.0", "net.2", "net.4"]
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, call_regularize: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                                 nn.Linear(24, 4))
+        self.call_regularize = call_regularize
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        return regularize(self, loss) if self.call_regularize else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def data(n: int = 32) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, 10, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call: what TensorBoard or W&B would have received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+
+    name, version = "memory", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append({"step": step, **metrics})
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class GradCapture(L.Callback):
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.clone() for p in pl_module.parameters()])
+
+
+def fit(module, callbacks, steps=1, **trainer_kwargs):
+    capture = GradCapture()
+    logger = trainer_kwargs.pop("logger", MemoryLogger())
+    trainer = L.Trainer(
+        max_steps=steps, callbacks=[*callbacks, capture], logger=logger, log_every_n_steps=1,
+        accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs)
+    trainer.fit(module, DataLoader(data(), batch_size=32))
+    return trainer, capture.grads, logger
+
+
+def reference(module: Classifier, regularized: bool):
+    """One step of the README's plain loop: gradients and the per-layer values."""
+    x, y = data().tensors
+    handle = sigreg.attach(module, **SETTINGS) if regularized else None
+    loss = nn.functional.cross_entropy(module(x), y)
+    layers = {}
+    if handle is not None:
+        loss = handle.combine(loss)
+        layers = handle.layer_losses()
+        handle.remove()
+    loss.backward()
+    return [p.grad.clone() for p in module.parameters()], layers
+
+
+def test_fit_trains_on_sigreg_and_logs_it_per_layer():
+    module = Classifier()
+    plain_grads, _ = reference(copy.deepcopy(module), regularized=False)
+    ref_grads, ref_layers = reference(copy.deepcopy(module), regularized=True)
+    callback = SIGRegCallback(**SETTINGS)
+    _, grads, logger = fit(module, [callback])
+
+    assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(grads[0], ref_grads, strict=True))
+    assert not all(torch.allclose(g, p, atol=1e-4) for g, p in zip(grads[0], plain_grads, strict=True))
+    row = logger.rows[0]
+    assert set(ref_layers) == set(LAYERS)
+    for name in LAYERS:
+        assert row[f"sigreg/loss/{name}"] == pytest.approx(ref_layers[name], rel=1e-5)
+        assert 1.0 <= row[f"sigreg/eff_dim/{name}"] <= 24
+    assert row["sigreg/loss"] == pytest.approx(sum(ref_layers.values()) / 3, rel=1e-5)
+    # The hooks are gone after fit; the sketch state is kept for checkpoints.
+    assert all(not m._forward_hooks for m in module.modules())
+    assert set(callback.state_dict()["sketch_state"]) == set(LAYERS)
+
+
+def test_without_callback_regularize_returns_the_task_loss():
+    module = Classifier()
+    plain_grads, _ = reference(copy.deepcopy(module), regularized=False)
+    _, grads, logger = fit(module, [])
+    assert all(torch.allclose(g, p, atol=1e-6) for g, p in zip(grads[0], plain_grads, strict=True))
+    assert not any(k.startswith("sigreg/") for row in logger.rows for k in row)
+
+
+def test_warns_when_training_step_skips_regularize():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, logger = fit(Classifier(call_regularize=False), [SIGRegCallback(**SETTINGS)], steps=2)
+    assert sum("did not return regularize" in str(w.message) for w in caught) == 1
+    assert not any(k.startswith("sigreg/") for row in logger.rows for k in row)
+
+
+def test_eff_dim_only_on_the_steps_lightning_writes():
+    trainer_logger = MemoryLogger()
+    module = Classifier()
+    trainer = L.Trainer(
+        max_steps=4, callbacks=[SIGRegCallback(**SETTINGS)], logger=trainer_logger,
+        log_every_n_steps=2, accelerator="cpu", enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(data(), batch_size=8))
+    rows = trainer_logger.rows
+    assert [r["step"] for r in rows] == [1, 3]
+    assert all(f"sigreg/eff_dim/{n}" in r and f"sigreg/loss/{n}" in r for r in rows for n in LAYERS)
+
+
+def test_ddp_two_ranks_regularize_the_global_batch(tmp_path):
+    """ddp_spawn, 2 gloo ranks with 16 samples each: the same step as one process with 32."""
+    module = Classifier()
+    ref = copy.deepcopy(module)
+    ref_grads, ref_layers = reference(copy.deepcopy(module), regularized=True)
+    trainer = L.Trainer(
+        max_steps=1, callbacks=[SIGRegCallback(**SETTINGS)], strategy="ddp_spawn",
+        accelerator="cpu", devices=2, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    # Lightning's distributed sampler gives each rank every other sample; shuffle=False keeps it.
+    trainer.fit(module, DataLoader(data(), batch_size=16))
+
+    metrics = trainer.callback_metrics
+    for name in LAYERS:
+        assert float(metrics[f"sigreg/loss/{name}"]) == pytest.approx(ref_layers[name], rel=1e-5)
+    # The weights rank 0 ends with, sent back to this process: one SGD step of the reference.
+    for p, r, g in zip(module.parameters(), ref.parameters(), ref_grads, strict=True):
+        assert torch.allclose(p, r - 0.1 * g, atol=1e-6)
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "sigreg/eff_dim/net.0" in logged.splitlines()[0]
