@@ -1,0 +1,129 @@
+"""sigreg.integrations.transformers: Hugging Face Trainer steps against a hand-written loop.
+
+Models are built from small configs (no download): a ViT classifier (``pool="cls"``) and a
+GPT-2 language model (``pool="flatten"``, with gradient accumulation).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import sigreg
+
+transformers = pytest.importorskip(
+    "transformers", reason="needs the [transformers] extra: pip install -e '.[transformers]'")
+pytest.importorskip("accelerate", reason="needs the [transformers] extra (accelerate)")
+from transformers import TrainerCallback, TrainingArguments
+
+from sigreg.integrations.transformers import SIGRegTrainer
+
+ALPHA = 0.5
+
+
+class GradCapture(TrainerCallback):
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append([p.grad.clone() for p in model.parameters()])
+
+
+class RecordingTrainer(SIGRegTrainer):
+    """Keeps each training micro-batch, to replay it in the reference loop."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            self.seen.append({k: v.clone() for k, v in inputs.items()})
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def vit():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=10)
+    return transformers.ViTForImageClassification(config)
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+        eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def train(model, dataset, sigreg_settings, tmp_path, batch_size, accumulation=1):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1e-3,
+        max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    capture = GradCapture()
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset,
+                               callbacks=[capture], sigreg=sigreg_settings)
+    trainer.seen = []
+    trainer.train()
+    return trainer, capture.grads[0]
+
+
+def reference(model, micro_batches, sigreg_settings, regularized=True):
+    """Gradients of mean_h [(1 - a) task_h + a reg_h] over the micro-batches, plain loop."""
+    handle = sigreg.attach(model, **sigreg_settings) if regularized else None
+    per_layer: dict[str, float] = {}
+    for inputs in micro_batches:
+        loss = model(**inputs).loss
+        if handle is not None:
+            loss = handle.combine(loss)
+            for name, value in handle.layer_losses().items():
+                per_layer[name] = per_layer.get(name, 0.0) + value / len(micro_batches)
+        (loss / len(micro_batches)).backward()
+    return [p.grad.clone() for p in model.parameters()], per_layer
+
+
+def check(trainer, grads, ref, plain, per_layer, layers):
+    assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, ref, strict=True))
+    assert not all(torch.allclose(g, p, atol=1e-4) for g, p in zip(grads, plain, strict=True))
+    logs = next(row for row in trainer.state.log_history if "loss" in row)
+    assert set(per_layer) == set(layers)
+    for name in layers:
+        assert logs[f"sigreg/loss/{name}"] == pytest.approx(per_layer[name], rel=1e-5)
+        assert logs[f"sigreg/eff_dim/{name}"] >= 1.0
+    # train() removed its hooks: the model is as before.
+    assert all(not m._forward_hooks for m in trainer.model.modules())
+
+
+def test_vision_model_cls_pool(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    dataset = [{"pixel_values": torch.randn(1, 28, 28, generator=g), "labels": i % 10}
+               for i in range(16)]
+    settings = dict(layers="vit.layers.*", pool="cls", sketch_dim=8, alpha=ALPHA)
+    model = vit()
+    initial = copy.deepcopy(model)
+    trainer, grads = train(model, dataset, settings, tmp_path, batch_size=16)
+    ref, per_layer = reference(copy.deepcopy(initial), trainer.seen, settings)
+    plain, _ = reference(copy.deepcopy(initial), trainer.seen, settings, regularized=False)
+    check(trainer, grads, ref, plain, per_layer, ["vit.layers.0", "vit.layers.1"])
+    # Evaluation neither needs nor computes the regularizer.
+    assert "eval_loss" in trainer.evaluate(dataset[:8])
+
+
+def test_language_model_flatten_pool_with_gradient_accumulation(tmp_path):
+    """GPT-2 takes num_items_in_batch, so the Trainer leaves the loss undivided by the
+    accumulation steps: the regularizer keeps its weight only if the mixin divides it."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (8, 16), generator=g)
+    # The Trainer counts num_items_in_batch before the causal shift: masking the first label
+    # (never a target) makes its count the loss's, so its loss is the mean over micro-batches.
+    labels = ids.clone()
+    labels[:, 0] = -100
+    dataset = [{"input_ids": i, "labels": t} for i, t in zip(ids, labels, strict=True)]
+    settings = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8, alpha=ALPHA)
+    model = gpt2()
+    initial = copy.deepcopy(model)
+    trainer, grads = train(model, dataset, settings, tmp_path, batch_size=4, accumulation=2)
+    assert trainer.model_accepts_loss_kwargs and len(trainer.seen) == 2
+    ref, per_layer = reference(copy.deepcopy(initial), trainer.seen, settings)
+    plain, _ = reference(copy.deepcopy(initial), trainer.seen, settings, regularized=False)
+    check(trainer, grads, ref, plain, per_layer, ["transformer.h.0", "transformer.h.1"])
