@@ -146,11 +146,16 @@ def test_fashion_mnist_round_trip(tmp_path: Path, sub: str) -> None:
     assert ds.mean == data.FASHION_MNIST_MEAN and ds.num_classes == 10
 
 
-def test_fashion_mnist_system_dir_is_searched(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fashion_mnist_system_dir_is_searched_by_default_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fashion_mnist(tmp_path / "system", n_train=10, n_test=10)
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
-    assert len(load_dataset("fashion-mnist", tmp_path / "empty").train_labels) == 10
+    monkeypatch.setenv("SIGREG_DATA", str(tmp_path / "empty"))
+    assert len(load_dataset("fashion-mnist").train_labels) == 10
+    # An explicit directory is the only place looked in: no silent fallback to another copy.
+    with pytest.raises(DataError, match="not found in") as err:
+        load_dataset("fashion-mnist", tmp_path / "empty")
+    assert str(tmp_path / "system") not in str(err.value)
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path: Path) -> None:
@@ -187,7 +192,8 @@ def test_real_fashion_mnist_if_installed(monkeypatch: pytest.MonkeyPatch, tmp_pa
     if not (system / "t10k-labels-idx1-ubyte.gz").exists():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
-    ds = load_dataset("fashion-mnist", tmp_path)
+    monkeypatch.setenv("SIGREG_DATA", str(tmp_path))
+    ds = load_dataset("fashion-mnist")
     assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (10000, 1, 28, 28)
     assert torch.bincount(ds.train_labels).tolist() == [6000] * 10
     # The hard-coded stats, recomputed from a 256-bin histogram (cheaper than float pixels).

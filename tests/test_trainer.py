@@ -240,7 +240,6 @@ from sigreg.train.trainer import train
 torch.set_num_threads(1)
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
 train(cfg, sys.argv[2], progress=False, log=lambda _: None)
-dist.destroy_process_group()
 """
 
 
@@ -289,7 +288,6 @@ try:
     trainer.train(cfg, sys.argv[2], progress=False, log=lambda _: None)
 except trainer.TrainingDiverged as exc:
     Path(sys.argv[2], f"diverged-rank{rank}").write_text(str(exc))
-dist.destroy_process_group()
 """
 
 
@@ -304,6 +302,26 @@ def test_divergence_on_one_rank_stops_every_rank(tmp_path):
         message = (out / f"diverged-rank{rank}").read_text()
         assert "epoch 1 by step 2" in message
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_cli_under_torchrun_exits_0_on_every_rank_and_prints_once(tmp_path):
+    # The README's multi-process command, shrunk: every rank must exit 0 (a scheduler marks a
+    # job failed otherwise) and only rank 0 prints the summary line.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "sigreg.train.cli", "train", "--preset", "fmnist-mlp-weak", "--out", str(out),
+         "--no-progress", "--set", "dataset=synthetic", "num_train=64", "num_test=40",
+         "epochs=1", "batch_size=16", "model.depth=3", "model.width=16", "device=cpu"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [line for line in proc.stdout.splitlines() if "final test acc" in line]
+    assert len(summaries) == 1 and summaries[0].startswith("fmnist-mlp-weak: final test acc")
+    assert "terminate called" not in proc.stderr
 
 
 def test_two_cpu_ranks_match_one_process(tmp_path):
@@ -354,7 +372,6 @@ try:
     train(cfg, sys.argv[2], resume=mode == "resume", progress=False, log=log)
 except KeyboardInterrupt:
     pass
-dist.destroy_process_group()
 """
 
 
@@ -451,7 +468,7 @@ def test_checkpoint_is_weights_only_and_atomic(tmp_path):
     cfg = tiny_mlp(epochs=2, sigreg="strong", mixup_alpha=0.8, optimizer="muon")
     train(cfg, tmp_path, progress=False, log=quiet)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert set(state) == {"config", "epoch", "best", "model", "optimizer", "sigreg", "rng_ranks"}
+    assert set(state) == {"config", "epoch", "rows", "model", "optimizer", "sigreg", "rng_ranks"}
     assert {k: len(v) for k, v in state["rng_ranks"].items()} == {"augmenter": 1, "cpu": 1}
     assert state["epoch"] == 2 and TrainConfig.from_dict(state["config"]) == cfg
     assert state["sigreg"]  # the regularizer's sketch state is saved

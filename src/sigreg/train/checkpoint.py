@@ -12,7 +12,8 @@ import torch
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same directory, fsync, rename over ``path``, fsync
+    the directory. A crash leaves the old file or the new one, at worst plus a ``*.tmp``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -24,6 +25,15 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class CheckpointError(pickle.UnpicklingError, ValueError):
@@ -45,3 +55,16 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if not isinstance(state, dict) or not {"config", "model"} <= set(state):
         raise CheckpointError(f"{path} is not a sigreg checkpoint (no config and model in it)")
     return state
+
+
+def restore(target: Any, state: dict[str, Any], key: str, path: Path) -> None:
+    """``target.load_state_dict(state[key])``, with a CheckpointError naming what is wrong
+    (a missing entry, other tensor shapes) instead of a KeyError or a size-mismatch dump."""
+    if key not in state:
+        raise CheckpointError(f"{path} has no {key!r} entry; it was not written by this trainer "
+                              f"or is damaged")
+    try:
+        target.load_state_dict(state[key])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: its {key!r} does not fit this run ({first})") from exc

@@ -11,6 +11,8 @@ from .config import apply_overrides
 from .data import DATASETS, DataError, download_dataset
 from .presets import PRESETS, get_preset, preset_config
 from .report import markdown, write_report
+from .rundir import plan
+from .runtime import launched_rank
 from .trainer import TrainingDiverged, train
 
 
@@ -24,18 +26,29 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = apply_overrides(preset_config(args.preset), args.set)
     out = args.out or Path("runs") / args.preset
-    summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    print(f"{args.preset}: final test acc {summary['final_test_acc']:.2%}, "
-          f"best {summary['best_test_acc']:.2%} (epoch {summary['best_epoch']}); files in {out}")
+    summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                    allow_changes=args.allow_change, progress=not args.no_progress)
+    if launched_rank() == 0:  # under torchrun every rank gets the summary; one prints it
+        print(f"{args.preset}: final test acc {summary['final_test_acc']:.2%}, "
+              f"best {summary['best_test_acc']:.2%} (epoch {summary['best_epoch']}); "
+              f"files in {out}")
 
 
 def run_comparison(presets: Sequence[str], overrides: Sequence[str], out: Path, *,
-                   resume: bool = False, progress: bool = True) -> dict:
-    """Train each preset into ``out/<preset>`` and write the report files into ``out``."""
+                   progress: bool = True) -> dict:
+    """Train each preset into ``out/<preset>`` and write the report files into ``out``.
+
+    A run that finished there with the same settings is reused, an interrupted one resumed
+    (see :func:`sigreg.train.sweep.train_or_skip`).
+    """
+    from .sweep import train_or_skip
+
     configs = {name: apply_overrides(preset_config(name), list(overrides)) for name in presets}
+    for name, cfg in configs.items():
+        plan(cfg, out / name, resume="auto")  # every run's settings and path, before any runs
     for i, (name, cfg) in enumerate(configs.items(), 1):
         print(f"[{i}/{len(configs)}] {name}: {get_preset(name).description}", flush=True)
-        train(cfg, out / name, resume=resume, progress=progress)
+        train_or_skip(cfg, out / name, progress)
     res = write_report({name: out / name for name in configs}, out)
     print()
     print(markdown(res))
@@ -48,8 +61,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         get_preset(name)  # fail on a typo before hours of training
     if len(set(args.presets)) != len(args.presets):
         raise ValueError("each preset may appear once in --presets")
-    run_comparison(args.presets, args.set, args.out, resume=args.resume,
-                   progress=not args.no_progress)
+    run_comparison(args.presets, args.set, args.out, progress=not args.no_progress)
 
 
 def cmd_data_download(args: argparse.Namespace) -> None:
@@ -103,19 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     def add_run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override settings, e.g. --set epochs=5 lr=3e-3 model.depth=4")
-        p.add_argument("--resume", action="store_true",
-                       help="continue from checkpoint.pt in the run directory")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="train one preset")
     p.add_argument("--preset", required=True, help="a name from `sigreg presets`")
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode,
+                   metavar="auto",
+                   help="continue from checkpoint.pt in the run directory (an error if there "
+                        "is none); `--resume auto` starts afresh where there is none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run the directory holds (refused without this flag)")
+    p.add_argument("--allow-change", type=_key_list, default=[], metavar="KEY[,KEY]",
+                   help="on --resume, settings that may differ from the checkpoint's (e.g. "
+                        "lr,grad_clip); epochs, device, compile, eval_batch_size, "
+                        "monitor_every, collapse_threshold, data_dir and description "
+                        "always may")
     add_run_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train several presets and write a comparison report")
     p.add_argument("--presets", nargs="+", required=True, help="names from `sigreg presets`")
-    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="report directory")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"),
+                   help="report directory; finished runs there with the same settings are "
+                        "reused, interrupted ones resumed")
     add_run_options(p)
     p.set_defaults(func=cmd_compare)
 
@@ -157,13 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {text!r}")
+    return text
+
+
+def _key_list(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, DataError, TrainingDiverged, FileNotFoundError) as exc:
-        print(f"sigreg: error: {exc}", file=sys.stderr)
+    except (ValueError, DataError, TrainingDiverged, OSError) as exc:
+        text = str(exc).strip() or type(exc).__name__
+        print(f"sigreg: error: {' '.join(text.split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("sigreg: interrupted; the last finished epoch is saved: rerun with --resume",

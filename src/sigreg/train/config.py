@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .augment import NUM_BINS
 
 
 @dataclass
@@ -59,6 +62,7 @@ class TrainConfig:
     monitor_every: int = 50  # steps between effective-dimension logs; 0 = off
     collapse_threshold: float = 0.02  # warn when effective dim < this fraction of width
     description: str = ""
+    preset: str = ""  # the preset the run started from ("" when built by hand)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,13 +78,81 @@ class TrainConfig:
         cfg.muon_adamw_betas = tuple(cfg.muon_adamw_betas)
         return cfg
 
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the first setting outside its allowed range; else ``self``.
+
+        Runs before any file is touched, so a bad setting never costs a run directory.
+        """
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, key)!r}")
+        for key, (low, high, rule) in RANGES.items():
+            value = getattr(self, key)
+            if value is None and key in OPTIONAL:
+                continue
+            if not _in_range(value, low, high, key in ABOVE_LOW):
+                raise ValueError(f"{key} must be {rule}, got {value!r}")
+        for key in ("betas", "muon_adamw_betas"):
+            if not all(_in_range(b, 0.0, 1.0) and b < 1 for b in getattr(self, key)):
+                raise ValueError(f"{key} must be two numbers in [0, 1), got {getattr(self, key)!r}")
+        if self.eta_min > self.lr:
+            raise ValueError(f"eta_min must not exceed lr ({self.lr}), got {self.eta_min}")
+        if self.data_dir is not None and not self.data_dir.strip():
+            raise ValueError("data_dir must be a directory path or none, got an empty string")
+        return self
+
 
 CHOICES = {
     "optimizer": ("sgd", "adamw", "muon"),
     "schedule": ("cosine", "constant"),
     "sigreg": ("none", "weak", "strong", "vicreg"),
     "sketch": ("resample", "fixed"),
+    "device": ("auto", "cpu", "cuda", "mps"),
 }
+
+INF = math.inf
+# key: (lowest, highest, the rule as the error message states it). Bounds are inclusive, but
+# for the keys in ABOVE_LOW the value must exceed the lowest; an int lowest asks for an integer.
+RANGES: dict[str, tuple[float, float, str]] = {
+    "num_train": (1, INF, "a positive integer or none (all)"),
+    "num_test": (1, INF, "a positive integer or none (all)"),
+    "epochs": (1, INF, "a positive integer"),
+    "batch_size": (2, INF, "an integer >= 2"),
+    "lr": (0.0, INF, "a finite number > 0"),
+    "weight_decay": (0.0, INF, "a finite number >= 0"),
+    "momentum": (0.0, 1.0, "a number in [0, 1]"),
+    "muon_lr": (0.0, INF, "a finite number > 0"),
+    "warmup_epochs": (0.0, INF, "a finite number >= 0"),
+    "eta_min": (0.0, INF, "a finite number >= 0"),
+    "grad_clip": (0.0, INF, "a finite number >= 0 (0 = off)"),
+    "crop_padding": (0, INF, "an integer >= 0 (0 = off)"),
+    "randaugment_ops": (0, INF, "an integer >= 0 (0 = off)"),
+    "randaugment_magnitude": (0, NUM_BINS - 1, f"an integer in [0, {NUM_BINS - 1}]"),
+    "mixup_alpha": (0.0, INF, "a finite number >= 0 (0 = off)"),
+    "cutmix_alpha": (0.0, INF, "a finite number >= 0 (0 = off)"),
+    "alpha": (0.0, 1.0, "a number in [0, 1]"),
+    "sketch_dim": (1, INF, "a positive integer or none (full covariance)"),
+    "t_max": (0.0, INF, "a finite number > 0"),
+    "num_points": (2, INF, "an integer >= 2"),
+    "vicreg_var_weight": (0.0, INF, "a finite number >= 0"),
+    "vicreg_cov_weight": (0.0, INF, "a finite number >= 0"),
+    "seed": (0, 2**63 - 1, "an integer in [0, 2**63 - 1]"),
+    "eval_batch_size": (1, INF, "a positive integer"),
+    "monitor_every": (0, INF, "an integer >= 0 (0 = off)"),
+    "collapse_threshold": (0.0, 1.0, "a number in [0, 1]"),
+}
+ABOVE_LOW = {"lr", "muon_lr", "t_max"}
+OPTIONAL = {"num_train", "num_test", "sketch_dim"}
+
+
+def _in_range(value: Any, low: float, high: float, above_low: bool = False) -> bool:
+    """A real, finite number (bools excluded) in [low, high]; an integer where low is one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if isinstance(low, int) and value != int(value):
+        return False
+    return (low < value if above_low else low <= value) and value <= high
 
 
 def _parse_value(text: str) -> Any:
@@ -141,7 +213,5 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
             value = None if value is None else text.strip()
         else:
             value = _coerce(key, value, annotation)
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ValueError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         setattr(cfg, key, value)
-    return cfg
+    return cfg.validate()

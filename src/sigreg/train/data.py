@@ -216,7 +216,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if key in _CIFAR:
         return _load_cifar(key, root, download)
-    return _load_fashion_mnist(root, download)
+    # An explicit data_dir is the only place looked in: training on another copy than the
+    # one asked for would record the wrong path.
+    return _load_fashion_mnist(root, download, system_copy=data_dir is None)
 
 
 def _load_cifar(key: str, root: Path, download: bool) -> ImageDataset:
@@ -346,8 +348,8 @@ def _read_cifar_batch(path: Path, label_key: bytes,
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), labels
 
 
-def _load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
-    candidates = [root, root / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]
+def _load_fashion_mnist(root: Path, download: bool, system_copy: bool = True) -> ImageDataset:
+    candidates = [root, root / "fashion-mnist"] + ([FASHION_MNIST_SYSTEM_DIR] if system_copy else [])
     folder = next((d for d in candidates
                    if all((d / f).is_file() for f in FASHION_MNIST_FILES)), None)
     if folder is None:
@@ -359,9 +361,8 @@ def _load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
                     missing = f" ({d} lacks {', '.join(lacking)})"
                     break
             raise DataError(
-                f"Fashion-MNIST not found in {root}, {root / 'fashion-mnist'} or "
-                f"{FASHION_MNIST_SYSTEM_DIR}{missing}.\nRun `sigreg data download fashion-mnist "
-                f"--dir {root}`, or `apt-get install dataset-fashion-mnist`, or put the four "
+                f"Fashion-MNIST not found in {' or '.join(map(str, candidates))}{missing}. "
+                f"Run `sigreg data download fashion-mnist --dir {root}`, or `apt-get install dataset-fashion-mnist`, or put the four "
                 f"*-ubyte.gz files in {root}.")
         folder = download_dataset("fashion-mnist", root)
     train_x = _read_idx(folder / "train-images-idx3-ubyte.gz", ndim=3)

@@ -111,4 +111,4 @@ def get_preset(name: str) -> Preset:
 def preset_config(name: str) -> TrainConfig:
     """A fresh, editable copy of a preset's config."""
     cfg = get_preset(name).config
-    return dataclasses.replace(cfg, model_args=dict(cfg.model_args))
+    return dataclasses.replace(cfg, model_args=dict(cfg.model_args), preset=name)

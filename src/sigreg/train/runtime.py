@@ -1,12 +1,23 @@
-"""Where a run executes: device choice and the torchrun / DDP process group."""
+"""Where a run executes: device choice, the torchrun process group and data-parallel sync.
+
+Gradients are averaged by one all-reduce of a flat buffer per step rather than by
+``DistributedDataParallel``: under torch 2.13 a DDP wrapper keeps its process group alive
+after ``destroy_process_group()`` (its Gloo worker threads are never joined), and a worker
+thread that drops the last reference to a collective's tensor while the interpreter shuts
+down aborts the process ("terminate called without an active exception"). Without DDP,
+:func:`distributed_runtime` destroys the group, joining those threads, while Python is alive.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass
@@ -40,18 +51,38 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def setup_runtime(device: str) -> Runtime:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def launched_world_size() -> int:
+    """Number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextlib.contextmanager
+def distributed_runtime(device: str) -> Iterator[Runtime]:
+    """The runtime of this process; joins the process group when launched by torchrun.
+
+    A group this function created is destroyed on the way out, on every path (success,
+    divergence, interrupt), so no collective's worker thread outlives the interpreter.
+    A group the caller initialised itself is left to the caller.
+    """
+    world = launched_world_size()
     if world == 1:
-        return Runtime(pick_device(device))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
-    if not dist.is_initialized():
+        yield Runtime(pick_device(device))
+        return
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    owned = not dist.is_initialized()
+    if owned:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, dist.get_rank(), dist.get_world_size())
+    try:
+        yield Runtime(dev, dist.get_rank(), dist.get_world_size())
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def sum_over_ranks(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -69,3 +100,38 @@ def gather_from_ranks(value: torch.Tensor, runtime: Runtime) -> list[torch.Tenso
     parts = [torch.empty_like(local) for _ in range(runtime.world_size)]
     dist.all_gather(parts, local)
     return [p.cpu() for p in parts]
+
+
+def broadcast_state(module: nn.Module, runtime: Runtime) -> None:
+    """Give every rank rank 0's parameters and buffers (one broadcast per tensor, at start)."""
+    if runtime.world_size > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, 0)
+
+
+def average_gradients(params: Iterable[nn.Parameter], runtime: Runtime) -> None:
+    """Mean of each gradient over the ranks, in one all-reduce of a flat buffer.
+
+    A parameter without a gradient on this rank counts as zero, so every rank sends a buffer
+    of the same layout whatever its forward pass touched.
+    """
+    if runtime.world_size == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= runtime.world_size
+    for p, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = part.view_as(p)
+
+
+def average_buffers(module: nn.Module, runtime: Runtime) -> None:
+    """Mean of the floating-point buffers (BatchNorm statistics) over the ranks, so every rank
+    evaluates and rank 0 saves statistics of the whole data, not of its own shard."""
+    if runtime.world_size == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= runtime.world_size

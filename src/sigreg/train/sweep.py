@@ -84,13 +84,14 @@ def base_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict as JSON would give it back, without the device (a run may move).
+    """A config dict as JSON would give it back, without the device (a run may move) or the
+    preset name (older runs lack it; equal settings are the same run).
 
     Settings added to TrainConfig after the run was saved take their defaults, so an older
     run still counts as the same run.
     """
     full = TrainConfig.from_dict(config).to_dict()
-    return {k: v for k, v in json.loads(json.dumps(full)).items() if k != "device"}
+    return {k: v for k, v in json.loads(json.dumps(full)).items() if k not in ("device", "preset")}
 
 
 def train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
@@ -108,8 +109,7 @@ def train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
                              "use another --out or delete that directory")
         log(f"  {run_dir.name}: done already, skipped")
         return summary
-    resume = (run_dir / "checkpoint.pt").exists()
-    return train(cfg, run_dir, resume=resume, progress=progress, log=log)
+    return train(cfg, run_dir, resume="auto", progress=progress, log=log)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

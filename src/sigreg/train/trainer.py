@@ -1,16 +1,17 @@
 """The training loop: one function, read top to bottom.
 
 Data lives on the device as uint8 and is augmented there batch by batch; the regularizer is
-attached with :func:`sigreg.attach` at the model's own ``sigreg_layers``. Every epoch appends
-a row to ``metrics.jsonl`` and writes ``checkpoint.pt`` atomically, so a crash loses at
-most the epoch in progress and ``resume=True`` continues exactly where the checkpoint was.
+attached with :func:`sigreg.attach` at the model's own ``sigreg_layers``. The run directory
+(what is written when, and how a resume repairs it) is :mod:`sigreg.train.rundir`'s job:
+a crash loses at most the epoch in progress and ``resume=True`` continues exactly where the
+last checkpoint was.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,16 @@ from .data import ImageDataset, load_dataset
 from .models import build_model
 from .monitor import CollapseMonitor
 from .optim import Schedule, build_optimizer
-from .runtime import Runtime, gather_from_ranks, setup_runtime, sum_over_ranks
+from .rundir import RunDir, plan
+from .runtime import (
+    Runtime,
+    average_buffers,
+    average_gradients,
+    broadcast_state,
+    distributed_runtime,
+    gather_from_ranks,
+    sum_over_ranks,
+)
 
 CHECK_EVERY = 25  # steps between non-finite checks (each one is a device sync)
 
@@ -44,17 +54,6 @@ def load_data(cfg: TrainConfig) -> ImageDataset:
     if cfg.num_train is not None or cfg.num_test is not None:
         data = data.subset(cfg.num_train, cfg.num_test, seed=cfg.seed)
     return data
-
-
-def _log_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _own_rng_state(state: dict[str, Any], rt: Runtime, log) -> dict[str, torch.Tensor]:
@@ -114,189 +113,184 @@ def evaluate(model: nn.Module, data: ImageDataset, augmenter: BatchAugmenter, cf
     return loss / count, correct / count
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
+          overwrite: bool = False, allow_changes: Sequence[str] = (), progress: bool = True,
           log=print) -> dict[str, Any]:
-    """Train one run into ``out_dir``; returns the summary also written to ``summary.json``."""
-    out = Path(out_dir)
-    rt = setup_runtime(cfg.device)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    state = checkpoint.load(ckpt_path, rt.device) if resume and ckpt_path.exists() else None
-    if state is not None:
-        cfg = TrainConfig.from_dict({**state["config"], "device": cfg.device})
-    elif rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    if rt.is_main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    """Train one run into ``out_dir``; returns the summary also written to ``summary.json``.
 
-    # Data on the device, model, regularizer, optimizer.
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg).to(rt.device)
-    channels, height, _ = data.image_shape
-    model = build_model(cfg.model, num_classes=data.num_classes, image_size=height,
-                        in_channels=channels, **cfg.model_args).to(rt.device)
-    handle = None
-    if cfg.sigreg != "none":
-        extra = {"strong": {"t_max": cfg.t_max, "num_points": cfg.num_points},
-                 "vicreg": {"var_weight": cfg.vicreg_var_weight,
-                            "cov_weight": cfg.vicreg_cov_weight}}.get(cfg.sigreg, {})
-        handle = attach(model, model.sigreg_layers, cfg.sigreg, cfg.sketch_dim, model.sigreg_pool,
-                        sketch=cfg.sketch, seed=cfg.seed, alpha=cfg.alpha, **extra)
-    monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool, cfg.monitor_every,
-                              cfg.collapse_threshold, warn=log if rt.is_main else lambda _: None)
-    net = model
-    if rt.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    optimizer = build_optimizer(model, cfg)
-    # Drop the last partial batch: a tiny final batch gives a noisy covariance.
-    local_batch = cfg.batch_size // rt.world_size
-    if local_batch < 2:
-        raise ValueError(f"batch_size {cfg.batch_size} is too small for {rt.world_size} ranks")
-    steps_per_epoch = data.train_images.shape[0] // (local_batch * rt.world_size)
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {data.train_images.shape[0]} training images")
-    schedule = Schedule(optimizer, cfg, steps_per_epoch)
-    augmenter = BatchAugmenter(
-        AugmentConfig(cfg.crop_padding, cfg.flip, cfg.randaugment_ops, cfg.randaugment_magnitude,
-                      cfg.mixup_alpha, cfg.cutmix_alpha),
-        data.mean, data.std, seed=cfg.seed * 1000 + rt.rank,
-    )
-    use_amp = cfg.amp and rt.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+    ``resume``, ``overwrite`` and ``allow_changes`` are explained in :func:`rundir.plan`,
+    which checks everything before the first file is written. Under torchrun every rank
+    calls this and gets the same summary; rank 0 writes the files.
+    """
+    start = plan(cfg, out_dir, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
+    cfg = start.cfg
+    with distributed_runtime(cfg.device) as rt:
+        # Data on the device, model, regularizer, optimizer: all checked before any write.
+        torch.manual_seed(cfg.seed)
+        data = load_data(cfg).to(rt.device)
+        channels, height, _ = data.image_shape
+        model = build_model(cfg.model, num_classes=data.num_classes, image_size=height,
+                            in_channels=channels, **cfg.model_args).to(rt.device)
+        handle = None
+        if cfg.sigreg != "none":
+            extra = {"strong": {"t_max": cfg.t_max, "num_points": cfg.num_points},
+                     "vicreg": {"var_weight": cfg.vicreg_var_weight,
+                                "cov_weight": cfg.vicreg_cov_weight}}.get(cfg.sigreg, {})
+            handle = attach(model, model.sigreg_layers, cfg.sigreg, cfg.sketch_dim,
+                            model.sigreg_pool, sketch=cfg.sketch, seed=cfg.seed, alpha=cfg.alpha,
+                            **extra)
+        monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool,
+                                  cfg.monitor_every, cfg.collapse_threshold,
+                                  warn=log if rt.is_main else lambda _: None)
+        net = torch.compile(model) if cfg.compile else model
+        optimizer = build_optimizer(model, cfg)
+        # Drop the last partial batch: a tiny final batch gives a noisy covariance.
+        local_batch = cfg.batch_size // rt.world_size
+        if local_batch < 2:
+            raise ValueError(f"batch_size {cfg.batch_size} is too small for {rt.world_size} ranks")
+        steps_per_epoch = data.train_images.shape[0] // (local_batch * rt.world_size)
+        if steps_per_epoch < 1:
+            raise ValueError(f"batch_size {cfg.batch_size} exceeds the "
+                             f"{data.train_images.shape[0]} training images")
+        schedule = Schedule(optimizer, cfg, steps_per_epoch)
+        augmenter = BatchAugmenter(
+            AugmentConfig(cfg.crop_padding, cfg.flip, cfg.randaugment_ops,
+                          cfg.randaugment_magnitude, cfg.mixup_alpha, cfg.cutmix_alpha),
+            data.mean, data.std, seed=cfg.seed * 1000 + rt.rank,
+        )
+        use_amp = cfg.amp and rt.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+        if start.state is not None:
+            _restore(start.state, Path(out_dir) / "checkpoint.pt", model, optimizer, handle,
+                     augmenter, rt, log)
+        broadcast_state(model, rt)  # every rank starts from rank 0's weights
 
-    start_epoch, best = 0, {"test_acc": -1.0, "epoch": 0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if handle is not None:
-            handle.load_state_dict(state["sigreg"])
-        rng = _own_rng_state(state, rt, log)
-        augmenter.load_state_dict({"generator": rng["augmenter"]})
-        torch.set_rng_state(rng["cpu"])
-        if rt.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], rt.device)
-        start_epoch, best = state["epoch"], state["best"]
-        if rt.is_main:  # forget log rows written after the checkpoint (a crash mid-epoch)
-            rows = [r for r in _read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        log(f"resumed {out} at epoch {start_epoch}/{cfg.epochs}")
+        # The first write: the run directory is reset or repaired for this start.
+        run = RunDir(out_dir, write=rt.is_main)
+        run.begin(start)
+        if start.state is not None:
+            changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
+            log(f"resumed {out_dir} at epoch {start.epoch}/{cfg.epochs}"
+                + (f"; changed: {changed}" if changed else ""))
 
-    writer = _open_tensorboard(out) if rt.is_main else None
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        # Same permutation on every rank; each takes its own slice of every global batch.
-        order = torch.randperm(data.train_images.shape[0],
-                               generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        order = order.to(rt.device)
-        sums = torch.zeros(4, device=rt.device)  # loss, task loss, reg loss, correct
-        layer_sums: dict[str, torch.Tensor] = {}
-        bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress and rt.is_main)
-        t0 = time.perf_counter()
-        for i in range(steps_per_epoch):
-            step = (epoch - 1) * steps_per_epoch + i
-            lr_scale = schedule.set(step)
-            start = (i * rt.world_size + rt.rank) * local_batch
-            idx = order[start:start + local_batch]
-            batch = augmenter(data.train_images[idx], data.train_labels[idx])
+        writer = _open_tensorboard(Path(out_dir)) if rt.is_main else None
+        for epoch in range(start.epoch + 1, cfg.epochs + 1):
+            # Same permutation on every rank; each takes its own slice of every global batch.
+            order = torch.randperm(data.train_images.shape[0], generator=torch.Generator()
+                                   .manual_seed(cfg.seed * 100003 + epoch)).to(rt.device)
+            sums = torch.zeros(4, device=rt.device)  # loss, task loss, reg loss, correct
+            layer_sums: dict[str, torch.Tensor] = {}
+            bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress and rt.is_main)
+            t0 = time.perf_counter()
+            for i in range(steps_per_epoch):
+                step = (epoch - 1) * steps_per_epoch + i
+                lr_scale = schedule.set(step)
+                start_index = (i * rt.world_size + rt.rank) * local_batch
+                idx = order[start_index:start_index + local_batch]
+                batch = augmenter(data.train_images[idx], data.train_labels[idx])
 
-            with monitor.recording(step), autocast:
-                logits = net(batch.images)
-            task = batch.loss(logits.float())
-            if handle is not None:
-                reg = handle.loss()
-                loss = regularized_loss(task, reg, alpha=cfg.alpha)
-            else:
-                reg, loss = torch.zeros((), device=rt.device), task
+                with monitor.recording(step), autocast:
+                    logits = net(batch.images)
+                task = batch.loss(logits.float())
+                if handle is not None:
+                    reg = handle.loss()
+                    loss = regularized_loss(task, reg, alpha=cfg.alpha)
+                else:
+                    reg, loss = torch.zeros((), device=rt.device), task
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(model.parameters(), rt)
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
 
-            sums += torch.stack([loss.detach(), task.detach(), reg.detach(),
-                                 batch.correct(logits.detach())])
-            if handle is not None:
-                for name, value in handle.layer_loss_tensors().items():
-                    layer_sums[name] = layer_sums.get(name, 0) + value
-            if monitor.due(step) and rt.is_main:
-                row = monitor.measure(step, epoch)
-                _log_jsonl(metrics_path, row)
-                if writer:
-                    for name, value in row["eff_dim"].items():
-                        writer.add_scalar(f"eff_dim/{name}", value, step)
-            if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_per_epoch:
-                # Every rank tests the same global sum, so all stop together: a rank that
-                # stopped alone would leave the others waiting in their next collective.
-                running = sum_over_ranks(sums[:1].clone(), rt).item() / ((i + 1) * rt.world_size)
-                if not math.isfinite(running):
-                    kept = f"{ckpt_path} (epoch {epoch - 1})" if epoch > 1 else "none yet"
-                    raise TrainingDiverged(
-                        f"loss became non-finite in epoch {epoch} by step {i + 1}; last good "
-                        f"checkpoint: {kept}. Try a lower lr, grad_clip=1 or a larger alpha."
-                    )
+                sums += torch.stack([loss.detach(), task.detach(), reg.detach(),
+                                     batch.correct(logits.detach())])
+                if handle is not None:
+                    for name, value in handle.layer_loss_tensors().items():
+                        layer_sums[name] = layer_sums.get(name, 0) + value
+                if monitor.due(step) and rt.is_main:
+                    row = monitor.measure(step, epoch)
+                    run.log_row(row)
+                    if writer:
+                        for name, value in row["eff_dim"].items():
+                            writer.add_scalar(f"eff_dim/{name}", value, step)
+                if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_per_epoch:
+                    # Every rank tests the same global sum, so all stop together: a rank that
+                    # stopped alone would leave the others waiting in their next collective.
+                    running = sum_over_ranks(sums[:1].clone(), rt).item() / ((i + 1) * rt.world_size)
+                    if not math.isfinite(running):
+                        kept = f"{run.checkpoint} (epoch {epoch - 1})" if epoch > 1 else "none yet"
+                        raise TrainingDiverged(
+                            f"loss became non-finite in epoch {epoch} by step {i + 1}; last good "
+                            f"checkpoint: {kept}. Try a lower lr, grad_clip=1 or a larger alpha."
+                        )
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{running:.3f}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{running:.3f}")
+                    bar.update()
             if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        train_time = time.perf_counter() - t0
+                bar.close()
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            train_time = time.perf_counter() - t0
 
-        # Epoch metrics, then the checkpoint, then the log row (a resume trims extra rows).
-        loss_sum, task_sum, reg_sum, correct = sum_over_ranks(sums, rt).tolist()
-        images_seen = steps_per_epoch * local_batch * rt.world_size
-        per_step = 1.0 / (steps_per_epoch * rt.world_size)  # mean over steps and ranks
-        test_loss, test_acc = evaluate(model, data, augmenter, cfg, rt, autocast)
-        row = {
-            "kind": "epoch", "epoch": epoch,
-            "train_loss": loss_sum * per_step, "task_loss": task_sum * per_step,
-            "reg_loss": reg_sum * per_step,
-            "reg_layers": {n: float(v) / steps_per_epoch for n, v in layer_sums.items()},
-            "train_acc": correct / images_seen,
-            "test_loss": test_loss, "test_acc": test_acc,
-            "lr": cfg.lr * lr_scale, "epoch_time": train_time,
-            "images_per_s": images_seen / train_time,
-        }
-        if test_acc > best["test_acc"]:
-            best = {"test_acc": test_acc, "epoch": epoch}
-        # Each rank draws its own augmentations: keep every rank's streams (a collective,
-        # so all ranks take part; only rank 0 writes).
-        rng_ranks = {
-            "augmenter": gather_from_ranks(augmenter.state_dict()["generator"], rt),
-            "cpu": gather_from_ranks(torch.get_rng_state(), rt),
-        }
-        if rt.device.type == "cuda":
-            rng_ranks["cuda"] = gather_from_ranks(torch.cuda.get_rng_state(rt.device), rt)
-        if rt.is_main:
-            state_out = {
-                "config": cfg.to_dict(), "epoch": epoch, "best": best,
+            # Epoch metrics (the same on every rank), then the commit: checkpoint, then row.
+            average_buffers(model, rt)
+            loss_sum, task_sum, reg_sum, correct = sum_over_ranks(sums, rt).tolist()
+            images_seen = steps_per_epoch * local_batch * rt.world_size
+            per_step = 1.0 / (steps_per_epoch * rt.world_size)  # mean over steps and ranks
+            test_loss, test_acc = evaluate(model, data, augmenter, cfg, rt, autocast)
+            row = {
+                "kind": "epoch", "epoch": epoch,
+                "train_loss": loss_sum * per_step, "task_loss": task_sum * per_step,
+                "reg_loss": reg_sum * per_step,
+                "reg_layers": {n: float(v) / steps_per_epoch for n, v in layer_sums.items()},
+                "train_acc": correct / images_seen,
+                "test_loss": test_loss, "test_acc": test_acc,
+                "lr": cfg.lr * lr_scale, "epoch_time": train_time,
+                "images_per_s": images_seen / train_time,
+            }
+            # Each rank draws its own augmentations: keep every rank's streams (a collective,
+            # so all ranks take part; only rank 0 writes).
+            rng_ranks = {
+                "augmenter": gather_from_ranks(augmenter.state_dict()["generator"], rt),
+                "cpu": gather_from_ranks(torch.get_rng_state(), rt),
+            }
+            if rt.device.type == "cuda":
+                rng_ranks["cuda"] = gather_from_ranks(torch.cuda.get_rng_state(rt.device), rt)
+            run.commit_epoch({
+                "config": cfg.to_dict(), "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "sigreg": handle.state_dict() if handle is not None else {},
                 "rng_ranks": rng_ranks,
-            }
-            checkpoint.save_atomic(state_out, ckpt_path)
-            _log_jsonl(metrics_path, row)
+            }, row)
             if writer:
-                for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss", "test_acc", "images_per_s"):
+                for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss",
+                            "test_acc", "images_per_s"):
                     writer.add_scalar(key, row[key], epoch)
             log(f"epoch {epoch:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                 f"train acc {row['train_acc']:.2%}  test acc {test_acc:.2%}  "
                 f"{train_time:.1f}s  {row['images_per_s']:.0f} img/s")
 
-    if writer:
-        writer.close()
-    rows = [r for r in _read_jsonl(metrics_path) if r.get("kind") == "epoch"] if rt.is_main else []
-    summary = {
-        "final_test_acc": rows[-1]["test_acc"] if rows else None,
-        "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
-        "epochs": cfg.epochs,
-        "train_time": sum(r["epoch_time"] for r in rows),
-        "config": cfg.to_dict(),
-    }
-    if rt.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        if writer:
+            writer.close()
+        return run.finish(cfg)
+
+
+def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer, handle,
+             augmenter: BatchAugmenter, rt: Runtime, log) -> None:
+    """Load a checkpoint into the run's objects (CheckpointError where it does not fit)."""
+    checkpoint.restore(model, state, "model", path)
+    checkpoint.restore(optimizer, state, "optimizer", path)
+    if handle is not None:
+        checkpoint.restore(handle, state, "sigreg", path)
+    try:
+        rng = _own_rng_state(state, rt, log)
+    except (KeyError, IndexError, TypeError) as exc:
+        raise checkpoint.CheckpointError(f"{path} has no usable random states ({exc!r})") from exc
+    augmenter.load_state_dict({"generator": rng["augmenter"]})
+    torch.set_rng_state(rng["cpu"])
+    if rt.device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], rt.device)

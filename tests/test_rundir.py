@@ -1,0 +1,348 @@
+"""The run directory's lifecycle (sigreg.train.rundir): crash consistency, resume semantics,
+and settings checked before any file is touched. CPU only, tiny runs.
+
+Crashes are injected at named points of the epoch end in a forked child that dies with
+``os._exit`` there (no ``finally``, no cleanup: what a ``kill -9`` leaves), not by timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sigreg.train import checkpoint, cli, rundir
+from sigreg.train.config import RANGES, TrainConfig
+from sigreg.train.rundir import RunDirError
+from sigreg.train.trainer import train
+
+TIMING = {"epoch_time", "images_per_s", "train_time"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**changes) -> TrainConfig:
+    """3 epochs of a 3-layer width-16 MLP with weak SIGReg on 32 synthetic images."""
+    settings_ = {"dataset": "synthetic", "num_train": 32, "num_test": 40, "model": "mlp",
+                 "model_args": {"depth": 3, "width": 16}, "epochs": 3, "batch_size": 8,
+                 "optimizer": "adamw", "lr": 3e-3, "schedule": "cosine", "monitor_every": 3,
+                 "device": "cpu", "sigreg": "weak", "sketch_dim": 8, "randaugment_ops": 1,
+                 "mixup_alpha": 0.8}
+    return TrainConfig(**{**settings_, **changes})
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def rows_without_timing(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def summary_without_timing(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if k not in TIMING}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` and a hash of its bytes."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny(), out, progress=False, log=quiet)
+    return out
+
+
+# --------------------------------------------------------------------------- crash points
+def _die() -> None:
+    os._exit(99)
+
+
+def _crash_at(point: str, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patch the child so it dies at ``point`` of the end of ``epoch``."""
+    real_save, real_log_row, real_replace = (checkpoint.save_atomic, rundir.RunDir.log_row,
+                                             os.replace)
+    real_write_atomic, real_torch_save = rundir.write_atomic, torch.save
+
+    def save_atomic(state, path):
+        if state["epoch"] == epoch and point == "before-checkpoint":
+            _die()
+        real_save(state, path)
+        if state["epoch"] == epoch and point == "after-checkpoint":
+            _die()
+
+    def torch_save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == epoch and point == "during-checkpoint":
+            f.write(b"half a checkpoint")
+            f.flush()
+            _die()
+        real_torch_save(obj, f, *args, **kwargs)
+
+    def replace(src, dst, *args, **kwargs):
+        if (point == "before-checkpoint-rename" and str(dst).endswith("checkpoint.pt")
+                and torch.load(src, weights_only=True)["epoch"] == epoch):
+            _die()
+        real_replace(src, dst, *args, **kwargs)
+
+    def log_row(self, row):
+        if row.get("kind") == "epoch" and row["epoch"] == epoch:
+            if point == "during-row":
+                with self.metrics.open("a") as f:
+                    f.write(json.dumps(row)[:20])
+                _die()
+            real_log_row(self, row)
+            if point == "after-row":
+                _die()
+            return
+        real_log_row(self, row)
+
+    def write_atomic(path, text):
+        if path.name == "summary.json" and point == "during-summary":
+            Path(str(path) + ".partial.tmp").write_text(text[:10])
+            _die()
+        real_write_atomic(path, text)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_atomic)
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(rundir.RunDir, "log_row", log_row)
+    monkeypatch.setattr(rundir, "write_atomic", write_atomic)
+
+
+def _train_and_die(out: Path, point: str, epoch: int) -> int:
+    """Train in a forked child that dies at the crash point; returns its exit status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                _crash_at(point, epoch, mp)
+                train(tiny(), out, progress=False, log=quiet)
+        except BaseException:  # noqa: BLE001 - any other way out is a failure of the test
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+EPOCH_END_POINTS = ["before-checkpoint", "during-checkpoint", "before-checkpoint-rename",
+                    "after-checkpoint", "during-row", "after-row"]
+CASES = [(p, e) for p in EPOCH_END_POINTS for e in (2, 3)] + [("during-summary", 3)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize(("point", "epoch"), CASES)
+def test_resume_after_a_crash_at_every_point_equals_an_uninterrupted_run(
+        point, epoch, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    assert _train_and_die(out, point, epoch) == 99, "the crash point was never reached"
+
+    summary = train(tiny(), out, resume=True, progress=False, log=quiet)
+
+    assert rows_without_timing(out) == rows_without_timing(uninterrupted)
+    assert summary_without_timing(out) == summary_without_timing(uninterrupted)
+    assert summary["final_test_acc"] == summary_without_timing(uninterrupted)["final_test_acc"]
+    want = checkpoint.load(uninterrupted / "checkpoint.pt")["model"]
+    got = checkpoint.load(out / "checkpoint.pt")["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_resume_of_a_finished_run_writes_nothing_new(uninterrupted, tmp_path):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in ("checkpoint.pt", "metrics.jsonl", "config.json", "summary.json"):
+        (out / name).write_bytes((uninterrupted / name).read_bytes())
+    lines: list[str] = []
+    train(tiny(), out, resume=True, progress=False, log=lines.append)
+    assert not any(line.startswith("epoch") for line in lines)  # nothing retrained
+    assert rows_without_timing(out) == rows_without_timing(uninterrupted)
+
+
+# --------------------------------------------------------------------------- resume semantics
+@pytest.fixture()
+def one_epoch(tmp_path) -> Path:
+    out = tmp_path / "run"
+    train(tiny(epochs=1), out, progress=False, log=quiet)
+    return out
+
+
+def test_resume_extends_a_run(one_epoch):
+    summary = train(tiny(epochs=2), one_epoch, resume=True, progress=False, log=quiet)
+    assert summary["epochs"] == 2
+    assert [r["epoch"] for r in rows_without_timing(one_epoch) if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads((one_epoch / "config.json").read_text())["epochs"] == 2
+
+
+def test_resume_refuses_changed_settings_and_records_allowed_ones(one_epoch):
+    before = snapshot(one_epoch)
+    changed = tiny(epochs=2, lr=1e-3, grad_clip=1.0)
+    with pytest.raises(RunDirError) as info:
+        train(changed, one_epoch, resume=True, progress=False, log=quiet)
+    message = str(info.value)
+    assert "lr (0.003 -> 0.001)" in message and "grad_clip (0.0 -> 1.0)" in message
+    assert "--allow-change lr,grad_clip" in message and "epochs" not in message
+    assert snapshot(one_epoch) == before
+
+    lines: list[str] = []
+    train(changed, one_epoch, resume=True, allow_changes=["lr", "grad_clip"], progress=False,
+          log=lines.append)
+    resumes = [r for r in rows_without_timing(one_epoch) if r["kind"] == "resume"]
+    assert resumes == [{"kind": "resume", "epoch": 1, "changed": {
+        "epochs": [1, 2], "lr": [0.003, 0.001], "grad_clip": [0.0, 1.0]}}]
+    config = json.loads((one_epoch / "config.json").read_text())
+    assert config["lr"] == 1e-3 and config["grad_clip"] == 1.0
+    assert any("changed: epochs 1 -> 2, lr 0.003 -> 0.001" in line for line in lines)
+
+
+def test_resume_refuses_another_preset(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(epochs=1, preset="a"), out, progress=False, log=quiet)
+    with pytest.raises(RunDirError, match="holds a run of preset 'a', not 'b'"):
+        train(tiny(epochs=1, preset="b"), out, resume=True, allow_changes=["preset"],
+              progress=False, log=quiet)
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_auto(tmp_path):
+    with pytest.raises(RunDirError, match="no checkpoint.pt"):
+        train(tiny(epochs=1), tmp_path / "new", resume=True, progress=False, log=quiet)
+    assert not (tmp_path / "new").exists()
+    train(tiny(epochs=1), tmp_path / "new", resume="auto", progress=False, log=quiet)
+    assert (tmp_path / "new" / "summary.json").exists()
+
+
+def test_an_existing_run_is_replaced_only_when_asked(one_epoch):
+    before = snapshot(one_epoch)
+    with pytest.raises(RunDirError, match="already holds a run finished"):
+        train(tiny(epochs=1), one_epoch, progress=False, log=quiet)
+    assert snapshot(one_epoch) == before
+    train(tiny(epochs=1, seed=1), one_epoch, overwrite=True, progress=False, log=quiet)
+    assert json.loads((one_epoch / "config.json").read_text())["seed"] == 1
+    assert [r["epoch"] for r in rows_without_timing(one_epoch) if r["kind"] == "epoch"] == [1]
+
+
+def test_damaged_checkpoints_are_one_line_errors(one_epoch, capsys):
+    state = torch.load(one_epoch / "checkpoint.pt", weights_only=True)
+    state["config"]["preset"] = "fmnist-mlp-weak"
+    args = ["train", "--preset", "fmnist-mlp-weak", "--out", str(one_epoch), "--resume",
+            "--no-progress", "--set", *settings_for(tiny(epochs=1))]
+    for damage, expected in (("optimizer", "has no 'optimizer' entry"),
+                             ("shape", "its 'model' does not fit this run")):
+        broken = {**state, "model": dict(state["model"])}
+        if damage == "optimizer":
+            del broken["optimizer"]
+        else:
+            name = next(iter(broken["model"]))
+            broken["model"][name] = torch.zeros(3, 3)
+        torch.save(broken, one_epoch / "checkpoint.pt")
+        before = snapshot(one_epoch)
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "Traceback" not in err
+        assert snapshot(one_epoch) == before
+
+
+# --------------------------------------------------------------------------- bad input
+def settings_for(cfg: TrainConfig) -> list[str]:
+    """``--set`` items that turn the fmnist-mlp-weak preset into ``cfg``."""
+    items = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in cfg.to_dict().items()
+             if k not in ("model_args", "preset", "data_dir", "description")]
+    return items + [f"model.{k}={v}" for k, v in cfg.model_args.items()]
+
+
+NOT_A_NUMBER = ["nan", "NaN", "inf", "-inf", "abc", "true", "[1,2]", "none"]
+
+
+def bad_values(key: str, low: float, high: float) -> st.SearchStrategy[str]:
+    below = [repr(low - 1), repr(low - 0.5)] if low > -1e300 else []
+    above = [repr(high + 1)] if high < float("inf") else []
+    integral = [repr(low + 0.5)] if isinstance(low, int) else []
+    values = [v for v in NOT_A_NUMBER if not (v == "none" and key in ("num_train", "num_test",
+                                                                      "sketch_dim"))]
+    return st.sampled_from(values + below + above + integral)
+
+
+BAD_SETTING = st.one_of(
+    *[bad_values(k, lo, hi).map(lambda v, k=k: f"{k}={v}") for k, (lo, hi, _) in RANGES.items()],
+    st.sampled_from(["optimizer", "schedule", "sigreg", "sketch", "device"]).flatmap(
+        lambda k: st.text(string.ascii_lowercase, min_size=1, max_size=6).map(
+            lambda v, k=k: f"{k}={v}x")),
+    st.sampled_from(["model.depth=0", "model.depth=1.5", "model.width=-3", "model.color=1",
+                     "betas=[0.9,1.5]", "eta_min=1", "learning_rate=0.1", "lr", "=3",
+                     "data_dir=/nonexistent/fashion", "data_dir= "]),
+)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert cli.main(["train", "--preset", "fmnist-mlp-weak", "--out", str(out), "--no-progress",
+                     "--set", *settings_for(tiny(epochs=1))]) == 0
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad=BAD_SETTING, resume=st.booleans(), fresh=st.booleans(),
+       data=st.sampled_from([None, "fashion-mnist"]))
+def test_bad_settings_exit_2_with_one_line_and_touch_nothing(
+        bad, resume, fresh, data, finished_run, capsys):
+    out = finished_run.parent / "fresh" if fresh else finished_run
+    before = snapshot(finished_run.parent)
+    base = settings_for(tiny(epochs=1))
+    if data:
+        base = [s for s in base if not s.startswith("dataset=")] + [f"dataset={data}"]
+    args = ["train", "--preset", "fmnist-mlp-weak", "--out", str(out), "--no-progress",
+            *(["--resume"] if resume else []), "--set", *base, bad]
+    assert cli.main(args) == 2, bad
+    err = capsys.readouterr().err
+    assert err.startswith("sigreg: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert snapshot(finished_run.parent) == before
+    assert not (finished_run.parent / "fresh").exists()
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_bad_out_paths_exit_2(where, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = {"a file": blocker, "under a file": blocker / "run",
+           "read-only": Path("/proc/sigreg-run")}[where]
+    before = snapshot(tmp_path)
+    assert cli.main(["train", "--preset", "fmnist-mlp-weak", "--out", str(out), "--no-progress",
+                     "--set", *settings_for(tiny(epochs=1))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sigreg: error: --out") and err.count("\n") == 1, err
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_resume_flag_values(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--preset", "fmnist-mlp-weak", "--resume", "maybe"])
+    assert info.value.code == 2
+    assert "expected nothing or 'auto'" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
