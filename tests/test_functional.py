@@ -136,7 +136,7 @@ def test_autocast_does_not_lower_precision(gen):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: sigreg.weak_sigreg(torch.randn(4, 3, 2)), "2-D"),
+        (lambda: sigreg.weak_sigreg(torch.randn(4)), "2-D"),
         (lambda: sigreg.weak_sigreg(torch.randn(1, 3)), "at least 2"),
         (lambda: sigreg.weak_sigreg(torch.randn(4, 3), torch.randn(5, 2)), "C=3"),
         (lambda: sigreg.weak_sigreg(torch.randn(4, 3), torch.randn(3)), "shape"),

@@ -59,8 +59,10 @@ def test_no_sketch_when_width_at_most_k():
 def test_constructor_validation():
     with pytest.raises(ValueError, match="policy"):
         sigreg.WeakSIGReg(sketch="sometimes")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="sketch_dim"):
         sigreg.WeakSIGReg(0)
+    with pytest.raises(TypeError, match="sketch_dim"):
+        sigreg.WeakSIGReg(2.5)
     with pytest.raises(ValueError, match="t_max"):
         sigreg.StrongSIGReg(t_max=0)
     with pytest.raises(ValueError, match="num_points"):
@@ -68,7 +70,7 @@ def test_constructor_validation():
     with pytest.raises(ValueError, match="variant"):
         sigreg.make_regularizer("medium")
     with pytest.raises(ValueError, match="2-D"):
-        sigreg.WeakSIGReg()(torch.randn(3, 4, 5))
+        sigreg.WeakSIGReg()(torch.randn(5))
 
 
 def test_module_gradients_flow():

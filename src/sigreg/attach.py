@@ -6,17 +6,22 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import re
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ._checks import check_choice, check_int
 from .functional import _check_weights, regularized_loss
-from .modules import make_regularizer
+from .modules import Regularizer, make_regularizer
+from .sketch import mix_seed, seeded_generator
 
 LayerSpec = str | type | Callable[[str, nn.Module], bool]
 Pool = str | Callable[[Any], torch.Tensor]
@@ -64,92 +69,251 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) ->
     return [n for n, m in named if any(_matches(s, n, m) for s in specs)]
 
 
+def _pool(output: Any, pool: Pool) -> tuple[torch.Tensor, int]:
+    """A layer's output pooled, keeping the pooled dimensions, and the number of samples N.
+
+    ``features.reshape(N, -1)`` is :func:`pool_features`. Keeping the dimensions makes the
+    pooling's backward one kernel fewer (no unsqueeze), which counts on a GPU where the
+    hooks of every layer are launch-bound.
+    """
+    if callable(pool):
+        x = pool(output)
+        if not (isinstance(x, torch.Tensor) and x.dim() == 2):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"a pool callable must return features (N, C), got {shape}")
+        return x, x.shape[0]
+    x = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"cannot regularize a layer output of type {type(x).__name__}")
+    if x.dim() == 2:
+        return x, x.shape[0]
+    if pool == "mean" and x.dim() in (3, 4):
+        return x.mean(1 if x.dim() == 3 else (2, 3), keepdim=True), x.shape[0]
+    if pool == "flatten" and x.dim() == 3:
+        return x, x.shape[0] * x.shape[1]
+    if pool == "cls" and x.dim() == 3:
+        return x[:, :1], x.shape[0]
+    raise ValueError(f"pool={pool!r} cannot turn an output of shape {tuple(x.shape)} into (N, C)")
+
+
 def pool_features(output: Any, pool: Pool) -> torch.Tensor:
     """Turn a layer's output into features (N, C).
 
     - tuple/list outputs: the first element is used (hidden states, by convention), unless
-      ``pool`` is a callable, which receives the raw output.
+      ``pool`` is a callable, which receives the raw output and returns (N, C).
     - ``"mean"``: (N, C) as is; (B, T, C) mean over tokens (batch-first); (B, C, H, W) mean
       over H and W.
     - ``"flatten"``: (B, T, C) -> (B*T, C), every token a sample (language models).
     - ``"cls"``: (B, T, C) -> (B, C), the first token.
     """
-    if callable(pool):
-        return pool(output)
-    x = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"cannot regularize a layer output of type {type(x).__name__}")
-    if x.dim() == 2:
-        return x
-    if pool == "mean" and x.dim() in (3, 4):
-        return x.mean(1) if x.dim() == 3 else x.mean((2, 3))
-    if pool == "flatten" and x.dim() == 3:
-        return x.reshape(-1, x.shape[-1])
-    if pool == "cls" and x.dim() == 3:
-        return x[:, 0]
-    raise ValueError(f"pool={pool!r} cannot turn an output of shape {tuple(x.shape)} into (N, C)")
+    features, rows = _pool(output, pool)
+    return features.reshape(rows, -1)
+
+
+class _Call(NamedTuple):
+    """One training-mode call of a regularized layer: its pooled output (any shape whose
+    reshape to (rows, C) is the features) and the layer's index in the handle's names."""
+
+    layer: int
+    features: torch.Tensor
+    rows: int
+
+    def group_key(self) -> tuple:
+        # Calls stack together when their pooled tensors match in shape, dtype and device.
+        f = self.features
+        return tuple(f.shape), self.rows, f.dtype, f.device
+
+
+# Live handles per hooked module: attaching twice to a layer warns.
+_HOOKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
 class SIGRegHandle:
-    """The hooks placed by :func:`attach`, and the regularizer value they collect.
+    """The hooks placed by :func:`attach`, and the regularizer of the layers they see.
 
-    Hooks work only when the layer is in training mode and autograd is on; in eval mode or
-    under ``torch.no_grad()`` they return immediately. A layer called several times in one
-    forward pass contributes the mean of its calls.
+    The hooks only pool each regularized layer's output and keep it; :meth:`loss` then
+    computes the regularizer of every layer at once: calls stacked by (shape, dtype,
+    device) into (L, N, C), one projection draw, one batched loss (one value per layer)
+    and, under torch.distributed, one all-reduce per statistic, per group.
+
+    A forward pass is a call of the model given to :func:`attach` in training mode with
+    autograd on (in eval mode or under ``torch.no_grad()`` the hooks do nothing). A layer
+    called several times in one pass contributes the mean of its calls. :meth:`loss`
+    covers the latest ``accumulate`` passes (default 1: the latest forward); more passes
+    since the last :meth:`loss` raise an error there, and the hooks only ever keep that
+    many, so a handle whose loss is never asked for holds one step's features at most.
     """
 
     def __init__(
         self,
         model: nn.Module,
         names: list[str],
-        regularizers: dict[str, nn.Module],
+        regularizer: Regularizer,
         pool: Pool,
         alpha: float | None,
         lam: float | None,
         keep_features: bool,
+        accumulate: int = 1,
+        seed: int = 0,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         self.names = names
-        self.regularizers = regularizers
+        self.regularizer = regularizer
         self.pool = pool
         self.alpha, self.lam = alpha, lam
         self.keep_features = keep_features
-        self._pending: dict[str, list[torch.Tensor]] = {}
-        self._last: dict[str, torch.Tensor] = {}
+        self.accumulate = accumulate
+        self.seed = seed
+        self._compute = _compiled(regularizer.compute, compile)
+        self._passes: collections.deque[list[_Call]] = collections.deque(maxlen=accumulate)
+        self._forwards = 0  # training forwards of the model since the last loss()
+        self._step = 0  # loss() calls so far: the resampled projections' draw number
+        self._fixed: dict[str, torch.Tensor] = {}  # per-layer fixed projections (CPU)
+        self._cache: dict[tuple, torch.Tensor | None] = {}
+        self._last_names: list[str] = []
+        self._last_values: torch.Tensor | None = None
         self._features: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
-        self._hooks = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+        self._hooked = [modules[n] for n in names]
+        self._hooks = [model.register_forward_pre_hook(self._start_pass)]
+        self._hooks += [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self._hooked)]
+        for m in self._hooked:
+            _HOOKED[m] = _HOOKED.get(m, 0) + 1
 
-    def _hook(self, name: str) -> Callable:
-        regularizer = self.regularizers[name]
+    # ---- hooks: pool and keep, nothing else ---------------------------------------------
 
-        # Runs eagerly under torch.compile: the sketch stream is Python state that would
-        # otherwise force a recompile every step.
+    # The hooks run eagerly under torch.compile: they only record Python state.
+    @torch.compiler.disable
+    def _start_pass(self, module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._forwards += 1
+            self._passes.append([])  # the deque drops passes older than `accumulate`
+
+    def _hook(self, index: int) -> Callable:
+        name = self.names[index]
+
         @torch.compiler.disable
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not (module.training and torch.is_grad_enabled()):
                 return
-            z = pool_features(output, self.pool)
-            self._pending.setdefault(name, []).append(regularizer(z))
+            features, rows = _pool(output, self.pool)
+            if not self._passes:  # the layer was called outside the model's forward
+                self._passes.append([])
+            self._passes[-1].append(_Call(index, features, rows))
             if self.keep_features:
-                self._features[name] = z.detach()
+                self._features[name] = features.detach().reshape(rows, -1)
 
         return hook
 
-    def loss(self) -> torch.Tensor:
-        """Mean regularizer over the layers of the latest training forward pass.
+    # ---- the regularizer of all layers ----------------------------------------------------
 
-        Consumes the collected values: calling it again before another forward pass raises.
+    def loss(self) -> torch.Tensor:
+        """Mean regularizer over the layers of the latest training forward pass (of the
+        latest ``accumulate`` passes, each layer averaged over its calls).
+
+        Consumes the recorded features: calling it again before another forward raises, as
+        does calling it after more than ``accumulate`` forward passes.
         """
-        if not self._pending:
+        calls = self._take_calls()
+        names, values = self._layer_values(calls)
+        self._last_names, self._last_values = names, values.detach()
+        return values.mean()
+
+    def _take_calls(self) -> list[_Call]:
+        forwards = self._forwards
+        calls = [c for p in self._passes for c in p]
+        self.clear()
+        if forwards > self.accumulate:
+            raise RuntimeError(
+                f"{forwards} training forward passes ran since the last loss(), but loss() "
+                f"regularizes the latest {self.accumulate}: call loss() (or combine()) after "
+                f"every forward, attach(..., accumulate={forwards}) to average several "
+                "(gradient accumulation), or handle.clear() to drop a forward you do not "
+                "regularize. The recorded features were dropped."
+            )
+        if not calls:
             raise RuntimeError(
                 "no training-mode forward pass with autograd since the last loss() call: "
                 "run the model (model.train(), outside torch.no_grad()) first"
             )
-        # A layer called once (the usual case) needs no stack + mean: fewer GPU launches.
-        self._last = {n: v[0] if len(v) == 1 else torch.stack(v).mean()
-                      for n, v in self._pending.items()}
-        self._pending = {}
-        return torch.stack(list(self._last.values())).mean()
+        return calls
+
+    def clear(self) -> None:
+        """Drop the features recorded since the last :meth:`loss` (e.g. a step trained
+        without the regularizer)."""
+        self._passes.clear()
+        self._forwards = 0
+
+    def _layer_values(self, calls: list[_Call]) -> tuple[list[str], torch.Tensor]:
+        """Names of the layers called, and their regularizer values (L,) in that order."""
+        groups: dict[tuple, list[_Call]] = {}
+        for c in calls:
+            groups.setdefault(c.group_key(), []).append(c)
+        values, order = [], []
+        for ordinal, group in enumerate(groups.values()):
+            values.append(self._group_values(ordinal, group))
+            order += [c.layer for c in group]
+        self._step += 1
+        flat = values[0] if len(values) == 1 else torch.cat([v.to(values[0].device) for v in values])
+        layers = list(dict.fromkeys(order))
+        if len(layers) < len(order):  # a layer called several times: the mean of its calls
+            flat = self._averaging(tuple(order), flat.device, flat.dtype) @ flat
+        return [self.names[i] for i in layers], flat
+
+    def _group_values(self, ordinal: int, group: list[_Call]) -> torch.Tensor:
+        """Regularizer of each call of one group, (L,), from their stack (L, N, C)."""
+        z = torch.stack([c.features for c in group]).view(len(group), group[0].rows, -1)
+        layers = tuple(c.layer for c in group)
+        return self._compute(z, self._projection(ordinal, layers, z))
+
+    def _projection(self, ordinal: int, layers: tuple[int, ...], z: torch.Tensor):
+        """Projections (L, C, K) for a stack z (L, N, C), or None (none needed).
+
+        fixed: each layer's own, drawn once from ``seed + layer index`` on the CPU (as in
+        earlier versions). resample: the whole group's in one draw, from a generator seeded
+        with (seed, loss() call count, group number) on the features' device.
+        """
+        policy = getattr(self.regularizer, "policy", None)
+        if policy == "fixed":
+            key = ("fixed", layers, z.device)
+            if key not in self._cache:
+                per_layer = [self._fixed_projection(i, z.shape[-1]) for i in layers]
+                self._cache[key] = None if per_layer[0] is None else torch.stack(per_layer).to(z.device)
+            return self._cache[key]
+        if policy == "resample":
+            gen = self._generator(z.device)
+            gen.manual_seed(mix_seed(mix_seed(self.seed, self._step), ordinal))
+            return self.regularizer.draw(z.shape[-1], gen, z.device, (len(layers),))
+        return None
+
+    def _fixed_projection(self, layer: int, width: int) -> torch.Tensor | None:
+        name = self.names[layer]
+        if name not in self._fixed:
+            drawn = self.regularizer.draw(width, seeded_generator(self.seed + layer), "cpu")
+            if drawn is None:
+                return None
+            self._fixed[name] = drawn
+        if self._fixed[name].shape[0] != width:
+            raise ValueError(
+                f"layer {name}'s fixed sketch was drawn for width {self._fixed[name].shape[0]}, "
+                f"got features of width {width}"
+            )
+        return self._fixed[name]
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = ("generator", device)
+        if key not in self._cache:
+            self._cache[key] = torch.Generator(device=device)
+        return self._cache[key]
+
+    def _averaging(self, order: tuple[int, ...], device, dtype) -> torch.Tensor:
+        """(L, E) matrix averaging E call values into each of the L layers, first-call order."""
+        key = ("average", order, device, dtype)
+        if key not in self._cache:
+            layers = list(dict.fromkeys(order))
+            a = torch.tensor([[float(o == i) for o in order] for i in layers], dtype=dtype)
+            self._cache[key] = (a / a.sum(1, keepdim=True)).to(device)
+        return self._cache[key]
 
     def combine(self, task_loss: torch.Tensor) -> torch.Tensor:
         """Task loss plus regularizer with the weighting given to :func:`attach`."""
@@ -157,35 +321,78 @@ class SIGRegHandle:
 
     def layer_losses(self) -> dict[str, float]:
         """Per-layer values of the latest :meth:`loss` call, as floats for logging."""
-        return {n: float(v) for n, v in self.layer_loss_tensors().items()}
+        values = [] if self._last_values is None else self._last_values.tolist()
+        return dict(zip(self._last_names, values))
 
     def layer_loss_tensors(self) -> dict[str, torch.Tensor]:
-        """Like :meth:`layer_losses` but detached tensors: no device sync, for accumulating."""
-        return {n: v.detach() for n, v in self._last.items()}
+        """Like :meth:`layer_losses` but detached 0-d tensors: no device sync, for
+        accumulating."""
+        if self._last_values is None:
+            return {}
+        return dict(zip(self._last_names, self._last_values.unbind()))
 
     def features(self) -> dict[str, torch.Tensor]:
         """Detached pooled features of the latest forward (needs ``keep_features=True``)."""
         return dict(self._features)
 
+    # ---- checkpointing --------------------------------------------------------------------
+
     def state_dict(self) -> dict[str, Any]:
-        """Sketch state (fixed sketches, resample counters) for exact checkpoint resume."""
-        return {n: r.state_dict() for n, r in self.regularizers.items()}
+        """Sketch state for exact checkpoint resume: the resample draw count and the fixed
+        sketches drawn so far (CPU tensors)."""
+        return {"step": self._step, "fixed": dict(self._fixed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for n, r in self.regularizers.items():
-            r.load_state_dict(state[n])
+        """Restore :meth:`state_dict`'s output (or a sigreg 0.1 handle's per-layer state:
+        its fixed sketches carry over exactly, its resample counter does not give the same
+        sketches, the stream having changed). Raises ValueError on missing, unknown or
+        mismatched entries."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a handle state is a dict from state_dict(), got {type(state).__name__}")
+        if state and set(state) <= set(self.names) and "step" not in state:
+            state = _from_per_layer_state(state)
+        missing, unknown = {"step", "fixed"} - set(state), set(state) - {"step", "fixed"}
+        if missing or unknown:
+            raise ValueError(
+                f"not a SIGRegHandle state: missing keys {sorted(missing)}, unknown keys "
+                f"{sorted(unknown)}; expected {{'step': int, 'fixed': {{layer: tensor}}}}"
+            )
+        step = check_int(state["step"], "state['step']", minimum=0)
+        fixed = self._checked_fixed(state["fixed"])
+        self._step, self._fixed = step, fixed
+        self._cache.clear()
+
+    def _checked_fixed(self, fixed: Any) -> dict[str, torch.Tensor]:
+        if not isinstance(fixed, dict):
+            raise TypeError(f"state['fixed'] must be a dict of tensors, got {type(fixed).__name__}")
+        unknown = sorted(set(fixed) - set(self.names))
+        if unknown:
+            raise ValueError(f"state['fixed'] has sketches for layers {unknown} that this "
+                             f"handle does not regularize (its layers: {self.names})")
+        if fixed and getattr(self.regularizer, "policy", None) != "fixed":
+            raise ValueError("the state holds fixed sketches, but this handle's sketch policy "
+                             f"is {getattr(self.regularizer, 'policy', None)!r}")
+        k = getattr(self.regularizer, "num_projections", None)
+        for name, t in fixed.items():
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != k:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state['fixed'][{name!r}] must be a (C, {k}) tensor, got {shape}")
+        return {n: t.cpu() for n, t in fixed.items()}
 
     def to(self, device: torch.device | str) -> SIGRegHandle:
-        for r in self.regularizers.values():
-            r.to(device)
+        """Kept for compatibility: projections follow the features' device by themselves."""
+        self._cache.clear()
         return self
 
     def remove(self) -> None:
         """Detach every hook; the model is as before :func:`attach`."""
         for h in self._hooks:
             h.remove()
-        self._hooks = []
-        self._pending, self._features = {}, {}
+        for m in self._hooked:
+            _HOOKED[m] = _HOOKED.get(m, 1) - 1
+        self._hooks, self._hooked = [], []
+        self.clear()
+        self._features = {}
 
     def __enter__(self) -> SIGRegHandle:  # noqa: PYI034
         return self
@@ -194,7 +401,24 @@ class SIGRegHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"SIGRegHandle(layers={self.names}, regularizer={next(iter(self.regularizers.values()))})"
+        return f"SIGRegHandle(layers={self.names}, regularizer={self.regularizer})"
+
+
+def _from_per_layer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A sigreg 0.1 handle state ({layer: module state_dict}) in today's layout."""
+    calls = [int(s.get("_extra_state", {}).get("calls", 0)) for s in state.values()]
+    fixed = {n: s["projection"] for n, s in state.items()
+             if isinstance(s.get("projection"), torch.Tensor) and s["projection"].numel()}
+    return {"step": max(calls, default=0), "fixed": fixed}
+
+
+def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
+    """``fn`` itself, or ``torch.compile(fn, **options)`` (``compile=True``: static
+    shapes, one graph per group shape)."""
+    if compile is False:
+        return fn
+    options = {"dynamic": False} if compile is True else dict(compile)
+    return torch.compile(fn, **options)
 
 
 def attach(
@@ -210,6 +434,8 @@ def attach(
     lam: float | None = None,
     distributed: bool | None = None,
     keep_features: bool = False,
+    accumulate: int = 1,
+    compile: bool | dict[str, Any] = False,
     **variant_kwargs: Any,
 ) -> SIGRegHandle:
     """Regularize the outputs of ``layers`` of ``model`` with weak or strong SIGReg.
@@ -221,39 +447,68 @@ def attach(
         variant: ``"weak"`` (covariance), ``"strong"`` (characteristic function), or
             ``"vicreg"``, VICReg's variance + covariance terms, a baseline to compare with
             (full covariance: ``sketch_dim``, ``sketch`` and ``seed`` do not apply).
-        sketch_dim: K, sketch width (weak) or number of directions (strong). Weak: None
-            or K >= C means the full covariance.
+        sketch_dim: K, sketch width (weak) or number of directions (strong), an integer
+            >= 1. Weak: None or K >= C means the full covariance.
         pool: how outputs become (N, C); see :func:`pool_features`.
-        sketch: ``"resample"`` or ``"fixed"``; see :mod:`sigreg.modules`.
-        seed: base seed; layer i uses ``seed + i``. Use the same seed on every rank.
+        sketch: ``"resample"`` (a fresh projection per layer every :meth:`~SIGRegHandle.loss`,
+            all of a group drawn at once from (seed, step)) or ``"fixed"`` (layer i's drawn
+            once from ``seed + i``); see :mod:`sigreg.modules`. Use the same seed on every
+            rank.
         alpha / lam: weighting used by :meth:`SIGRegHandle.combine`:
             ``(1 - alpha) * task + alpha * reg`` or ``task + lam * reg``. Default alpha=0.1.
         distributed: global-batch statistics under torch.distributed (None: automatic).
         keep_features: keep the latest pooled features for diagnostics.
-        variant_kwargs: ``t_max``, ``num_points`` for the strong variant; ``gamma``,
-            ``var_weight``, ``cov_weight``, ``eps`` for ``"vicreg"``.
+        accumulate: forward passes one :meth:`~SIGRegHandle.loss` averages (gradient
+            accumulation, several views); 1: the latest forward only.
+        compile: ``True`` (or a dict of ``torch.compile`` options) compiles the batched
+            regularizer; the hooks and the projection draws stay eager.
+        variant_kwargs: strong: ``t_max`` (half-width of [-t_max, t_max], default 3) and
+            ``num_points`` (trapezoid nodes on [0, t_max] only, default 17; the paper's
+            code's 17 points on [-5, 5] are ``t_max=5, num_points=9``); vicreg: ``gamma``,
+            ``var_weight``, ``cov_weight``, ``eps``.
 
     Returns:
         A :class:`SIGRegHandle`: ``handle.loss()``, ``handle.combine(task)``,
         ``handle.layer_losses()``, ``handle.remove()``.
+
+    Raises:
+        TypeError / ValueError naming the argument, for any bad argument, here rather than
+        at the first forward.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(layers, Iterable) and not isinstance(layers, (str, list, tuple)):
         layers = list(layers)
-    if isinstance(pool, str) and pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
+    if isinstance(pool, str):
+        check_choice(pool, "pool", POOLS)
+    elif not callable(pool):
+        raise TypeError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
     if alpha is None and lam is None:
         alpha = 0.1
     _check_weights(alpha, lam)
+    if not isinstance(keep_features, bool):
+        raise TypeError(f"keep_features must be True or False, got {keep_features!r}")
+    check_int(seed, "seed", minimum=-(2**63))
+    check_int(accumulate, "accumulate")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+    regularizer = make_regularizer(variant, sketch_dim, sketch=sketch, seed=seed,
+                                   distributed=distributed, **variant_kwargs)
     names = resolve_layers(model, layers)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    regularizers = {
-        n: make_regularizer(
-            variant, sketch_dim, sketch=sketch, seed=seed + i, distributed=distributed,
-            **variant_kwargs,
-        ).to(device)
-        for i, n in enumerate(names)
-    }
-    return SIGRegHandle(model, names, regularizers, pool, alpha, lam, keep_features)
+    _warn_if_hooked(model, names)
+    return SIGRegHandle(model, names, regularizer, pool, alpha, lam, keep_features,
+                        accumulate, int(seed), compile)
+
+
+def _warn_if_hooked(model: nn.Module, names: list[str]) -> None:
+    modules = dict(model.named_modules())
+    again = [n for n in names if _HOOKED.get(modules[n], 0) > 0]
+    if again:
+        warnings.warn(
+            f"layers {again} are already regularized by another SIGRegHandle (attach called "
+            "twice?): both handles now add their regularizer. remove() the old handle first.",
+            stacklevel=3,
+        )
 
 
 class FeatureRecorder:

@@ -41,11 +41,27 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+# Collectives stay outside compiled graphs: torch.compile runs them eagerly between the
+# compiled pieces of a regularizer.
+@torch.compiler.disable
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Differentiable sum of ``x`` over all ranks."""
     return _AllReduceSum.apply(x)
 
 
+def all_reduce_with_count(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums ``x`` and the per-rank sample ``count`` over all ranks in one all-reduce.
+
+    Returns ``(global x, global count)``, the count as a 0-d tensor of ``x``'s dtype: the
+    statistics of every layer of a stack then cost one collective, not one each plus one
+    for the count.
+    """
+    packed = torch.cat((x.reshape(-1), x.new_full((1,), count)))
+    total = all_reduce_sum(packed)
+    return total[:-1].view(x.shape), total[-1]
+
+
+@torch.compiler.disable
 def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
     """Make a (non-differentiable) tensor identical on every rank, e.g. random directions."""
     x = x.contiguous()

@@ -1,12 +1,16 @@
 """``nn.Module`` wrappers that own the sketch (weak) or directions (strong).
 
-Sketch policies:
+Each takes features (N, C) or a stack of layers (*, N, C) and returns one value per layer,
+shape (*). The loss itself is :meth:`compute`, a pure function of the features and the
+projection (what :func:`sigreg.attach` calls, possibly compiled); ``forward`` adds the
+projection stream:
+
 - ``"resample"`` (default): a fresh projection every call, drawn from a generator seeded
-  with (seed, call count) on the features' device. A fixed K-dimensional sketch only
-  constrains the K-dim subspace it spans (Cov(ZS) = S^T Cov(Z) S can equal I while Z
-  collapses in the other C - K directions); resampling covers every direction over
-  training, as the paper's public code does. The call count is saved in ``state_dict``
-  so a resumed run draws the same sequence.
+  with (seed, call count) on the features' device, one per layer of a stack in one draw.
+  A fixed K-dimensional sketch only constrains the K-dim subspace it spans
+  (Cov(ZS) = S^T Cov(Z) S can equal I while Z collapses in the other C - K directions);
+  resampling covers every direction over training, as the paper's public code does. The
+  call count is saved in ``state_dict`` so a resumed run draws the same sequence.
 - ``"fixed"``: drawn once from ``seed`` (on the CPU, so identical on every device) and
   kept as a buffer, saved in ``state_dict``: the paper text's choice.
 Both are identical on every rank of a distributed job because they depend on the seed only.
@@ -14,36 +18,58 @@ Both are identical on every rank of a distributed job because they depend on the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .functional import strong_sigreg, vicreg_varcov, weak_sigreg
-from .sketch import draw_directions, draw_sketch, seeded_generator
+from ._checks import check_choice, check_int, check_optional_bool, check_positive
+from .functional import check_quadrature, strong_sigreg, vicreg_varcov, weak_sigreg
+from .sketch import draw_directions, draw_sketch, mix_seed, seeded_generator
 
 POLICIES = ("resample", "fixed")
 
 
-def _mix_seed(seed: int, step: int) -> int:
-    """Deterministic 63-bit seed for draw number ``step`` (splitmix64 finaliser)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) >> 1
+def _check_stack(z: torch.Tensor) -> None:
+    if not isinstance(z, torch.Tensor) or z.dim() < 2:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"features must be 2-D (N, C) or a stack (*, N, C), got {shape}")
 
 
-class _ProjectedSIGReg(nn.Module):
-    """Shared projection bookkeeping; subclasses define ``_draw`` and ``_loss``."""
+class Regularizer(nn.Module):
+    """A regularizer of features (*, N, C): ``compute(z, projection)`` is the loss, a pure
+    function; ``draw`` makes the projection it needs (None: it needs none)."""
+
+    def draw(self, in_features: int, generator: torch.Generator, device,
+             batch: Sequence[int] = ()) -> torch.Tensor | None:
+        """The projection for features of width ``in_features``, one per ``batch`` entry."""
+        return None
+
+    def compute(self, z: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+        """The loss of z (*, N, C) with ``projection`` ((C, K), (*, C, K) or None), shape (*)."""
+        raise NotImplementedError
+
+    def current_projection(self, z: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        _check_stack(z)
+        return self.compute(z, self.current_projection(z))
+
+
+class _ProjectedSIGReg(Regularizer):
+    """Shared projection bookkeeping; subclasses define ``draw`` and ``compute``."""
 
     def __init__(
         self, num_projections: int | None, sketch: str, seed: int, distributed: bool | None
     ) -> None:
         super().__init__()
-        if num_projections is not None and num_projections < 1:
-            raise ValueError(f"number of projections must be positive or None, got {num_projections}")
-        if sketch not in POLICIES:
-            raise ValueError(f"sketch policy must be one of {POLICIES}, got {sketch!r}")
+        if num_projections is not None:
+            check_int(num_projections, "sketch_dim (the number of projections K)")
+        check_choice(sketch, "sketch policy", POLICIES)
+        check_int(seed, "seed", minimum=-(2**63))
+        check_optional_bool(distributed, "distributed")
         self.num_projections = num_projections
         self.policy = sketch
         self.seed = int(seed)
@@ -53,30 +79,32 @@ class _ProjectedSIGReg(nn.Module):
         self.register_buffer("projection", torch.empty(0))
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _draw(self, in_features: int, generator: torch.Generator, device) -> torch.Tensor | None:
-        raise NotImplementedError
-
     def current_projection(self, z: torch.Tensor) -> torch.Tensor | None:
-        """The projection used for a batch ``z`` (N, C); advances the resample counter."""
-        c = z.shape[-1]
+        """The projection used for features ``z`` (*, N, C), one per layer of the stack;
+        advances the resample counter."""
+        c, batch = z.shape[-1], z.shape[:-2]
         if self.policy == "fixed":
-            if self.projection.numel() == 0:
-                drawn = self._draw(c, seeded_generator(self.seed), "cpu")
-                if drawn is None:
-                    return None
-                self.projection = drawn.to(z.device)
-            if self.projection.shape[0] != c:
-                raise ValueError(
-                    f"this regularizer's fixed sketch was drawn for width "
-                    f"{self.projection.shape[0]}, got features of width {c}"
-                )
-            return self.projection
+            return self._fixed(c, batch, z.device)
         gen = self._generators.get(z.device)
         if gen is None:
             gen = self._generators[z.device] = torch.Generator(device=z.device)
-        gen.manual_seed(_mix_seed(self.seed, self.calls))
+        gen.manual_seed(mix_seed(self.seed, self.calls))
         self.calls += 1
-        return self._draw(c, gen, z.device)
+        return self.draw(c, gen, z.device, batch)
+
+    def _fixed(self, c: int, batch: Sequence[int], device) -> torch.Tensor | None:
+        if self.projection.numel() == 0:
+            drawn = self.draw(c, seeded_generator(self.seed), "cpu", batch)
+            if drawn is None:
+                return None
+            self.projection = drawn.to(device)
+        if self.projection.shape[:-1] != (*batch, c):
+            raise ValueError(
+                f"this regularizer's fixed sketch was drawn for width and stack "
+                f"{tuple(self.projection.shape[:-1])}, got features of width {c} and stack "
+                f"{tuple(batch)}"
+            )
+        return self.projection
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"calls": self.calls}
@@ -96,7 +124,7 @@ class _ProjectedSIGReg(nn.Module):
 
 
 class WeakSIGReg(_ProjectedSIGReg):
-    """Weak-SIGReg loss ``|| Cov(Z S) - I_K ||_F`` on features (N, C).
+    """Weak-SIGReg loss ``|| Cov(Z S) - I_K ||_F`` on features (N, C) or (*, N, C).
 
     Args:
         sketch_dim: K, the sketch width (paper: 64). None, or K >= C, uses the full
@@ -106,7 +134,8 @@ class WeakSIGReg(_ProjectedSIGReg):
         distributed: statistics over the global batch (None: whenever torch.distributed
             is initialised with more than one rank).
 
-    Shape: input (N, C), output scalar.
+    Shape: input (N, C) or a stack of layers (*, N, C) (one sketch per layer, drawn in one
+    call), output (*) (a scalar for (N, C)).
 
     Reference: Weak-SIGReg: Covariance Regularization for Stable Deep Learning,
     arXiv 2603.05924.
@@ -121,29 +150,30 @@ class WeakSIGReg(_ProjectedSIGReg):
     ) -> None:
         super().__init__(sketch_dim, sketch, seed, distributed)
 
-    def _draw(self, in_features, generator, device):
+    def draw(self, in_features, generator, device, batch=()):
         k = self.num_projections
         if k is None or k >= in_features:
             return None  # no sketch: full covariance, as in the paper when C <= K
-        return draw_sketch(in_features, k, generator, device)
+        return draw_sketch(in_features, k, generator, device, batch)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() != 2:
-            raise ValueError(f"features must be 2-D (N, C), got shape {tuple(z.shape)}")
-        return weak_sigreg(z, self.current_projection(z), distributed=self.distributed)
+    def compute(self, z, projection):
+        return weak_sigreg(z, projection, distributed=self.distributed)
 
 
 class StrongSIGReg(_ProjectedSIGReg):
-    """Strong SIGReg (LeJEPA's Epps-Pulley statistic) on features (N, C).
+    """Strong SIGReg (LeJEPA's Epps-Pulley statistic) on features (N, C) or (*, N, C).
 
     Args:
         num_directions: K random unit directions (paper's supervised runs: 64; LeJEPA
             uses 256-1024).
-        t_max, num_points: integration interval [-t_max, t_max] and trapezoid nodes on
-            [0, t_max].
+        t_max: half-width of the integration interval [-t_max, t_max] (LeJEPA 3, the
+            paper's code 5).
+        num_points: trapezoid nodes on [0, t_max] only (the integrand is even; the sum is
+            doubled): the paper's code's "17 points on [-5, 5]" is ``t_max=5,
+            num_points=9``.
         sketch, seed, distributed: as for :class:`WeakSIGReg`.
 
-    Shape: input (N, C), output scalar.
+    Shape: input (N, C) or a stack of layers (*, N, C), output (*).
 
     Reference: LeJEPA, arXiv 2511.08544.
     """
@@ -158,32 +188,24 @@ class StrongSIGReg(_ProjectedSIGReg):
         distributed: bool | None = None,
     ) -> None:
         if num_directions is None:
-            raise ValueError("StrongSIGReg needs a number of directions")
-        if not t_max > 0:
-            raise ValueError(f"t_max must be positive, got {t_max}")
-        if num_points < 2:
-            raise ValueError(f"num_points must be at least 2, got {num_points}")
+            raise ValueError("StrongSIGReg needs a number of directions (an integer >= 1), got None")
+        self.t_max, self.num_points = check_quadrature(t_max, num_points)
         super().__init__(num_directions, sketch, seed, distributed)
-        self.t_max = float(t_max)
-        self.num_points = int(num_points)
 
-    def _draw(self, in_features, generator, device):
-        return draw_directions(in_features, self.num_projections, generator, device)
+    def draw(self, in_features, generator, device, batch=()):
+        return draw_directions(in_features, self.num_projections, generator, device, batch)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() != 2:
-            raise ValueError(f"features must be 2-D (N, C), got shape {tuple(z.shape)}")
-        return strong_sigreg(
-            z,
-            self.current_projection(z),
-            self.t_max,
-            self.num_points,
-            distributed=self.distributed,
-        )
+    def compute(self, z, projection):
+        return strong_sigreg(z, projection, self.t_max, self.num_points,
+                             distributed=self.distributed)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, t_max={self.t_max}, num_points={self.num_points}"
 
 
-class VarCovReg(nn.Module):
-    """VICReg's variance + covariance terms on features (N, C): a baseline, not SIGReg.
+class VarCovReg(Regularizer):
+    """VICReg's variance + covariance terms on features (N, C) or (*, N, C): a baseline,
+    not SIGReg.
 
     Full (C, C) covariance, no sketch, nothing random: see :func:`sigreg.vicreg_varcov`.
 
@@ -194,7 +216,7 @@ class VarCovReg(nn.Module):
         eps: added to variances before the square root.
         distributed: statistics over the global batch (None: automatic).
 
-    Shape: input (N, C), output scalar.
+    Shape: input (N, C) or (*, N, C), output (*).
 
     Reference: VICReg, arXiv 2105.04906.
     """
@@ -208,20 +230,16 @@ class VarCovReg(nn.Module):
         distributed: bool | None = None,
     ) -> None:
         super().__init__()
-        if not gamma > 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
-        if not (var_weight >= 0 and cov_weight >= 0) or var_weight + cov_weight == 0:
-            raise ValueError(f"var_weight and cov_weight must be non-negative and not both 0, "
-                             f"got {var_weight} and {cov_weight}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        self.gamma, self.var_weight, self.cov_weight = float(gamma), float(var_weight), float(cov_weight)
-        self.eps = float(eps)
+        self.gamma = check_positive(gamma, "gamma")
+        self.var_weight = check_positive(var_weight, "var_weight", allow_zero=True)
+        self.cov_weight = check_positive(cov_weight, "cov_weight", allow_zero=True)
+        if self.var_weight + self.cov_weight == 0:
+            raise ValueError("var_weight and cov_weight must not both be 0")
+        self.eps = check_positive(eps, "eps")
+        check_optional_bool(distributed, "distributed")
         self.distributed = distributed
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() != 2:
-            raise ValueError(f"features must be 2-D (N, C), got shape {tuple(z.shape)}")
+    def compute(self, z, projection=None):
         return vicreg_varcov(z, gamma=self.gamma, var_weight=self.var_weight,
                              cov_weight=self.cov_weight, eps=self.eps,
                              distributed=self.distributed)
@@ -234,14 +252,24 @@ class VarCovReg(nn.Module):
 VARIANTS = {"weak": WeakSIGReg, "strong": StrongSIGReg, "vicreg": VarCovReg}
 # Settings of the projection stream, meaningless for a regularizer that projects nothing.
 _PROJECTION_KWARGS = ("sketch", "seed")
+# The options each variant takes besides sketch_dim (for clear errors on unknown ones).
+VARIANT_OPTIONS = {
+    "weak": ("sketch", "seed", "distributed"),
+    "strong": ("t_max", "num_points", "sketch", "seed", "distributed"),
+    "vicreg": ("gamma", "var_weight", "cov_weight", "eps", "distributed", *_PROJECTION_KWARGS),
+}
 
 
-def make_regularizer(variant: str, sketch_dim: int | None = 64, **kwargs: Any) -> nn.Module:
+def make_regularizer(variant: str, sketch_dim: int | None = 64, **kwargs: Any) -> Regularizer:
     """Build a regularizer by name: ``"weak"``, ``"strong"`` (sketch_dim = K for both) or
     ``"vicreg"`` (the baseline; full covariance, so ``sketch_dim``, ``sketch`` and ``seed``
     do not apply and are ignored)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown regularizer variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    unknown = sorted(set(kwargs) - set(VARIANT_OPTIONS[variant]))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for variant {variant!r}; it takes "
+                        f"{list(VARIANT_OPTIONS[variant])}")
     if variant == "vicreg":
         return VarCovReg(**{k: v for k, v in kwargs.items() if k not in _PROJECTION_KWARGS})
     return VARIANTS[variant](sketch_dim, **kwargs)

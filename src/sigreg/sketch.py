@@ -1,28 +1,35 @@
 """Random sketches (weak SIGReg) and unit directions (strong SIGReg).
 
 Both are drawn from an explicit ``torch.Generator`` so that every rank of a distributed
-job, and every resumed run, sees exactly the same matrices.
+job, and every resumed run, sees exactly the same matrices. A leading ``batch`` shape draws
+one matrix per layer of a stack in a single call.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-
-def _check_dims(in_features: int, sketch_dim: int) -> None:
-    if in_features < 1 or sketch_dim < 1:
-        raise ValueError(
-            f"in_features and sketch_dim must be positive, got {in_features} and {sketch_dim}"
-        )
+from ._checks import check_int
 
 
-def _gaussian(rows: int, cols: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Standard normal (rows, cols), drawn on the generator's device for reproducibility."""
-    _check_dims(rows, cols)
+def _batch_shape(batch: int | Sequence[int]) -> tuple[int, ...]:
+    shape = (batch,) if isinstance(batch, int) else tuple(batch)
+    for size in shape:
+        check_int(size, "batch size")
+    return shape
+
+
+def _gaussian(
+    batch: int | Sequence[int], rows: int, cols: int, generator: torch.Generator | None, device
+) -> torch.Tensor:
+    """Standard normal (*batch, rows, cols), drawn on the generator's device (reproducible)."""
+    check_int(rows, "in_features")
+    check_int(cols, "sketch_dim")
     gen_device = generator.device if generator is not None else device
-    return torch.randn(rows, cols, generator=generator, device=gen_device)
+    return torch.randn(*_batch_shape(batch), rows, cols, generator=generator, device=gen_device)
 
 
 def draw_sketch(
@@ -30,13 +37,15 @@ def draw_sketch(
     sketch_dim: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    batch: int | Sequence[int] = (),
 ) -> torch.Tensor:
-    """Gaussian sketch S of shape (C, K) with entries N(0, 1/C).
+    """Gaussian sketch S of shape (*batch, C, K) with entries N(0, 1/C).
 
     The 1/sqrt(C) scale keeps Cov(Z S) = S^T Cov(Z) S near I_K when Cov(Z) = I_C, as in
-    the paper's code. Drawn on ``generator``'s device, then moved to ``device``.
+    the paper's code. Drawn on ``generator``'s device, then moved to ``device``. ``batch``
+    (e.g. the number of layers) draws that many independent sketches in one call.
     """
-    s = _gaussian(in_features, sketch_dim, generator, device)
+    s = _gaussian(batch, in_features, sketch_dim, generator, device)
     return s.div_(math.sqrt(in_features)).to(device)
 
 
@@ -45,10 +54,11 @@ def draw_directions(
     num_directions: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    batch: int | Sequence[int] = (),
 ) -> torch.Tensor:
-    """Random unit directions A of shape (C, K): Gaussian columns normalised to length 1."""
-    a = _gaussian(in_features, num_directions, generator, device)
-    return (a / a.norm(dim=0, keepdim=True)).to(device)
+    """Random unit directions A of shape (*batch, C, K): Gaussian columns of length 1."""
+    a = _gaussian(batch, in_features, num_directions, generator, device)
+    return (a / a.norm(dim=-2, keepdim=True)).to(device)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -56,3 +66,12 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """Deterministic 63-bit seed for draw number ``step`` of stream ``seed`` (splitmix64
+    finaliser): nearby seeds and steps give unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
