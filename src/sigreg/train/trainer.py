@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
     start = plan(cfg, out_dir, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
     cfg = start.cfg
     with distributed_runtime(cfg.device) as rt:
+        log = log if rt.is_main else _silent  # one voice under torchrun
         # Data on the device, model, regularizer, optimizer: all checked before any write.
         torch.manual_seed(cfg.seed)
         data = load_data(cfg).to(rt.device)
@@ -140,8 +141,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
                             model.sigreg_pool, sketch=cfg.sketch, seed=cfg.seed, alpha=cfg.alpha,
                             **extra)
         monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool,
-                                  cfg.monitor_every, cfg.collapse_threshold,
-                                  warn=log if rt.is_main else lambda _: None)
+                                  cfg.monitor_every, cfg.collapse_threshold, warn=log)
         net = torch.compile(model) if cfg.compile else model
         optimizer = build_optimizer(model, cfg)
         # Drop the last partial batch: a tiny final batch gives a noisy covariance.
@@ -277,6 +277,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
         if writer:
             writer.close()
         return run.finish(cfg)
+
+
+def _silent(_line: str) -> None:
+    pass
 
 
 def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer, handle,
