@@ -232,3 +232,113 @@ def test_strong_constants_cached_under_inference_mode_still_train(gen):
     assert trained.item() == pytest.approx(evaluated, rel=1e-6)
     assert torch.isfinite(z.grad).all()
     assert _quadrature.cache_info().hits >= 1
+
+
+# ---- a leading batch of layers (*, N, C): one value per layer ----------------------------
+
+def layer_stack(gen, dtype, layers=4, n=40, c=12):
+    """Layers at different scales and means, so that no two values coincide."""
+    scale = torch.linspace(0.3, 3.0, layers, dtype=torch.float64).view(-1, 1, 1)
+    return (torch.randn(layers, n, c, generator=gen, dtype=torch.float64) * scale + scale).to(dtype)
+
+
+def per_layer(fn, z, proj):
+    """The per-layer functional definition: fn on each (N, C) slice with its projection."""
+    if proj is None:
+        return torch.stack([fn(zl, None) for zl in z])
+    if proj.dim() == 2:
+        return torch.stack([fn(zl, proj) for zl in z])
+    return torch.stack([fn(zl, pl) for zl, pl in zip(z, proj)])
+
+
+LOSSES = {
+    "weak": (sigreg.weak_sigreg, sigreg.draw_sketch),
+    "strong": (lambda z, a: sigreg.strong_sigreg(z, a, 3.0, 17), sigreg.draw_directions),
+    "vicreg": (lambda z, _: sigreg.vicreg_varcov(z), None),
+}
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("variant, projection", [
+    ("weak", "per-layer"), ("weak", "shared"), ("weak", "none"),
+    ("strong", "per-layer"), ("strong", "shared"), ("vicreg", "none"),
+])
+def test_stack_equals_per_layer_values_and_gradients(variant, projection, dtype, rel, gen):
+    fn, draw = LOSSES[variant]
+    z = layer_stack(gen, dtype).requires_grad_()
+    batch = {"per-layer": (4,), "shared": ()}.get(projection)
+    proj = None if batch is None else draw(12, 5, gen, batch=batch).to(dtype)
+    batched = fn(z, proj)
+    assert batched.shape == (4,) and batched.dtype == dtype
+    (grad,) = torch.autograd.grad(batched.sum(), z)
+    expected = per_layer(fn, z, proj)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), z)
+    torch.testing.assert_close(batched, expected, rtol=rel, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=rel * 10, atol=rel * 1e-3)
+
+
+def test_stack_against_float64_references(gen):
+    z = layer_stack(gen, torch.float32, layers=3, n=200, c=20)
+    s = sigreg.draw_sketch(20, 8, gen, batch=3)
+    a = sigreg.draw_directions(20, 6, gen, batch=3)
+    t = torch.linspace(-5, 5, 17, dtype=torch.float64)
+    weak = sigreg.weak_sigreg(z, s)
+    strong = sigreg.strong_sigreg(z.double(), a.double(), t_max=5.0, num_points=9)
+    for i in range(3):
+        assert weak[i].item() == pytest.approx(reference_weak(z[i], s[i]).item(), rel=1e-4)
+        assert strong[i].item() == pytest.approx(reference_strong(z[i], a[i], t).item(), rel=1e-10)
+
+
+def test_any_leading_shape_and_gradcheck(gen):
+    z = torch.randn(2, 3, 10, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    s = sigreg.draw_sketch(5, 3, gen, batch=(2, 3)).double()
+    a = sigreg.draw_directions(5, 3, gen, batch=(2, 3)).double()
+    assert sigreg.weak_sigreg(z, s).shape == (2, 3)
+    assert sigreg.strong_sigreg(z, a).shape == (2, 3)
+    assert sigreg.vicreg_varcov(z).shape == (2, 3)
+    assert torch.autograd.gradcheck(lambda x: sigreg.weak_sigreg(x, s), (z,))
+    assert torch.autograd.gradcheck(lambda x: sigreg.strong_sigreg(x, a, 2.0, 5), (z,))
+    assert torch.autograd.gradcheck(lambda x: sigreg.vicreg_varcov(x), (z,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weak_gradient_at_an_exactly_zero_gap_is_zero_not_nan(dtype):
+    z = torch.tensor([[1.0, 2.0], [0.0, 2.0], [-1.0, 2.0]], dtype=dtype)  # variance exactly 1
+    z = z[:, :1].clone().requires_grad_()
+    loss = sigreg.weak_sigreg(z)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_strong_draws_one_direction_set_per_layer(gen):
+    z = layer_stack(gen, torch.float32, layers=2)
+    a = sigreg.draw_directions(12, 7, sigreg.seeded_generator(4), batch=2)
+    drawn = sigreg.strong_sigreg(z, num_directions=7, generator=sigreg.seeded_generator(4))
+    torch.testing.assert_close(drawn, sigreg.strong_sigreg(z, a))
+
+
+@pytest.mark.parametrize("proj_shape", [(3, 12, 5), (2, 2, 12, 5), (12,), (11, 5)])
+def test_stack_rejects_projections_of_another_shape(proj_shape, gen):
+    z = layer_stack(gen, torch.float32)  # (4, 40, 12)
+    with pytest.raises(ValueError, match="C=12"):
+        sigreg.weak_sigreg(z, torch.randn(proj_shape))
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: sigreg.strong_sigreg(torch.randn(4, 3), num_points=2.5), TypeError, "num_points"),
+        (lambda: sigreg.strong_sigreg(torch.randn(4, 3), t_max=float("inf")), ValueError, "t_max"),
+        (lambda: sigreg.strong_sigreg(torch.randn(4, 3), t_max="3"), TypeError, "t_max"),
+        (lambda: sigreg.draw_sketch(8, 2.5), TypeError, "sketch_dim"),
+        (lambda: sigreg.weak_sigreg(torch.randn(4, 3), "S"), TypeError, "sketch"),
+        (lambda: sigreg.regularized_loss(torch.tensor(1.0), torch.tensor(1.0), lam=float("inf")),
+         ValueError, "lam"),
+        (lambda: sigreg.regularized_loss(torch.tensor(1.0), torch.tensor(1.0), alpha="0.1"),
+         TypeError, "alpha"),
+    ],
+)
+def test_argument_errors_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
