@@ -27,12 +27,7 @@ from sigreg.train.trainer import train
 TIMING = {"epoch_time", "images_per_s", "train_time"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**changes) -> TrainConfig:

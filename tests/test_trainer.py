@@ -37,13 +37,7 @@ TINY = {
 TIMING_KEYS = {"epoch_time", "images_per_s"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet(_line: str) -> None:

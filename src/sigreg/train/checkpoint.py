@@ -5,20 +5,22 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over ``path``, fsync
-    the directory. A crash leaves the old file or the new one, at worst plus a ``*.tmp``."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Replace ``path`` all at once: ``write`` fills a temporary file in the same directory,
+    which is fsynced and renamed over ``path``, then the directory is fsynced. A crash
+    leaves the old file or the new one, at worst plus a ``*.tmp`` (a resume deletes those)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -26,6 +28,11 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through :func:`write_atomic`: never a half-written checkpoint."""
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def _fsync_directory(path: Path) -> None:

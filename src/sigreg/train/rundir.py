@@ -24,7 +24,6 @@ which writes nothing; :meth:`RunDir.begin` is the first write.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -169,17 +168,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` all at once (temporary file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace the text file ``path`` all at once (see :func:`checkpoint.write_atomic`)."""
+    checkpoint.write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def summarize(rows: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
