@@ -293,3 +293,44 @@ def test_bad_sizes_raise_value_error():
 def test_register_model_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         register_model("mlp")(MODELS["mlp"])
+
+
+@pytest.mark.parametrize(("norm", "kind"), [("batch", nn.BatchNorm1d), ("layer", nn.LayerNorm)])
+def test_mlp_norm_sits_between_linear_and_relu_and_is_hooked(norm, kind):
+    model = small("mlp", norm=norm)
+    assert model.sigreg_layers == ["norms.0", "norms.1"]
+    assert all(isinstance(m, kind) for m in model.norms)
+    seen = []
+    model.norms[1].register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
+    x = torch.randn(8, 3, 32, 32)
+    model(x)
+    linear_out, normed = seen[0]
+    expected = model.layers[1](torch.relu(model.norms[0](model.layers[0](x.flatten(1)))))
+    assert torch.allclose(linear_out, expected, atol=1e-6)  # norm follows its Linear
+    assert (normed < 0).any()  # hooked before the ReLU
+    if norm == "batch":  # per channel over the batch: mean 0, variance 1 in training mode
+        assert torch.allclose(normed.mean(0), torch.zeros(16), atol=1e-5)
+
+
+def test_mlp_residual_adds_block_input_after_the_first_layer():
+    model = small("mlp", depth=4, residual=True)
+    x = torch.randn(5, 3, 32, 32)
+    h = torch.relu(model.layers[0](x.flatten(1)))
+    for layer in model.layers[1:]:
+        h = h + torch.relu(layer(h))
+    assert torch.allclose(model(x), model.head(h), atol=1e-6)
+    plain = small("mlp", depth=4)  # same seed, same weights, no skip: a different function
+    assert not torch.allclose(plain(x), model(x))
+
+
+def test_mlp_defaults_keep_their_state_dict_keys():
+    keys = set(small("mlp").state_dict())
+    assert keys == {f"{k}.{p}" for k in ("layers.0", "layers.1", "head") for p in ("weight", "bias")}
+    assert set(small("mlp", norm=None).state_dict()) == keys  # --set model.norm=none parses to None
+
+
+def test_mlp_rejects_unknown_norm_and_non_bool_residual():
+    with pytest.raises(ValueError, match="norm must be one of none, batch, layer; got 'group'"):
+        small("mlp", norm="group")
+    with pytest.raises(ValueError, match="residual must be true or false"):
+        small("mlp", residual="yes")

@@ -78,6 +78,19 @@ CPU_ROWS = [
       "model_args": {"dim": 128, "depth": 6, "heads": 4, "patch_size": 4}}),
 ]
 
+# Issue 12, "soft BatchNorm": the demo MLP at depths 10 / 14 / 20, SIGReg on the plain net
+# against the same net with BatchNorm, LayerNorm or residual connections and no regularizer.
+# fmnist-mlp-d10-{none,strong,weak} equal fmnist-mlp-{none,strong,weak}; the family is named
+# uniformly so every cell of docs/studies.md's table is one preset.
+MLP_DEPTHS = (10, 14, 20)
+MLP_PRIORS = {"bn": ("BatchNorm", {"norm": "batch"}), "ln": ("LayerNorm", {"norm": "layer"}),
+              "res": ("residual connections", {"residual": True})}
+# Issue 12, the paper's collapse recipe on all of Fashion-MNIST: paper-vit at the paper's size
+# (dim 256 x 6, 8 heads, patch 4 -> 7 x 7 tokens), AdamW lr 1e-3, cosine to 0, RandAugment(2, 9),
+# MixUp/CutMix, the paper's SIGReg settings; 100 epochs (a GPU run: see experiments/gpu_vit_full.sh).
+VIT_FULL = {**FMNIST, **PAPER_VIT, **PAPER_AUG, "epochs": 100}
+
+
 def register(name: str, config: TrainConfig, description: str, paper: float | None = None) -> None:
     if name in PRESETS:
         raise ValueError(f"preset {name!r} is already registered")
@@ -99,6 +112,25 @@ for stem, text, settings in CPU_ROWS:
     # The baseline of docs/studies.md: VICReg's variance + covariance terms, same alpha.
     config = TrainConfig(**{**settings, **FMNIST_SIGREG, "sigreg": "vicreg", "sketch_dim": None})
     register(f"{stem}-vicreg", config, f"{text}; VICReg-style variance + covariance baseline")
+
+
+for depth in MLP_DEPTHS:
+    stem, text = f"fmnist-mlp-d{depth}", f"Fashion-MNIST, {depth}-layer MLP width 256, plain SGD, 5 epochs"
+    settings = {**FMNIST, **MLP, **FMNIST_SIGREG, "epochs": 5}
+    for variant in VARIANTS:
+        register(f"{stem}-{variant}", TrainConfig(**{
+            **settings, "model_args": {"depth": depth, "width": 256}, "sigreg": variant}),
+            f"{text}, no normalisation; SIGReg {variant}")
+    for arm, (prior, model_args) in MLP_PRIORS.items():
+        register(f"{stem}-{arm}", TrainConfig(**{
+            **settings, "model_args": {"depth": depth, "width": 256, **model_args},
+            "sigreg": "none"}), f"{text}, with {prior}; no SIGReg")
+for variant in (*VARIANTS, "vicreg"):
+    sketch = {"sketch_dim": None} if variant == "vicreg" else {}
+    register(f"fmnist-vit-full-{variant}",
+             TrainConfig(**{**VIT_FULL, **PAPER_SIGREG, **sketch, "sigreg": variant}),
+             ("Fashion-MNIST 60k, paper ViT dim 256 x 6, AdamW lr 1e-3, RandAugment + "
+              f"MixUp/CutMix, 100 epochs (the paper's recipe; GPU); SIGReg {variant}"))
 
 
 def get_preset(name: str) -> Preset:

@@ -1,4 +1,4 @@
-"""Plain deep MLP: the unnormalized, non-residual baseline."""
+"""Plain deep MLP: the unnormalized, non-residual baseline, and its normalised / residual kin."""
 
 from __future__ import annotations
 
@@ -9,50 +9,78 @@ from torch import Tensor, nn
 
 from sigreg.train.models.registry import check_positive, register_model
 
+# norm -> layer applied to each hidden Linear's output, before the ReLU.
+NORMS: dict[str, type[nn.Module]] = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+
+
+def _norm_name(norm: str | None) -> str:
+    """``norm`` checked; ``None`` (what ``--set model.norm=none`` parses to) means "none"."""
+    name = "none" if norm is None else norm
+    if name != "none" and name not in NORMS:
+        raise ValueError(f"norm must be one of none, {', '.join(NORMS)}; got {norm!r}")
+    return name
+
 
 class MLP(nn.Module):
-    """Flatten -> (depth - 1) x [Linear(width) -> ReLU] -> Linear classifier.
+    """Flatten -> (depth - 1) x [Linear(width) -> (norm) -> ReLU (+ skip)] -> Linear classifier.
 
     Input (B, C, H, W) (or anything that flattens to C*H*W per sample) -> logits (B, num_classes).
-    No normalization, residuals or dropout; PyTorch's default Linear init (Kaiming-uniform-style)
-    is kept on purpose, so the network is as "raw" as possible.
+    By default no normalization, residuals or dropout; PyTorch's default Linear init
+    (Kaiming-uniform-style) is kept on purpose, so the network is as "raw" as possible.
+    ``norm="batch"`` / ``"layer"`` put a BatchNorm1d / LayerNorm between each hidden Linear and
+    its ReLU; ``residual=True`` adds the block's input to its output, ``x + relu(...)``, in every
+    hidden block whose input has the width (all but the first). These are the architectural
+    priors SIGReg is compared with in docs/studies.md.
 
-    SIGReg hooks: the hidden Linear layers ``layers.0`` .. ``layers.{depth-2}``. Their outputs are
-    the pre-activations (ReLU is applied functionally, after the module), shape (B, width),
-    pooled with "mean" = identity. The classifier ``head`` is not regularized.
+    SIGReg hooks: the pre-activations (what enters each ReLU), shape (B, width), pooled with
+    "mean" = identity: the hidden Linear layers ``layers.0`` .. ``layers.{depth-2}``, or with a
+    norm the norm layers ``norms.0`` ... The classifier ``head`` is not regularized.
     """
 
     def __init__(
-        self, *, num_classes: int, input_dim: int, depth: int = 6, width: int = 1024
-    ) -> None:
+        self, *, num_classes: int, input_dim: int, depth: int = 6, width: int = 1024,
+        norm: str | None = "none", residual: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         check_positive(num_classes=num_classes, input_dim=input_dim, width=width)
         if not isinstance(depth, int) or depth < 2:
             raise ValueError(
                 f"depth counts Linear layers incl. the classifier; need >= 2, got {depth}"
             )
+        if not isinstance(residual, bool):
+            # ValueError like every other bad setting: the CLI prints it as one line.
+            raise ValueError(f"residual must be true or false, got {residual!r}")  # noqa: TRY004
+        norm = _norm_name(norm)
         dims = [input_dim] + [width] * (depth - 1)
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in pairwise(dims))
         self.head = nn.Linear(width, num_classes)
+        self.residual = residual
+        hooked = "layers"
+        if norm != "none":  # only then, so the default's state_dict keys stay as they were
+            self.norms = nn.ModuleList(NORMS[norm](width) for _ in range(depth - 1))
+            hooked = "norms"
 
-        self.sigreg_layers: list[str] = [f"layers.{i}" for i in range(depth - 1)]
+        self.sigreg_layers: list[str] = [f"{hooked}.{i}" for i in range(depth - 1)]
         self.sigreg_pool = "mean"
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, ...) -> logits (B, num_classes)."""
         x = x.flatten(1)
-        for layer in self.layers:
-            x = F.relu(layer(x))
+        norms = getattr(self, "norms", None)
+        for i, layer in enumerate(self.layers):
+            h = layer(x) if norms is None else norms[i](layer(x))
+            x = x + F.relu(h) if self.residual and i > 0 else F.relu(h)
         return self.head(x)
 
 
 @register_model("mlp")
 def mlp(
-    *, num_classes: int, image_size: int, in_channels: int, depth: int = 6, width: int = 1024
-) -> MLP:
-    """6 Linear layers (5 hidden of width 1024 + classifier), ReLU."""
+    *, num_classes: int, image_size: int, in_channels: int, depth: int = 6, width: int = 1024,
+    norm: str | None = "none", residual: bool = False,
+) -> MLP:  # fmt: skip
+    """6 Linear layers (5 hidden of width 1024 + classifier), ReLU; optional norm / residual."""
     check_positive(image_size=image_size, in_channels=in_channels)
     return MLP(
         num_classes=num_classes, input_dim=in_channels * image_size * image_size,
-        depth=depth, width=width,
+        depth=depth, width=width, norm=norm, residual=residual,
     )  # fmt: skip

@@ -1,0 +1,110 @@
+"""Issue 12, item 2 ("soft BatchNorm"): deep vanilla MLPs + SIGReg vs the same nets with
+BatchNorm, LayerNorm or residual connections, on Fashion-MNIST (the ``fmnist-mlp-d*`` presets).
+
+Every (depth, arm, seed) trains into ``<out>/d<depth>-<arm>-s<seed>/`` with
+:func:`sigreg.train.sweep.train_or_skip` (finished runs are reused, interrupted ones resumed),
+one at a time in this process, seed-major (all cells of seed 0 first) so a cut-short study
+still covers every cell. A run whose loss turns non-finite is recorded as diverged. Every
+invocation rewrites ``<out>/results.jsonl`` (one line per finished run, with its per-epoch
+test accuracy) and prints a table of mean ± sample std of the final test accuracy.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python3 experiments/soft_bn.py --out runs/soft-bn
+    # smoke test:
+    PYTHONPATH=src python3 experiments/soft_bn.py --out /tmp/sb --seeds 1 --depths 10 \\
+        --set num_train=1000 num_test=500 epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sigreg.train.config import apply_overrides
+from sigreg.train.presets import MLP_DEPTHS, MLP_PRIORS, VARIANTS, preset_config
+from sigreg.train.sweep import train_or_skip
+from sigreg.train.trainer import TrainingDiverged
+
+ARMS = (*VARIANTS, *MLP_PRIORS)  # none, strong, weak, bn, ln, res
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/soft-bn"))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--depths", type=int, nargs="+", default=list(MLP_DEPTHS),
+                        choices=MLP_DEPTHS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings for every run, e.g. device=cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def epoch_rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    return [r for r in rows if r.get("kind") == "epoch"]
+
+
+def run_cell(depth: int, arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or reuse) one run; its outcome as one results line."""
+    preset = f"fmnist-mlp-d{depth}-{arm}"
+    cfg = apply_overrides(preset_config(preset), [*args.set, f"seed={seed}"])
+    run_dir = args.out / f"d{depth}-{arm}-s{seed}"
+    line = {"preset": preset, "depth": depth, "arm": arm, "seed": seed, "dir": str(run_dir)}
+    try:
+        summary = train_or_skip(cfg, run_dir, progress=False)
+    except TrainingDiverged as exc:  # an outcome of the arm, not a failure of the study
+        return {**line, "diverged": str(exc), "final_test_acc": None}
+    epochs = epoch_rows(run_dir)
+    return {**line, "final_test_acc": summary["final_test_acc"],
+            "best_test_acc": summary["best_test_acc"],
+            "test_acc": [r["test_acc"] for r in epochs],
+            "time_per_epoch_s": statistics.median(r["epoch_time"] for r in epochs)}
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {std:.2f} (n={len(values)})"
+
+
+def markdown(results: list[dict[str, Any]], depths: list[int], arms: list[str]) -> str:
+    """Rows depth, columns arm: mean ± std of the final test accuracy (%) over seeds."""
+    lines = ["| depth | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for depth in depths:
+        cells = []
+        for arm in arms:
+            accs = [100 * r["final_test_acc"] for r in results
+                    if r["depth"] == depth and r["arm"] == arm and r["final_test_acc"] is not None]
+            cells.append(_cell(accs))
+        lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cells = [(d, a, s) for s in range(args.seeds) for d in args.depths for a in args.arms]
+    results = []
+    for i, (depth, arm, seed) in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] depth {depth} {arm} seed {seed}", flush=True)
+        results.append(run_cell(depth, arm, seed, args))
+        args.out.mkdir(parents=True, exist_ok=True)  # rewritten after every run: resumable
+        with (args.out / "results.jsonl").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    table = markdown(results, args.depths, args.arms)
+    (args.out / "soft_bn.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
