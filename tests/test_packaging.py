@@ -1,0 +1,120 @@
+"""Packaging: the metadata, a clean ``python -m build``, and the wheel installed core-only.
+
+The fresh venv gets torch (and only its own dependencies) from this environment through a
+.pth file, so the check costs seconds, not a torch download; numpy, matplotlib and tqdm are
+absent there, as for a user who installs ``sigreg`` beside their torch.
+"""
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sigreg._extras import EXTRAS
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+packaging = pytest.importorskip("packaging.requirements", reason="needs packaging (pip's)")
+Requirement = packaging.Requirement
+
+
+def test_metadata_core_deps_extras_and_license():
+    project = PYPROJECT["project"]
+    assert project["license"] == "MIT"  # an SPDX expression, not the deprecated table
+    (torch,) = [Requirement(r) for r in project["dependencies"]]
+    assert torch.name == "torch" and all(s.operator == ">=" for s in torch.specifier)
+    extras = project["optional-dependencies"]
+    for extra, modules in EXTRAS.items():  # what the console script and imports check
+        assert {Requirement(r).name for r in extras[extra]} == set(modules)
+    dev = {Requirement(r).name: Requirement(r).extras for r in extras["dev"]}
+    assert {"lightning", "transformers"} <= dev["sigreg"]  # `make test` runs every test
+    assert project["scripts"]["sigreg"] == "sigreg._console:main"
+
+
+def run(*cmd: str | Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+
+
+def dependency_closure(name: str) -> list[importlib.metadata.Distribution]:
+    """``name``'s installed distribution and everything it requires (no extras)."""
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    todo = [name]
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        key = dist.metadata["Name"].lower()
+        if key in seen:
+            continue
+        seen[key] = dist
+        for req in map(Requirement, dist.requires or []):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return list(seen.values())
+
+
+def expose_torch(site: Path) -> None:
+    """Link torch and its dependencies, nothing else, into ``site``."""
+    site.mkdir()
+    for dist in dependency_closure("torch"):
+        top = {f.parts[0] for f in dist.files if f.parts[0] != ".."}
+        for name in top:
+            source = Path(dist.locate_file(name))
+            if source.exists() and not (site / name).exists():
+                (site / name).symlink_to(source)
+
+
+CORE_ONLY_CHECK = textwrap.dedent("""
+    import importlib.util, torch, sigreg
+    assert sigreg.__file__.startswith(sys.prefix), sigreg.__file__  # the wheel, not the tree
+    for module in ("numpy", "matplotlib", "tqdm", "lightning", "transformers"):
+        assert importlib.util.find_spec(module) is None, module
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    handle = sigreg.attach(model, torch.nn.Linear, sketch_dim=4)
+    handle.combine(model(torch.randn(32, 8)).pow(2).mean()).backward()
+    try:
+        import sigreg.integrations.lightning
+    except ImportError as err:
+        assert "pip install 'sigreg[lightning]'" in str(err), err
+    else:
+        raise AssertionError("sigreg.integrations.lightning imported without lightning")
+    print("core ok")
+""")
+
+
+def test_wheel_and_sdist_build_and_the_wheel_works_core_only(tmp_path):
+    dist = tmp_path / "dist"
+    build = run(sys.executable, "-m", "build", "--outdir", dist, ROOT)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert "deprecat" not in (build.stdout + build.stderr).lower()
+    (wheel,) = dist.glob("sigreg-*.whl")
+    assert len(list(dist.glob("sigreg-*.tar.gz"))) == 1
+    info = zipfile.ZipFile(wheel)
+    metadata = info.read(next(n for n in info.namelist() if n.endswith("METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata
+    assert "Requires-Dist: torch>=2.4\n" in metadata
+
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--without-pip", venv).returncode == 0
+    python = venv / "bin" / "python"
+    purelib = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
+                   .stdout.strip())
+    expose_torch(tmp_path / "torch-only")
+    (purelib / "torch-only.pth").write_text(str(tmp_path / "torch-only") + "\n")
+    install = run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
+                  "--no-index", "-q", wheel)
+    assert install.returncode == 0, install.stderr
+
+    check = run(python, "-c", "import sys\n" + CORE_ONLY_CHECK, cwd=tmp_path)
+    assert check.returncode == 0 and "core ok" in check.stdout, check.stderr
+    script = run(venv / "bin" / "sigreg", "presets", cwd=tmp_path)
+    assert script.returncode == 1
+    assert script.stdout == ""
+    # One line of ours, last; torch itself warns first that it found no numpy.
+    assert script.stderr.count("sigreg:") == 1
+    assert script.stderr.splitlines()[-1] == (
+        "sigreg: the command line needs the [train] extra (missing numpy, matplotlib, tqdm): "
+        "pip install 'sigreg[train]'")
