@@ -6,7 +6,8 @@ Every (depth, arm, seed) trains into ``<out>/d<depth>-<arm>-s<seed>/`` with
 one at a time in this process, seed-major (all cells of seed 0 first) so a cut-short study
 still covers every cell. A run whose loss turns non-finite is recorded as diverged. Every
 invocation rewrites ``<out>/results.jsonl`` (one line per finished run, with its per-epoch
-test accuracy) and prints a table of mean ± sample std of the final test accuracy.
+test accuracy), then ``soft_bn.md`` (mean ± sample std of the final test accuracy)
+and ``soft_bn.png`` (accuracy against depth, one line per arm).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python3 experiments/soft_bn.py --out runs/soft-bn
     # smoke test:
@@ -89,6 +90,36 @@ def markdown(results: list[dict[str, Any]], depths: list[int], arms: list[str]) 
     return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict[str, Any]], depths: list[int], arms: list[str], path: Path) -> None:
+    """Final test accuracy against depth, mean ± std over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        points = []
+        for depth in depths:
+            accs = [100 * r["final_test_acc"] for r in results
+                    if r["depth"] == depth and r["arm"] == arm and r["final_test_acc"] is not None]
+            if accs:
+                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                points.append((depth, statistics.fmean(accs), std))
+        if points:
+            xs, means, stds = zip(*points, strict=True)
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
+    ax.axhline(10, color="grey", linestyle=":", label="chance")
+    ax.set_xticks(depths)
+    ax.set_xlabel("depth (Linear layers)")
+    ax.set_ylabel("final test accuracy (%), 5 epochs")
+    ax.set_title("Fashion-MNIST MLP width 256, plain SGD")
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             f.writelines(json.dumps(r) + "\n" for r in results)
     table = markdown(results, args.depths, args.arms)
     (args.out / "soft_bn.md").write_text(table)
+    plot(results, args.depths, args.arms, args.out / "soft_bn.png")
     print(table)
     return 0
 

@@ -1,0 +1,163 @@
+"""Issue 12, item 1: the paper's ViT collapse recipe on all of Fashion-MNIST, and its
+stability map (final test accuracy against learning rate, one line per arm).
+
+The runs are the ``fmnist-vit-full-{none,weak,strong,vicreg}`` presets (paper-vit dim 256 x 6,
+AdamW, cosine to 0, RandAugment(2, 9), MixUp/CutMix, 100 epochs) with ``lr`` and ``seed`` set;
+each trains into ``<out>/lr<lr>-<arm>-s<seed>/``. Two steps, so a GPU can run many at once:
+
+    # 1. one line per run: its directory, then `sigreg train` arguments (--resume auto), for
+    #    xargs to run in parallel with the log in <run>/train.log
+    PYTHONPATH=src python3 experiments/vit_stability.py --out runs/vit-full --commands \\
+        --set device=cuda | xargs -P 8 -L 1 sh -c \\
+        'mkdir -p "$0" && python3 -m sigreg.train.cli "$@" >> "$0/train.log" 2>&1'
+    # 2. gather: results.jsonl, vit_full.md (mean ± std per lr and arm), stability.png
+    PYTHONPATH=src python3 experiments/vit_stability.py --out runs/vit-full --collect
+
+``experiments/gpu_vit_full.sh`` does both. A run whose loss turned non-finite (no summary,
+"non-finite" in its ``train.log``) counts as diverged, plotted at chance; one that has not
+finished is listed as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from sigreg.train.config import apply_overrides
+from sigreg.train.presets import preset_config
+
+ARMS = ("none", "weak", "strong", "vicreg")
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+CHANCE = 0.1  # ten classes
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/vit-full"))
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings for every run (device=cuda, epochs=50, data_dir=...)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--commands", action="store_true",
+                      help="print one `train` argument line per run, for xargs")
+    mode.add_argument("--collect", action="store_true", help="gather finished runs")
+    return parser.parse_args(argv)
+
+
+def grid(args: argparse.Namespace) -> list[tuple[float, str, int]]:
+    # Seed-major: a parallel pool that is stopped early still covers every (lr, arm) once.
+    return [(lr, arm, seed) for seed in range(args.seeds) for lr in args.lrs for arm in args.arms]
+
+
+def run_dir(out: Path, lr: float, arm: str, seed: int) -> Path:
+    return out / f"lr{lr:g}-{arm}-s{seed}"
+
+
+def command(lr: float, arm: str, seed: int, args: argparse.Namespace) -> str:
+    """``<run dir> train --preset ...``: where the run's log goes, then its `sigreg` arguments
+    (the settings are checked here, so a typo fails before any run starts)."""
+    settings = [*args.set, f"lr={lr!r}", f"seed={seed}"]
+    apply_overrides(preset_config(f"fmnist-vit-full-{arm}"), settings)
+    out = run_dir(args.out, lr, arm, seed)
+    return shlex.join([str(out), "train", "--preset", f"fmnist-vit-full-{arm}", "--out", str(out),
+                       "--resume", "auto", "--no-progress", "--set", *settings])
+
+
+def outcome(path: Path) -> dict[str, Any]:
+    """Final / best test accuracy and per-epoch curve of a finished run; else its state."""
+    if (path / "summary.json").exists():
+        summary = json.loads((path / "summary.json").read_text())
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+        return {"state": "finished", "final_test_acc": summary["final_test_acc"],
+                "best_test_acc": summary["best_test_acc"],
+                "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"]}
+    log = path / "train.log"
+    diverged = log.exists() and "non-finite" in log.read_text()
+    return {"state": "diverged" if diverged else "missing",
+            "final_test_acc": CHANCE if diverged else None}
+
+
+def _cell(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {std:.2f}" if values else "-"
+
+
+def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -> str:
+    """Rows lr, columns arm: mean ± std of the final test accuracy (%), diverged at chance."""
+    lines = ["| lr | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for lr in lrs:
+        cells = []
+        for arm in arms:
+            rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
+            accs = [100 * r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
+            notes = [f"{sum(r['state'] == s for r in rows)} {s}" for s in ("diverged", "missing")
+                     if any(r["state"] == s for r in rows)]
+            cells.append(_cell(accs) + (f" ({', '.join(notes)})" if notes else ""))
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path: Path) -> None:
+    """Final test accuracy against lr (log axis), mean ± std over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        xs, means, stds = [], [], []
+        for lr in lrs:
+            accs = [100 * r["final_test_acc"] for r in results
+                    if r["lr"] == lr and r["arm"] == arm and r["final_test_acc"] is not None]
+            if accs:
+                xs.append(lr)
+                means.append(statistics.fmean(accs))
+                stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
+    ax.axhline(100 * CHANCE, color="grey", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (AdamW)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("paper ViT recipe, Fashion-MNIST 60k")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def collect(args: argparse.Namespace) -> str:
+    results = [{"lr": lr, "arm": arm, "seed": seed,
+                **outcome(run_dir(args.out, lr, arm, seed))} for lr, arm, seed in grid(args)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "results.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    table = markdown(results, args.lrs, args.arms)
+    (args.out / "vit_full.md").write_text(table)
+    plot(results, args.lrs, args.arms, args.out / "stability.png")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.commands:
+            print("\n".join(command(lr, arm, seed, args) for lr, arm, seed in grid(args)))
+        else:
+            print(collect(args))
+    except ValueError as exc:
+        print(f"vit_stability: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
