@@ -9,7 +9,6 @@ import importlib.metadata
 import subprocess
 import sys
 import textwrap
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from sigreg._extras import EXTRAS
 
+tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 packaging = pytest.importorskip("packaging.requirements", reason="needs packaging (pip's)")
@@ -37,7 +37,8 @@ def test_metadata_core_deps_extras_and_license():
 
 
 def run(*cmd: str | Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    return subprocess.run([str(c) for c in cmd], check=False, capture_output=True, text=True,
+                          **kwargs)
 
 
 def dependency_closure(name: str) -> list[importlib.metadata.Distribution]:

@@ -33,11 +33,17 @@ class SIGRegSession:
     def attached(self) -> bool:
         return self.handle is not None
 
-    def attach(self, model: nn.Module) -> SIGRegHandle:
-        """Place the hooks on ``model`` (and restore sketch state saved earlier)."""
+    def attach(self, model: nn.Module, calls_per_forward: int = 1) -> SIGRegHandle:
+        """Place the hooks on ``model`` (and restore sketch state saved earlier).
+
+        ``calls_per_forward``: how often the training framework calls ``model`` in one
+        training forward (2 where a wrapper's forward re-enters it to run the step).
+        """
         if self.handle is not None:
             raise RuntimeError("SIGReg is already attached; detach() it first")
-        self.handle = attach(model, **self.options)
+        options = dict(self.options)
+        options["accumulate"] = options.get("accumulate", 1) * calls_per_forward
+        self.handle = attach(model, **options)
         if self._state is not None:
             self.handle.load_state_dict(self._state)
         self._recorder = FeatureRecorder(model, self.handle.names, self.options["pool"])
@@ -61,6 +67,10 @@ class SIGRegSession:
         if reg_scale == 1.0:
             return self.handle.combine(task_loss)
         return self.handle.combine(task_loss / reg_scale) * reg_scale
+
+    def skip_recorded(self) -> None:
+        """Drop what the hooks recorded and was not combined (a step trained without SIGReg)."""
+        self.handle.clear()
 
     def layer_values(self) -> dict[str, torch.Tensor]:
         """Detached per-layer regularizer values of the latest combine (no device sync)."""

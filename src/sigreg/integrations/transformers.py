@@ -84,6 +84,7 @@ class SIGRegMixin:
                                         num_items_in_batch=num_items_in_batch)
         if not self.sigreg.attached:
             self.sigreg.attach(self.model)
+        self.sigreg.skip_recorded()  # training-mode calls of the model outside compute_loss
         measure = self._sigreg_measure
         if measure:
             self.sigreg.start_recording()
