@@ -1,5 +1,7 @@
 """Two gloo processes, each with half a batch, equal one process with all of it."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,12 +21,27 @@ def make_batch():
     return torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
 
 
-def step(model, handle, x, y):
-    """One loss + backward; returns the loss and each parameter's gradient."""
+def step(model, handle, x, y, collectives=None):
+    """One loss + backward; returns the loss and each parameter's gradient. Counts the
+    all-reduces of the regularizer's forward in ``collectives`` if given."""
     out = model(x)
-    loss = handle.combine(nn.functional.cross_entropy(out, y))
+    with counting_all_reduces(collectives):
+        loss = handle.combine(nn.functional.cross_entropy(out, y))
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@contextlib.contextmanager
+def counting_all_reduces(calls):
+    if calls is None:
+        yield
+        return
+    original = dist.all_reduce
+    dist.all_reduce = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
 
 
 def worker(rank, world, rendezvous, results):
@@ -38,18 +55,30 @@ def worker(rank, world, rendezvous, results):
         weak = sigreg.weak_sigreg(z[half]).item()
         strong = sigreg.strong_sigreg(z[half], sigreg.draw_directions(6, 5, sigreg.seeded_generator(0))).item()
         local = sigreg.weak_sigreg(z[half], distributed=False).item()
+        stacked = stacked_losses(z[half])
         # A regularized training step under DDP, for each variant.
         for variant in VARIANTS:
             model = make_model()
             ddp = nn.parallel.DistributedDataParallel(model)
             handle = sigreg.attach(model, nn.Linear, variant=variant, sketch_dim=8)
-            loss, grads = step(ddp, handle, x[half], y[half])
-            results[rank, variant] = (weak, strong, local, loss.item(), grads)
+            collectives = []
+            loss, grads = step(ddp, handle, x[half], y[half], collectives)
+            results[rank, variant] = (weak, strong, local, loss.item(), grads,
+                                      handle.layer_losses(), stacked, len(collectives))
     finally:
         dist.destroy_process_group()
 
 
 VARIANTS = ("weak", "strong", "vicreg")
+
+
+def stacked_losses(z):
+    """Each loss on a stack of 3 layers (scaled copies of z): one all-reduce per statistic."""
+    stack = torch.stack([z, 2 * z + 1, z.tanh()])
+    gen = sigreg.seeded_generator(7)
+    return [sigreg.weak_sigreg(stack, sigreg.draw_sketch(6, 4, gen, batch=3)).tolist(),
+            sigreg.strong_sigreg(stack, sigreg.draw_directions(6, 5, gen, batch=3)).tolist(),
+            sigreg.vicreg_varcov(stack).tolist()]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +103,19 @@ def test_two_ranks_equal_one_process(variant, ddp_results):
     model = make_model()
     handle = sigreg.attach(model, nn.Linear, variant=variant, sketch_dim=8)
     loss, grads = step(model, handle, x, y)
+    layers = handle.layer_losses()  # widths 24, 24, 4: two groups, the second unsketched
+    stacked = stacked_losses(z)
 
     for rank in (0, 1):
-        r_weak, r_strong, r_local, _, r_grads = results[rank]
+        r_weak, r_strong, r_local, _, r_grads, r_layers, r_stacked, r_collectives = results[rank]
+        # Per group (widths 24 and 4), not per layer: the covariance losses reduce the mean
+        # (with the count), then the centred products; strong its sums (with the count).
+        assert r_collectives == {"weak": 4, "strong": 2, "vicreg": 4}[variant]
         assert r_weak == pytest.approx(weak, rel=1e-5)
         assert r_strong == pytest.approx(strong, rel=1e-5)
+        assert r_layers == pytest.approx(layers, rel=1e-5)
+        for got, want in zip(r_stacked, stacked):
+            assert got == pytest.approx(want, rel=1e-5)
         assert r_local != pytest.approx(weak, rel=1e-3)  # opting out really is local
         # The task loss is each rank's local mean, so only the gradients must match globally.
         for g_ddp, g_one in zip(r_grads, grads):
