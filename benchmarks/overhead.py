@@ -49,7 +49,7 @@ from torch import nn
 
 import sigreg
 
-TARGETS = {"weak": 1.02, "strong": 1.05}
+TARGETS = {"weak": 1.01, "strong": 1.02}  # issue 9
 HEADS = 8
 CLASSES = 10
 # Settings that --quick changes; everything else is shared. (full, quick)
@@ -113,12 +113,13 @@ def train_step(arm, x, y, amp: bool) -> None:
     opt.step()
 
 
-def hooks_alone(regs: list[nn.Module], h: torch.Tensor) -> None:
-    """What the hooks add to a step, run outside the model on one (B, T, C) tensor: token-mean
-    pooling, each block's regularizer (fresh sketch / directions included), their mean and
+def hooks_alone(reg: nn.Module, depth: int, h: torch.Tensor) -> None:
+    """What SIGReg adds to a step, run outside the model on one (B, T, C) tensor: token-mean
+    pooling for each block, the stack of the blocks' features, the batched regularizer of
+    all of them (fresh sketches / directions drawn in one call included), their mean and
     the backward through all of it into h."""
     h.grad = None
-    torch.stack([r(h.mean(1)) for r in regs]).mean().backward()
+    reg(torch.stack([h.mean(1) for _ in range(depth)])).mean().backward()
 
 
 def bench_step_time(args, device) -> dict:
@@ -132,7 +133,7 @@ def bench_step_time(args, device) -> dict:
     jobs = {name: (train_step, (arm, x, y, args.amp)) for name, arm in arms.items()}
     for name, (_, handle, _) in arms.items():
         if handle is not None:
-            jobs[name + "_hooks"] = (hooks_alone, (list(handle.regularizers.values()), h))
+            jobs[name + "_hooks"] = (hooks_alone, (handle.regularizer, args.depth, h))
     rng = random.Random(args.seed)
     times = {name: [] for name in jobs}
     gc.disable()
@@ -319,7 +320,7 @@ def print_report(res: dict) -> None:
         )
     print("   ratio = median over rounds of (arm time / none time in the same round).")
     print(
-        "   hooks alone = pooling + regularizers + their backward, all blocks, outside the model."
+        "   hooks alone = pooling + the batched regularizer + backward, all blocks, outside the model."
     )
 
     print(

@@ -32,8 +32,10 @@ from sigreg.train.presets import preset_config
 ARMS = ("none", "weak", "strong", "vicreg")
 
 
-def make_arms(preset: str, image_shape: tuple[int, int, int], device: torch.device, seed: int):
-    """arm -> (model, handle or None, optimizer), regularized as the trainer would."""
+def make_arms(preset: str, image_shape: tuple[int, int, int], device: torch.device, seed: int,
+              compile: bool = False):
+    """arm -> (model, handle or None, optimizer), regularized as the trainer would; with
+    ``compile``, model and regularizer compiled (the trainer's compile=true)."""
     cfg = preset_config(preset)
     channels, size, _ = image_shape
     torch.manual_seed(seed)
@@ -48,9 +50,10 @@ def make_arms(preset: str, image_shape: tuple[int, int, int], device: torch.devi
         handle = None
         if arm != "none":
             handle = sigreg.attach(model, model.sigreg_layers, arm, cfg.sketch_dim,
-                                   model.sigreg_pool, alpha=cfg.alpha,
+                                   model.sigreg_pool, alpha=cfg.alpha, compile=compile,
                                    **variant_kwargs.get(arm, {}))
-        arms[arm] = (model, handle, torch.optim.SGD(model.parameters(), lr=cfg.lr))
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        arms[arm] = (torch.compile(model) if compile else model, handle, opt)
     return cfg, arms
 
 
@@ -79,7 +82,7 @@ def time_monitor(model, x: torch.Tensor, cfg, args: argparse.Namespace,
 
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
     shape = (1, 28, 28)
-    cfg, arms = make_arms(args.preset, shape, device, args.seed)
+    cfg, arms = make_arms(args.preset, shape, device, args.seed, args.compile)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, *shape, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
@@ -94,7 +97,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
                       device) / args.steps
             if r >= args.warmup:
                 times[arm].append(t)
-    monitor_s = time_monitor(arms["none"][0], x, cfg, args, device)
+    plain = arms["none"][0]
+    monitor_s = time_monitor(getattr(plain, "_orig_mod", plain), x, cfg, args, device)
     out = {"preset": args.preset, "model": cfg.model, "model_args": cfg.model_args,
            "alpha": cfg.alpha, "sketch_dim": cfg.sketch_dim, "arms": {}, "ratios": {}}
     none_s = statistics.median(times["none"])
@@ -124,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every arm's model and regularizer (warm-up compiles)")
     p.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -150,7 +156,7 @@ def main(argv=None) -> None:
                elapsed_s=time.perf_counter() - start)
     print(f"{args.preset}: model {res['model']} {res['model_args']}, batch {args.batch}, "
           f"alpha {res['alpha']}, K {res['sketch_dim']}; {args.rounds} rounds of "
-          f"{args.steps} steps per arm")
+          f"{args.steps} steps per arm" + (", model and regularizer compiled" if args.compile else ""))
     print(f"\n   {'arm':<8}{'ms/step':>9}{'ratio to none':>15}{'95% CI':>17}")
     for arm in ARMS:
         a, r = res["arms"][arm], res["ratios"].get(arm)

@@ -321,3 +321,28 @@ def test_bad_arguments_raise_when_attaching(kwargs, error, message):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model"):
         sigreg.attach(lambda x: x, "0")
+
+
+# ---- compile ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["weak", "strong"])
+def test_compiled_regularizer_and_model_match_eager(variant):
+    """attach(compile=...) compiles the batched regularizer; with the model compiled too (as
+    the trainer's compile=true does) the values and gradients stay those of eager."""
+    eager_model, compiled_model, x = mixed_widths(), mixed_widths(), torch.randn(24, 12)
+    eager = sigreg.attach(eager_model, nn.Linear, variant, K, seed=2)
+    compiled = sigreg.attach(compiled_model, nn.Linear, variant, K, seed=2,
+                             compile={"backend": "aot_eager"})
+    net = torch.compile(compiled_model, backend="aot_eager")
+    for _ in range(3):  # resampled sketches: new tensors of the same shape, no recompiling
+        eager_model.zero_grad()
+        compiled_model.zero_grad()
+        eager_model(x)
+        expected = eager.loss()
+        expected.backward()
+        net(x)
+        got = compiled.loss()
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)

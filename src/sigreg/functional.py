@@ -16,6 +16,7 @@ default, with one all-reduce per statistic for the whole stack.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -110,7 +111,7 @@ class _CovarianceGapNorm(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor) -> torch.Tensor:
         scale = 1 / (y.shape[-2] - 1)
         centred = y - y.mean(-2, keepdim=True)
-        eye = _identity(y.shape[-1], y.device, y.dtype)
+        eye = _constant(_identity, y.shape[-1], y.device, y.dtype)
         # Product, scale and shift in one kernel: on a GPU this loss is bound by launches.
         gap = torch.baddbmm(eye, centred.mT, centred, beta=-1, alpha=scale)
         norm = torch.linalg.matrix_norm(gap)  # (L,)
@@ -125,6 +126,12 @@ class _CovarianceGapNorm(torch.autograd.Function):
         centred, gap, factor = ctx.saved_tensors
         with torch.autocast(device_type=centred.device.type, enabled=False):
             return torch.bmm(centred, gap * (grad * factor).view(-1, 1, 1))
+
+
+def _constant(build: Callable, *args: object):
+    """``build(*args)``, cached when eager; built in the graph (and folded) when compiled,
+    where a cache of tensors is of no use to torch.compile."""
+    return build.__wrapped__(*args) if torch.compiler.is_compiling() else build(*args)
 
 
 @functools.lru_cache(maxsize=32)
@@ -145,7 +152,7 @@ def _covariance(y: torch.Tensor, distributed: bool, minus_identity: bool = False
     else:
         centred = y - y.mean(-2, keepdim=True)
         cov = (centred.mT @ centred) / (y.shape[-2] - 1)
-    return cov - _identity(y.shape[-1], y.device, y.dtype) if minus_identity else cov
+    return cov - _constant(_identity, y.shape[-1], y.device, y.dtype) if minus_identity else cov
 
 
 def vicreg_varcov(
@@ -271,7 +278,7 @@ def strong_sigreg(
         _check_projection(directions, z, "directions")
     with torch.autocast(device_type=z.device.type, enabled=False):
         p = _project(z, directions)  # (*, N, K)
-        t, target, weights, signed_t = _quadrature(t_max, num_points, z.device, p.dtype)
+        t, target, weights, signed_t = _constant(_quadrature, t_max, num_points, z.device, p.dtype)
         flat = p.reshape(-1, *p.shape[-2:])
         sums = _CharacteristicSums.apply(flat, t, signed_t).view(*p.shape[:-2], -1, 2, t.numel())
         n = z.shape[-2]
