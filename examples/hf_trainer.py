@@ -1,7 +1,7 @@
 """SIGReg with the Hugging Face ``Trainer``: ``SIGRegTrainer`` regularizes a small ViT
 (built from a config, no download) on 10k Fashion-MNIST images for one epoch.
 
-    python examples/hf_trainer.py              # about 40 s on 2 CPU cores
+    python examples/hf_trainer.py              # about 10 s on 2 idle CPU cores
     python examples/hf_trainer.py --no-sigreg  # the plain transformers.Trainer
 
 Each training log gains ``sigreg/loss``, ``sigreg/loss/<layer>`` and

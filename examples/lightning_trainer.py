@@ -1,7 +1,7 @@
 """SIGReg with PyTorch Lightning: ``SIGRegCallback`` on the Trainer, one line in
 ``training_step``. A 6-layer vanilla MLP on 20k Fashion-MNIST images, 2 epochs.
 
-    python examples/lightning_trainer.py              # about 30 s on 2 CPU cores
+    python examples/lightning_trainer.py              # about 10 s on 2 idle CPU cores
     python examples/lightning_trainer.py --no-sigreg  # the same module, without the callback
 
 The CSV logs (runs/examples/lightning/) hold ``sigreg/loss``, ``sigreg/loss/<layer>`` and

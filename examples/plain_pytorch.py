@@ -1,7 +1,7 @@
 """SIGReg in a hand-written PyTorch loop: a 6-layer vanilla MLP (no normalisation, no
 residuals) trained with plain SGD on 20k Fashion-MNIST images for 2 epochs.
 
-    python examples/plain_pytorch.py              # about 20 s on 2 CPU cores
+    python examples/plain_pytorch.py              # about 10 s on 2 idle CPU cores
     python examples/plain_pytorch.py --no-sigreg  # the same run without the regularizer
 """
 
