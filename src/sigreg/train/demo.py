@@ -3,6 +3,7 @@ SIGReg, on the CPU in a few minutes. Falls back to synthetic data if Fashion-MNI
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +26,11 @@ def find_fashion_mnist() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    out = Path(argv[0]) if argv else Path("runs/demo")
+    parser = argparse.ArgumentParser(prog="python -m sigreg.train.demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"),
+                        help="report directory (default runs/demo); finished runs there are "
+                             "reused, interrupted ones resumed")
+    out = parser.parse_args(argv).out
     overrides: list[str] = []
     if not find_fashion_mnist():
         print("demo: Fashion-MNIST not found and not downloadable; using the synthetic dataset")
