@@ -346,3 +346,33 @@ def test_compiled_regularizer_and_model_match_eager(variant):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
         for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_forwards_that_record_nothing_do_not_count():
+    model, x = issue_mlp(), torch.randn(16, 8)
+    handle = sigreg.attach(model, nn.Linear)
+    model.eval()
+    model(x)  # eval mode, autograd on: nothing recorded, not a training forward
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model(x)
+    handle.loss()  # one training forward: no error
+
+
+def test_a_layer_rerun_in_backward_is_not_a_forward():
+    """Activation checkpointing recomputes layers inside backward (autograd on, training):
+    those calls must not count as a forward of the next step."""
+    model, x = issue_mlp(), torch.randn(16, 8)
+    handle = sigreg.attach(model, nn.Linear, sketch="fixed")
+
+    def checkpointed(inp):
+        return torch.utils.checkpoint.checkpoint(model, inp, use_reentrant=False)
+
+    expected = None
+    for _ in range(2):
+        out = checkpointed(x)
+        loss = handle.loss()
+        (out.square().mean() + loss).backward()  # recomputes the layers, hooks included
+        expected = loss if expected is None else expected
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

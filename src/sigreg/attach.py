@@ -124,6 +124,12 @@ class _Call(NamedTuple):
         return tuple(f.shape), self.rows, f.dtype, f.device
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, where activation checkpointing recomputes
+    layers: their outputs are not a forward to regularize."""
+    return torch._C._current_graph_task_id() != -1
+
+
 # Live handles per hooked module: attaching twice to a layer warns.
 _HOOKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
@@ -137,7 +143,8 @@ class SIGRegHandle:
     and, under torch.distributed, one all-reduce per statistic, per group.
 
     A forward pass is a call of the model given to :func:`attach` in training mode with
-    autograd on (in eval mode or under ``torch.no_grad()`` the hooks do nothing). A layer
+    autograd on (in eval mode, under ``torch.no_grad()`` and inside a backward pass, where
+    activation checkpointing recomputes layers, the hooks do nothing). A layer
     called several times in one pass contributes the mean of its calls. :meth:`loss`
     covers the latest ``accumulate`` passes (default 1: the latest forward); more passes
     since the last :meth:`loss` raise an error there, and the hooks only ever keep that
@@ -167,6 +174,7 @@ class SIGRegHandle:
         self._compute = _compiled(regularizer.compute, compile)
         self._passes: collections.deque[list[_Call]] = collections.deque(maxlen=accumulate)
         self._forwards = 0  # training forwards of the model since the last loss()
+        self._new_pass = False  # the model was called since the last recorded layer call
         self._step = 0  # loss() calls so far: the resampled projections' draw number
         self._fixed: dict[str, torch.Tensor] = {}  # per-layer fixed projections (CPU)
         self._cache: dict[tuple, torch.Tensor | None] = {}
@@ -185,19 +193,24 @@ class SIGRegHandle:
     # The hooks run eagerly under torch.compile: they only record Python state.
     @torch.compiler.disable
     def _start_pass(self, module: nn.Module, args: Any) -> None:
-        if module.training and torch.is_grad_enabled():
-            self._forwards += 1
-            self._passes.append([])  # the deque drops passes older than `accumulate`
+        # The pass opens at its first recorded call: a forward that records nothing (eval
+        # mode, no_grad, a recomputation inside backward) is not counted.
+        if not _in_backward():
+            self._new_pass = True
 
     def _hook(self, index: int) -> Callable:
         name = self.names[index]
 
         @torch.compiler.disable
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not (module.training and torch.is_grad_enabled()):
+            if not (module.training and torch.is_grad_enabled()) or _in_backward():
                 return
             features, rows = _pool(output, self.pool)
-            if not self._passes:  # the layer was called outside the model's forward
+            if self._new_pass:
+                self._new_pass = False
+                self._forwards += 1
+                self._passes.append([])  # the deque drops passes older than `accumulate`
+            elif not self._passes:  # a layer called on its own, outside the model
                 self._passes.append([])
             self._passes[-1].append(_Call(index, features, rows))
             if self.keep_features:
