@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_int
+from ._projections import LayerProjections
 from .functional import _check_weights, regularized_loss
 from .modules import Regularizer, make_regularizer
-from .sketch import mix_seed, seeded_generator
 
 LayerSpec = str | type | Callable[[str, nn.Module], bool]
 Pool = str | Callable[[Any], torch.Tensor]
@@ -175,9 +175,8 @@ class SIGRegHandle:
         self._passes: collections.deque[list[_Call]] = collections.deque(maxlen=accumulate)
         self._forwards = 0  # training forwards of the model since the last loss()
         self._new_pass = False  # the model was called since the last recorded layer call
-        self._step = 0  # loss() calls so far: the resampled projections' draw number
-        self._fixed: dict[str, torch.Tensor] = {}  # per-layer fixed projections (CPU)
-        self._cache: dict[tuple, torch.Tensor | None] = {}
+        self._projections = LayerProjections(regularizer, names, seed)
+        self._averagings: dict[tuple, torch.Tensor] = {}
         self._last_names: list[str] = []
         self._last_values: torch.Tensor | None = None
         self._features: dict[str, torch.Tensor] = {}
@@ -266,7 +265,7 @@ class SIGRegHandle:
         for ordinal, group in enumerate(groups.values()):
             values.append(self._group_values(ordinal, group))
             order += [c.layer for c in group]
-        self._step += 1
+        self._projections.advance()
         flat = values[0] if len(values) == 1 else torch.cat([v.to(values[0].device) for v in values])
         layers = list(dict.fromkeys(order))
         if len(layers) < len(order):  # a layer called several times: the mean of its calls
@@ -277,56 +276,16 @@ class SIGRegHandle:
         """Regularizer of each call of one group, (L,), from their stack (L, N, C)."""
         z = torch.stack([c.features for c in group]).view(len(group), group[0].rows, -1)
         layers = tuple(c.layer for c in group)
-        return self._compute(z, self._projection(ordinal, layers, z))
-
-    def _projection(self, ordinal: int, layers: tuple[int, ...], z: torch.Tensor):
-        """Projections (L, C, K) for a stack z (L, N, C), or None (none needed).
-
-        fixed: each layer's own, drawn once from ``seed + layer index`` on the CPU (as in
-        earlier versions). resample: the whole group's in one draw, from a generator seeded
-        with (seed, loss() call count, group number) on the features' device.
-        """
-        policy = getattr(self.regularizer, "policy", None)
-        if policy == "fixed":
-            key = ("fixed", layers, z.device)
-            if key not in self._cache:
-                per_layer = [self._fixed_projection(i, z.shape[-1]) for i in layers]
-                self._cache[key] = None if per_layer[0] is None else torch.stack(per_layer).to(z.device)
-            return self._cache[key]
-        if policy == "resample":
-            gen = self._generator(z.device)
-            gen.manual_seed(mix_seed(mix_seed(self.seed, self._step), ordinal))
-            return self.regularizer.draw(z.shape[-1], gen, z.device, (len(layers),))
-        return None
-
-    def _fixed_projection(self, layer: int, width: int) -> torch.Tensor | None:
-        name = self.names[layer]
-        if name not in self._fixed:
-            drawn = self.regularizer.draw(width, seeded_generator(self.seed + layer), "cpu")
-            if drawn is None:
-                return None
-            self._fixed[name] = drawn
-        if self._fixed[name].shape[0] != width:
-            raise ValueError(
-                f"layer {name}'s fixed sketch was drawn for width {self._fixed[name].shape[0]}, "
-                f"got features of width {width}"
-            )
-        return self._fixed[name]
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = ("generator", device)
-        if key not in self._cache:
-            self._cache[key] = torch.Generator(device=device)
-        return self._cache[key]
+        return self._compute(z, self._projections.for_group(ordinal, layers, z))
 
     def _averaging(self, order: tuple[int, ...], device, dtype) -> torch.Tensor:
         """(L, E) matrix averaging E call values into each of the L layers, first-call order."""
-        key = ("average", order, device, dtype)
-        if key not in self._cache:
+        key = (order, device, dtype)
+        if key not in self._averagings:
             layers = list(dict.fromkeys(order))
             a = torch.tensor([[float(o == i) for o in order] for i in layers], dtype=dtype)
-            self._cache[key] = (a / a.sum(1, keepdim=True)).to(device)
-        return self._cache[key]
+            self._averagings[key] = (a / a.sum(1, keepdim=True)).to(device)
+        return self._averagings[key]
 
     def combine(self, task_loss: torch.Tensor) -> torch.Tensor:
         """Task loss plus regularizer with the weighting given to :func:`attach`."""
@@ -353,48 +312,16 @@ class SIGRegHandle:
     def state_dict(self) -> dict[str, Any]:
         """Sketch state for exact checkpoint resume: the resample draw count and the fixed
         sketches drawn so far (CPU tensors)."""
-        return {"step": self._step, "fixed": dict(self._fixed)}
+        return self._projections.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (or a sigreg 0.1 handle's per-layer state:
-        its fixed sketches carry over exactly, its resample counter does not give the same
-        sketches, the stream having changed). Raises ValueError on missing, unknown or
-        mismatched entries."""
-        if not isinstance(state, dict):
-            raise TypeError(f"a handle state is a dict from state_dict(), got {type(state).__name__}")
-        if state and set(state) <= set(self.names) and "step" not in state:
-            state = _from_per_layer_state(state)
-        missing, unknown = {"step", "fixed"} - set(state), set(state) - {"step", "fixed"}
-        if missing or unknown:
-            raise ValueError(
-                f"not a SIGRegHandle state: missing keys {sorted(missing)}, unknown keys "
-                f"{sorted(unknown)}; expected {{'step': int, 'fixed': {{layer: tensor}}}}"
-            )
-        step = check_int(state["step"], "state['step']", minimum=0)
-        fixed = self._checked_fixed(state["fixed"])
-        self._step, self._fixed = step, fixed
-        self._cache.clear()
-
-    def _checked_fixed(self, fixed: Any) -> dict[str, torch.Tensor]:
-        if not isinstance(fixed, dict):
-            raise TypeError(f"state['fixed'] must be a dict of tensors, got {type(fixed).__name__}")
-        unknown = sorted(set(fixed) - set(self.names))
-        if unknown:
-            raise ValueError(f"state['fixed'] has sketches for layers {unknown} that this "
-                             f"handle does not regularize (its layers: {self.names})")
-        if fixed and getattr(self.regularizer, "policy", None) != "fixed":
-            raise ValueError("the state holds fixed sketches, but this handle's sketch policy "
-                             f"is {getattr(self.regularizer, 'policy', None)!r}")
-        k = getattr(self.regularizer, "num_projections", None)
-        for name, t in fixed.items():
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != k:
-                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"state['fixed'][{name!r}] must be a (C, {k}) tensor, got {shape}")
-        return {n: t.cpu() for n, t in fixed.items()}
+        """Restore :meth:`state_dict`'s output (a sigreg 0.1 handle's per-layer state keeps its
+        fixed sketches). Missing, unknown or mismatched entries raise a ValueError."""
+        self._projections.load_state_dict(state)
 
     def to(self, device: torch.device | str) -> SIGRegHandle:
         """Kept for compatibility: projections follow the features' device by themselves."""
-        self._cache.clear()
+        self._projections.clear_cache()
         return self
 
     def remove(self) -> None:
@@ -415,14 +342,6 @@ class SIGRegHandle:
 
     def __repr__(self) -> str:
         return f"SIGRegHandle(layers={self.names}, regularizer={self.regularizer})"
-
-
-def _from_per_layer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A sigreg 0.1 handle state ({layer: module state_dict}) in today's layout."""
-    calls = [int(s.get("_extra_state", {}).get("calls", 0)) for s in state.values()]
-    fixed = {n: s["projection"] for n, s in state.items()
-             if isinstance(s.get("projection"), torch.Tensor) and s["projection"].numel()}
-    return {"step": max(calls, default=0), "fixed": fixed}
 
 
 def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
