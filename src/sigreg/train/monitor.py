@@ -40,21 +40,50 @@ def layer_signals(z: Tensor) -> dict[str, float]:
             "feature_var": trace / width, "weak_distance": weak}
 
 
+# Which way each signal points at collapse: warn when it is below (True) or above the threshold.
+BELOW = {"eff_dim_ratio": True, "mean_cosine": False, "feature_var": True, "weak_distance": False}
+# The default warning, chosen on issue 12's grid of 54 MLP runs (docs/studies.md, section 6):
+# every layer's samples point one way (mean cosine > 0.99) for 8 measurements in a row. Low
+# effective dimension, the old default, fired on 27 of 34 healthy runs.
+DEFAULT_SIGNAL = "mean_cosine"
+DEFAULT_THRESHOLD = 0.99
+DEFAULT_PATIENCE = 8
+
+
 class CollapseMonitor:
+    """Logs every signal of :func:`layer_signals` per layer every ``every`` steps, and warns
+    when ``signal`` is past ``threshold`` (below it for ``eff_dim_ratio`` / ``feature_var``,
+    above it for ``mean_cosine`` / ``weak_distance``) in ``patience`` measurements in a row:
+    once per layer per episode; the episode ends at the first measurement where it is not.
+    ``threshold=None`` takes the default signal's threshold.
+    """
+
     def __init__(
         self,
         model: nn.Module,
         layers: list[str],
         pool: str,
         every: int,
-        threshold: float,
+        threshold: float | None = None,
         warn: Callable[[str], None] = print,
+        *,
+        signal: str = DEFAULT_SIGNAL,
+        patience: int = DEFAULT_PATIENCE,
     ) -> None:
+        if signal not in BELOW:
+            raise ValueError(f"signal must be one of {', '.join(BELOW)}; got {signal!r}")
+        if threshold is None and signal != DEFAULT_SIGNAL:
+            raise ValueError(f"give a threshold for signal {signal!r} (the default threshold "
+                             f"{DEFAULT_THRESHOLD} is {DEFAULT_SIGNAL}'s)")
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1 measurement, got {patience}")
         self.recorder = FeatureRecorder(model, layers, pool)
         self.every = every
-        self.threshold = threshold
+        self.signal = signal
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        self.patience = patience
         self.warn = warn
-        self._collapsed: set[str] = set()
+        self._streak: dict[str, int] = {}  # layer -> measurements in a row past the threshold
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -70,19 +99,21 @@ class CollapseMonitor:
                 continue
             for key, value in layer_signals(z).items():
                 row[key][name] = value
-            self._check(name, row["eff_dim_ratio"][name], row["eff_dim"][name], z.shape[1], step)
+            self._check(name, row[self.signal][name], step)
         return row
 
-    def _check(self, name: str, ratio: float, dim: float, width: int, step: int) -> None:
-        # One line when a layer goes below the threshold, again only after it recovered.
-        if ratio < self.threshold and name not in self._collapsed:
-            self._collapsed.add(name)
-            self.warn(
-                f"collapse warning: layer {name} effective dimension {dim:.1f} of {width} "
-                f"({ratio:.1%} < {self.threshold:.0%}) at step {step}"
-            )
-        elif ratio >= self.threshold:
-            self._collapsed.discard(name)
+    def _past(self, value: float) -> bool:
+        return value < self.threshold if BELOW[self.signal] else value > self.threshold
+
+    def _check(self, name: str, value: float, step: int) -> None:
+        streak = self._streak.get(name, 0) + 1 if self._past(value) else 0
+        self._streak[name] = streak
+        if streak == self.patience:  # exactly once: the streak passes it only once per episode
+            side = "<" if BELOW[self.signal] else ">"
+            since = step - (self.patience - 1) * self.every
+            self.warn(f"collapse warning: layer {name} {self.signal} {value:.3g} {side} "
+                      f"{self.threshold:g} in {self.patience} measurements in a row "
+                      f"(steps {since}-{step})")
 
     def recording(self, step: int):
         """Context manager: record this step's forward if a measurement is due."""
