@@ -60,7 +60,7 @@ class TrainConfig:
     compile: bool = False
     eval_batch_size: int = 1000
     monitor_every: int = 50  # steps between effective-dimension logs; 0 = off
-    collapse_threshold: float = 0.02  # warn when effective dim < this fraction of width
+    collapse_threshold: float = 0.99  # warn when a layer's mean cosine stays above this
     description: str = ""
     preset: str = ""  # the preset the run started from ("" when built by hand)
 

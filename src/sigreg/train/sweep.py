@@ -21,6 +21,7 @@ from typing import Any
 
 from .config import TrainConfig, apply_overrides
 from .presets import preset_config
+from .rundir import FREE_ON_RESUME
 from .trainer import train
 
 # Settings the sweep itself sets for every run; --set may not fight over them.
@@ -84,14 +85,16 @@ def base_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict as JSON would give it back, without the device (a run may move) or the
-    preset name (older runs lack it; equal settings are the same run).
+    """A config dict as JSON would give it back, without the preset name (older runs lack it;
+    equal settings are the same run) or settings that do not change results (device,
+    monitor, ...: those a resume may change too).
 
     Settings added to TrainConfig after the run was saved take their defaults, so an older
     run still counts as the same run.
     """
     full = TrainConfig.from_dict(config).to_dict()
-    return {k: v for k, v in json.loads(json.dumps(full)).items() if k not in ("device", "preset")}
+    ignored = {"preset", *FREE_ON_RESUME} - {"epochs"}  # settings that do not change results
+    return {k: v for k, v in json.loads(json.dumps(full)).items() if k not in ignored}
 
 
 def train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
