@@ -196,6 +196,16 @@ def test_resume_matches_uninterrupted_run(name, how, tmp_path, monkeypatch):
 
 
 
+def test_compile_true_compiles_model_and_regularizer_and_matches_eager(tmp_path):
+    cfg = tiny_mlp(sigreg="weak", epochs=2)
+    eager = epoch_rows(_run(cfg, tmp_path / "eager"))
+    compiled = epoch_rows(_run(tiny_mlp(sigreg="weak", epochs=2, compile=True), tmp_path / "c"))
+    for got, want in zip(compiled, eager, strict=True):
+        for key in ("train_loss", "reg_loss", "test_loss", "test_acc"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+        assert got["reg_layers"] == pytest.approx(want["reg_layers"], rel=1e-5)
+
+
 # --------------------------------------------------------------------------- 3. divergence
 def test_divergence_in_epoch_2_keeps_epoch_1_checkpoint(tmp_path):
     # One step per epoch; lr 1e30 with no clipping: the first step's loss is finite (initial

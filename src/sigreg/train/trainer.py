@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
                                 "cov_weight": cfg.vicreg_cov_weight}}.get(cfg.sigreg, {})
             handle = attach(model, model.sigreg_layers, cfg.sigreg, cfg.sketch_dim,
                             model.sigreg_pool, sketch=cfg.sketch, seed=cfg.seed, alpha=cfg.alpha,
-                            **extra)
+                            compile=cfg.compile, **extra)  # compiled with the model
         monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool,
                                   cfg.monitor_every, cfg.collapse_threshold, warn=log)
         net = torch.compile(model) if cfg.compile else model
