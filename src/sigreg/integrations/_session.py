@@ -33,17 +33,15 @@ class SIGRegSession:
     def attached(self) -> bool:
         return self.handle is not None
 
-    def attach(self, model: nn.Module, calls_per_forward: int = 1) -> SIGRegHandle:
+    def attach(self, model: nn.Module) -> SIGRegHandle:
         """Place the hooks on ``model`` (and restore sketch state saved earlier).
 
-        ``calls_per_forward``: how often the training framework calls ``model`` in one
-        training forward (2 where a wrapper's forward re-enters it to run the step).
+        A wrapper (DDP, FSDP) whose forward re-enters ``model`` to run the step needs nothing
+        special: a forward counts where a hooked layer records, which the outer call does not.
         """
         if self.handle is not None:
             raise RuntimeError("SIGReg is already attached; detach() it first")
-        options = dict(self.options)
-        options["accumulate"] = options.get("accumulate", 1) * calls_per_forward
-        self.handle = attach(model, **options)
+        self.handle = attach(model, **self.options)
         if self._state is not None:
             self.handle.load_state_dict(self._state)
         self._recorder = FeatureRecorder(model, self.handle.names, self.options["pool"])

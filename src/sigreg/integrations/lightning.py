@@ -83,10 +83,7 @@ class SIGRegCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module in _ACTIVE:
             raise RuntimeError("a SIGRegCallback already regularizes this module; pass one only")
-        # Strategies that wrap the module (DDP, FSDP, DeepSpeed) call it twice a step: the
-        # wrapper's forward re-enters it to run training_step, which calls forward.
-        wrapped = trainer.strategy.model is not pl_module
-        self.session.attach(pl_module, calls_per_forward=2 if wrapped else 1)
+        self.session.attach(pl_module)
         _ACTIVE[pl_module] = self
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
