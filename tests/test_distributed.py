@@ -87,8 +87,13 @@ def ddp_results(tmp_path_factory):
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
+        # Forked workers leave through os._exit, never through interpreter shutdown: under
+        # torch 2.13 a DDP wrapper keeps the Gloo process group (and its worker threads)
+        # alive past destroy_process_group(), and a worker thread still releasing a tensor
+        # when the interpreter finalizes aborts the process ("terminate called without an
+        # active exception"). See the note in sigreg/train/runtime.py.
         mp.start_processes(worker, args=(2, str(rendezvous), results), nprocs=2,
-                           start_method="spawn")
+                           start_method="fork")
         return dict(results)
 
 
