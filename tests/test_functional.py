@@ -219,9 +219,10 @@ def test_vicreg_varcov_gradcheck_and_errors(gen):
 def test_strong_constants_cached_under_inference_mode_still_train(gen):
     """The quadrature constants are cached; a first call under inference_mode must not
     poison later training calls with inference tensors."""
-    from sigreg.functional import _quadrature
+    from sigreg.functional import _local_constants, _quadrature
 
     _quadrature.cache_clear()
+    _local_constants.cache_clear()
     z = torch.randn(32, 6, generator=gen)
     a = sigreg.draw_directions(6, 4, gen)
     with torch.inference_mode():
@@ -231,7 +232,7 @@ def test_strong_constants_cached_under_inference_mode_still_train(gen):
     trained.backward()
     assert trained.item() == pytest.approx(evaluated, rel=1e-6)
     assert torch.isfinite(z.grad).all()
-    assert _quadrature.cache_info().hits >= 1
+    assert _local_constants.cache_info().hits >= 1
 
 
 # ---- a leading batch of layers (*, N, C): one value per layer ----------------------------
