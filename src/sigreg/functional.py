@@ -338,7 +338,9 @@ def _powers_backward(powers: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
     l, k, count, n = powers.shape
     c = torch.view_as_complex(coeff.flip(-1)).view(l * k, 1, count)
     grad_p = torch.bmm(c, powers.view(l * k, count, n)).real
-    return grad_p.view(l, k, n).mT
+    # Contiguous: the real part's stride 2 would make the projection's backward matmul
+    # copy it anyway, more slowly.
+    return grad_p.view(l, k, n).contiguous().mT
 
 
 class _EppsPulley(torch.autograd.Function):
