@@ -39,6 +39,8 @@ CHANCE = 0.1  # ten classes
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/vit-full"))
+    parser.add_argument("--stem", default="fmnist-vit-full",
+                        help="preset family <stem>-<arm> (fmnist-vit: the CPU-scale ViT)")
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
@@ -64,9 +66,9 @@ def command(lr: float, arm: str, seed: int, args: argparse.Namespace) -> str:
     """``<run dir> train --preset ...``: where the run's log goes, then its `sigreg` arguments
     (the settings are checked here, so a typo fails before any run starts)."""
     settings = [*args.set, f"lr={lr!r}", f"seed={seed}"]
-    apply_overrides(preset_config(f"fmnist-vit-full-{arm}"), settings)
+    apply_overrides(preset_config(f"{args.stem}-{arm}"), settings)
     out = run_dir(args.out, lr, arm, seed)
-    return shlex.join([str(out), "train", "--preset", f"fmnist-vit-full-{arm}", "--out", str(out),
+    return shlex.join([str(out), "train", "--preset", f"{args.stem}-{arm}", "--out", str(out),
                        "--resume", "auto", "--no-progress", "--set", *settings])
 
 
@@ -105,7 +107,8 @@ def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path: Path) -> None:
+def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path: Path,
+         title: str) -> None:
     """Final test accuracy against lr (log axis), mean ± std over seeds, one line per arm."""
     import matplotlib
 
@@ -127,7 +130,7 @@ def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (AdamW)")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("paper ViT recipe, Fashion-MNIST 60k")
+    ax.set_title(title, fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -142,7 +145,8 @@ def collect(args: argparse.Namespace) -> str:
         f.writelines(json.dumps(r) + "\n" for r in results)
     table = markdown(results, args.lrs, args.arms)
     (args.out / "vit_full.md").write_text(table)
-    plot(results, args.lrs, args.arms, args.out / "stability.png")
+    plot(results, args.lrs, args.arms, args.out / "stability.png",
+         f"{args.stem}-*" + (f" ({' '.join(args.set)})" if args.set else ""))
     return table
 
 

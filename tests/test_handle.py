@@ -94,6 +94,57 @@ def test_batched_equals_per_layer_definition_mixed_widths(variant, policy, dtype
             torch.testing.assert_close(g, r, rtol=rel * 10, atol=rel * 1e-2)
 
 
+@pytest.mark.parametrize("variant", ["weak", "strong"])
+def test_sketch_dim_per_layer_equals_the_per_layer_definition(variant):
+    """Layers 0 and 2 have the same width but different K: separate groups, each layer with
+    its own fixed K-column projection from seed + i."""
+    model = mixed_widths()
+    dims = {"0": 4, "2": 8, "**": 6}
+    handle = sigreg.attach(model, nn.Linear, variant, dims, sketch="fixed", seed=3)
+    x = torch.randn(24, 12)
+    with recording(model, [0, 2, 4, 6]) as calls:
+        model(x)
+    handle.loss()
+    values = handle.layer_loss_tensors()
+    assert sorted(values) == ["0", "2", "4", "6"]
+    for n, f in calls:
+        k = {0: 4, 1: 8}.get(n, 6)
+        width = f.shape[1]
+        p = None if variant == "weak" and k >= width else DRAWS[variant](
+            width, k, sigreg.seeded_generator(3 + n))
+        expected = FUNCTIONS[variant](f, p)
+        torch.testing.assert_close(values[str(2 * n)], expected.detach(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["resample", "fixed"])
+def test_one_sketch_dim_for_every_layer_is_the_plain_sketch_dim(policy):
+    model, x = mixed_widths(), torch.randn(24, 12)
+    plain = sigreg.attach(model, nn.Linear, "weak", K, sketch=policy, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two handles on one model, on purpose
+        mapped = sigreg.attach(model, nn.Linear, "weak", {"**": K}, sketch=policy, seed=2)
+    for _ in range(2):
+        model(x)
+        assert torch.equal(plain.loss(), mapped.loss())
+
+
+def test_sketch_dim_per_layer_state_resumes_exactly():
+    model, x = mixed_widths(), torch.randn(24, 12)
+    dims = {"0": 4, "**": 8}
+    first = sigreg.attach(model, nn.Linear, "strong", dims, sketch="fixed", seed=5)
+    model(x)
+    first.loss()
+    state = first.state_dict()
+    assert {n: t.shape[1] for n, t in state["fixed"].items()} == {"0": 4, "2": 8, "4": 8, "6": 8}
+    model(x)
+    expected = first.loss()
+    first.remove()
+    resumed = sigreg.attach(model, nn.Linear, "strong", dims, sketch="fixed", seed=99)
+    resumed.load_state_dict(state)  # the saved sketches, not seed 99's
+    model(x)
+    assert torch.equal(resumed.loss(), expected)
+
+
 @pytest.mark.parametrize("policy", ["resample", "fixed"])
 def test_layer_called_twice_is_the_mean_of_its_calls(policy):
     torch.manual_seed(0)
@@ -311,6 +362,10 @@ def test_fixed_sketches_do_not_load_into_a_resampling_handle():
     ({"variant": "vicreg", "gamma": 0.0}, ValueError, "gamma"),
     ({"variant": "vicreg", "eps": math.nan}, ValueError, "eps"),
     ({"layers": 3}, TypeError, "layer spec"),
+    ({"sketch_dim": {"0": 4}}, ValueError, "matches no key of sketch_dim"),
+    ({"sketch_dim": {"**": 4, "9": 2}}, ValueError, "match none of the regularized layers"),
+    ({"sketch_dim": {}}, ValueError, "empty mapping"),
+    ({"sketch_dim": {"0": 4, "**": 0}}, ValueError, "sketch_dim"),
 ])
 def test_bad_arguments_raise_when_attaching(kwargs, error, message):
     kwargs = {"layers": nn.Linear, **kwargs}

@@ -285,7 +285,8 @@ BAD_SETTING = st.one_of(
             lambda v, k=k: f"{k}={v}x")),
     st.sampled_from(["model.depth=0", "model.depth=1.5", "model.width=-3", "model.color=1",
                      "betas=[0.9,1.5]", "eta_min=1", "learning_rate=0.1", "lr", "=3",
-                     "data_dir=/nonexistent/fashion", "data_dir= "]),
+                     "data_dir=/nonexistent/fashion", "data_dir= ", "sketch_dim_per_layer=8,x",
+                     "sketch_dim_per_layer=0", "sketch_dim_per_layer=8,8,8,8,8,8,8,8,8,8,8,8"]),
 )
 
 

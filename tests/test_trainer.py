@@ -546,3 +546,24 @@ def test_rng_states_from_old_checkpoints_and_other_world_sizes():
     assert torch.equal(got["cpu"], cpu) and notes == []  # rank 2 does not log
     _own_rng_state(per_rank, Runtime(torch.device("cpu"), rank=0, world_size=3), notes.append)
     assert len(notes) == 1 and "2 rank(s), this job has 3" in notes[0]
+
+
+# --------------------------------------------------------------------------- K per layer
+def test_sketch_dim_per_layer_reaches_the_regularizer(tmp_path):
+    """The same K for every layer is the plain sketch_dim run, metric for metric; different
+    K per layer trains to other values and resumes exactly."""
+    plain = train(tiny_mlp(sigreg="weak"), tmp_path / "plain", progress=False, log=quiet)
+    same = train(tiny_mlp(sigreg="weak", sketch_dim=64, sketch_dim_per_layer="8,8"),
+                 tmp_path / "same", progress=False, log=quiet)
+    assert [flat(r) for r in epoch_rows(tmp_path / "plain")] == \
+        [flat(r) for r in epoch_rows(tmp_path / "same")]
+    assert plain["final_test_acc"] == same["final_test_acc"]
+
+    mixed = tiny_mlp(sigreg="weak", sketch="fixed", sketch_dim_per_layer="2,none", epochs=2)
+    train(mixed, tmp_path / "mixed", progress=False, log=quiet)
+    train(apply_overrides(mixed, ["epochs=1"]), tmp_path / "resumed", progress=False, log=quiet)
+    train(mixed, tmp_path / "resumed", resume=True, progress=False, log=quiet)
+    mixed_rows = [flat(r) for r in epoch_rows(tmp_path / "mixed")]
+    assert mixed_rows == [flat(r) for r in epoch_rows(tmp_path / "resumed")]
+    plain_rows = [flat(r) for r in epoch_rows(tmp_path / "plain")]
+    assert mixed_rows[0]["reg_loss"] != plain_rows[0]["reg_loss"]

@@ -12,7 +12,7 @@ import functools
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -112,16 +112,28 @@ def pool_features(output: Any, pool: Pool) -> torch.Tensor:
 
 class _Call(NamedTuple):
     """One training-mode call of a regularized layer: its pooled output (any shape whose
-    reshape to (rows, C) is the features) and the layer's index in the handle's names."""
+    reshape to (rows, C) is the features), the layer's index in the handle's names, and
+    the index of its regularizer (layers with different K have different ones)."""
 
     layer: int
     features: torch.Tensor
     rows: int
+    part: int
 
     def group_key(self) -> tuple:
-        # Calls stack together when their pooled tensors match in shape, dtype and device.
+        # Calls stack together when they share a regularizer and their pooled tensors match
+        # in shape, dtype and device.
         f = self.features
-        return tuple(f.shape), self.rows, f.dtype, f.device
+        return self.part, tuple(f.shape), self.rows, f.dtype, f.device
+
+
+class _Part(NamedTuple):
+    """The regularizer of some of a handle's layers (one per distinct K), its projection
+    stream and its (possibly compiled) loss."""
+
+    regularizer: Regularizer
+    projections: LayerProjections
+    compute: Callable
 
 
 def _in_backward() -> bool:
@@ -155,7 +167,7 @@ class SIGRegHandle:
         self,
         model: nn.Module,
         names: list[str],
-        regularizer: Regularizer,
+        regularizer: Regularizer | Sequence[Regularizer],
         pool: Pool,
         alpha: float | None,
         lam: float | None,
@@ -163,19 +175,24 @@ class SIGRegHandle:
         accumulate: int = 1,
         seed: int = 0,
         compile: bool | dict[str, Any] = False,
+        layer_parts: Sequence[int] | None = None,
     ) -> None:
+        """``regularizer``: one for every layer, or several with ``layer_parts`` giving the
+        index of each layer's (see ``sketch_dim`` of :func:`attach`)."""
         self.names = names
-        self.regularizer = regularizer
+        regularizers = [regularizer] if isinstance(regularizer, Regularizer) else list(regularizer)
+        self.regularizer = regularizers[0]  # the only one, unless K varies across layers
+        self._layer_parts = list(layer_parts) if layer_parts is not None else [0] * len(names)
+        self._parts = [_Part(r, LayerProjections(r, names, seed), _compiled(r.compute, compile))
+                       for r in regularizers]
         self.pool = pool
         self.alpha, self.lam = alpha, lam
         self.keep_features = keep_features
         self.accumulate = accumulate
         self.seed = seed
-        self._compute = _compiled(regularizer.compute, compile)
         self._passes: collections.deque[list[_Call]] = collections.deque(maxlen=accumulate)
         self._forwards = 0  # training forwards of the model since the last loss()
         self._new_pass = False  # the model was called since the last recorded layer call
-        self._projections = LayerProjections(regularizer, names, seed)
         self._averagings: dict[tuple, torch.Tensor] = {}
         self._last_names: list[str] = []
         self._last_values: torch.Tensor | None = None
@@ -211,7 +228,7 @@ class SIGRegHandle:
                 self._passes.append([])  # the deque drops passes older than `accumulate`
             elif not self._passes:  # a layer called on its own, outside the model
                 self._passes.append([])
-            self._passes[-1].append(_Call(index, features, rows))
+            self._passes[-1].append(_Call(index, features, rows, self._layer_parts[index]))
             if self.keep_features:
                 self._features[name] = features.detach().reshape(rows, -1)
 
@@ -265,7 +282,8 @@ class SIGRegHandle:
         for ordinal, group in enumerate(groups.values()):
             values.append(self._group_values(ordinal, group))
             order += [c.layer for c in group]
-        self._projections.advance()
+        for part in self._parts:
+            part.projections.advance()
         flat = values[0] if len(values) == 1 else torch.cat([v.to(values[0].device) for v in values])
         layers = list(dict.fromkeys(order))
         if len(layers) < len(order):  # a layer called several times: the mean of its calls
@@ -276,7 +294,8 @@ class SIGRegHandle:
         """Regularizer of each call of one group, (L,), from their stack (L, N, C)."""
         z = torch.stack([c.features for c in group]).view(len(group), group[0].rows, -1)
         layers = tuple(c.layer for c in group)
-        return self._compute(z, self._projections.for_group(ordinal, layers, z))
+        part = self._parts[group[0].part]
+        return part.compute(z, part.projections.for_group(ordinal, layers, z))
 
     def _averaging(self, order: tuple[int, ...], device, dtype) -> torch.Tensor:
         """(L, E) matrix averaging E call values into each of the L layers, first-call order."""
@@ -312,16 +331,29 @@ class SIGRegHandle:
     def state_dict(self) -> dict[str, Any]:
         """Sketch state for exact checkpoint resume: the resample draw count and the fixed
         sketches drawn so far (CPU tensors)."""
-        return self._projections.state_dict()
+        states = [part.projections.state_dict() for part in self._parts]
+        fixed = {name: t for state in states for name, t in state["fixed"].items()}
+        return {"step": states[0]["step"], "fixed": fixed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (a sigreg 0.1 handle's per-layer state keeps its
         fixed sketches). Missing, unknown or mismatched entries raise a ValueError."""
-        self._projections.load_state_dict(state)
+        if len(self._parts) == 1:
+            self._parts[0].projections.load_state_dict(state)
+            return
+        if not isinstance(state, dict) or not isinstance(state.get("fixed", {}), dict):
+            raise TypeError("a handle state is a dict {'step': int, 'fixed': {layer: tensor}} "
+                            "from state_dict()")
+        for index, part in enumerate(self._parts):
+            mine = {self.names[i] for i, p in enumerate(self._layer_parts) if p == index}
+            fixed = {n: t for n, t in state.get("fixed", {}).items()
+                     if n in mine or n not in self.names}  # unknown names: the part refuses them
+            part.projections.load_state_dict({**state, "fixed": fixed} if "fixed" in state else state)
 
     def to(self, device: torch.device | str) -> SIGRegHandle:
         """Kept for compatibility: projections follow the features' device by themselves."""
-        self._projections.clear_cache()
+        for part in self._parts:
+            part.projections.clear_cache()
         return self
 
     def remove(self) -> None:
@@ -341,7 +373,8 @@ class SIGRegHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"SIGRegHandle(layers={self.names}, regularizer={self.regularizer})"
+        regularizers = ", ".join(repr(p.regularizer) for p in self._parts)
+        return f"SIGRegHandle(layers={self.names}, regularizer={regularizers})"
 
 
 def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
@@ -357,7 +390,7 @@ def attach(
     model: nn.Module,
     layers: LayerSpec | Iterable[LayerSpec],
     variant: str = "weak",
-    sketch_dim: int | None = 64,
+    sketch_dim: int | None | Mapping[LayerSpec, int | None] = 64,
     pool: Pool = "mean",
     *,
     sketch: str = "resample",
@@ -380,7 +413,10 @@ def attach(
             ``"vicreg"``, VICReg's variance + covariance terms, a baseline to compare with
             (full covariance: ``sketch_dim``, ``sketch`` and ``seed`` do not apply).
         sketch_dim: K, sketch width (weak) or number of directions (strong), an integer
-            >= 1. Weak: None or K >= C means the full covariance.
+            >= 1. Weak: None or K >= C means the full covariance. A mapping from layer specs
+            to K sets it per layer: each layer takes the value of the first key that matches
+            it (``{"blocks.0": 16, "**": 64}``); every layer must match a key and every key a
+            layer. Layers with different K are computed in separate groups.
         pool: how outputs become (N, C); see :func:`pool_features`.
         sketch: ``"resample"`` (a fresh projection per layer every :meth:`~SIGRegHandle.loss`,
             all of a group drawn at once from (seed, step)) or ``"fixed"`` (layer i's drawn
@@ -424,12 +460,40 @@ def attach(
     check_int(accumulate, "accumulate")
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
-    regularizer = make_regularizer(variant, sketch_dim, sketch=sketch, seed=seed,
-                                   distributed=distributed, **variant_kwargs)
     names = resolve_layers(model, layers)
+    dims = _sketch_dims(model, names, sketch_dim)
+    distinct = list(dict.fromkeys(dims))
+    regularizers = [make_regularizer(variant, k, sketch=sketch, seed=seed,
+                                     distributed=distributed, **variant_kwargs) for k in distinct]
     _warn_if_hooked(model, names)
-    return SIGRegHandle(model, names, regularizer, pool, alpha, lam, keep_features,
-                        accumulate, int(seed), compile)
+    return SIGRegHandle(model, names, regularizers, pool, alpha, lam, keep_features,
+                        accumulate, int(seed), compile, [distinct.index(k) for k in dims])
+
+
+def _sketch_dims(model: nn.Module, names: list[str],
+                 sketch_dim: int | None | Mapping[LayerSpec, int | None]) -> list[int | None]:
+    """K of each regularized layer: ``sketch_dim`` itself, or the value of the first key of
+    the mapping that matches the layer."""
+    if not isinstance(sketch_dim, Mapping):
+        return [sketch_dim] * len(names)
+    if not sketch_dim:
+        raise ValueError("sketch_dim is an empty mapping: give K, or {layer spec: K}")
+    modules = dict(model.named_modules())
+    dims, used = [], set()
+    for name in names:
+        key = next((k for k in sketch_dim if _matches(k, name, modules[name])), _MISSING)
+        if key is _MISSING:
+            raise ValueError(f"regularized layer {name!r} matches no key of sketch_dim "
+                             f"{list(sketch_dim)}; add a '**' entry for the rest")
+        dims.append(sketch_dim[key])
+        used.add(key)
+    unused = [k for k in sketch_dim if k not in used]
+    if unused:
+        raise ValueError(f"sketch_dim keys {unused} match none of the regularized layers {names}")
+    return dims
+
+
+_MISSING = object()
 
 
 def _warn_if_hooked(model: nn.Module, names: list[str]) -> None:

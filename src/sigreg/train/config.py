@@ -48,6 +48,9 @@ class TrainConfig:
     sigreg: str = "none"  # none | weak | strong | vicreg (baseline: VICReg's var + cov terms)
     alpha: float = 0.1  # total = (1 - alpha) * task + alpha * reg
     sketch_dim: int | None = 64
+    # K of each regularized layer in order, "16,16,64,none,..." (none: full covariance);
+    # overrides sketch_dim when set
+    sketch_dim_per_layer: str | None = None
     sketch: str = "resample"  # resample | fixed
     t_max: float = 3.0
     num_points: int = 17
@@ -100,7 +103,20 @@ class TrainConfig:
             raise ValueError(f"eta_min must not exceed lr ({self.lr}), got {self.eta_min}")
         if self.data_dir is not None and not self.data_dir.strip():
             raise ValueError("data_dir must be a directory path or none, got an empty string")
+        self.layer_sketch_dims()
         return self
+
+    def layer_sketch_dims(self) -> list[int | None] | None:
+        """``sketch_dim_per_layer`` parsed: K per regularized layer (None: full), or None
+        when unset. ValueError naming the setting for anything but positive integers and
+        none, comma-separated."""
+        if self.sketch_dim_per_layer is None:
+            return None
+        items = [item.strip().lower() for item in self.sketch_dim_per_layer.split(",")]
+        if not all(i == "none" or (i.isdigit() and int(i) >= 1) for i in items):
+            raise ValueError("sketch_dim_per_layer must be comma-separated positive integers "
+                             f"or none, one per regularized layer, got {self.sketch_dim_per_layer!r}")
+        return [None if i == "none" else int(i) for i in items]
 
 
 CHOICES = {

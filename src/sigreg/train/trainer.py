@@ -137,7 +137,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
             extra = {"strong": {"t_max": cfg.t_max, "num_points": cfg.num_points},
                      "vicreg": {"var_weight": cfg.vicreg_var_weight,
                                 "cov_weight": cfg.vicreg_cov_weight}}.get(cfg.sigreg, {})
-            handle = attach(model, model.sigreg_layers, cfg.sigreg, cfg.sketch_dim,
+            handle = attach(model, model.sigreg_layers, cfg.sigreg, _sketch_dim(cfg, model),
                             model.sigreg_pool, sketch=cfg.sketch, seed=cfg.seed, alpha=cfg.alpha,
                             compile=cfg.compile, **extra)  # compiled with the model
         monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool,
@@ -277,6 +277,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
         if writer:
             writer.close()
         return run.finish(cfg)
+
+
+def _sketch_dim(cfg: TrainConfig, model: nn.Module) -> int | None | dict[str, int | None]:
+    """``sketch_dim``, or ``sketch_dim_per_layer`` as {layer name: K} for attach."""
+    dims = cfg.layer_sketch_dims()
+    if dims is None:
+        return cfg.sketch_dim
+    layers = model.sigreg_layers
+    if len(dims) != len(layers):
+        raise ValueError(f"sketch_dim_per_layer must give one K per regularized layer: "
+                         f"{len(layers)} for this model ({', '.join(layers)}), got {len(dims)}")
+    return dict(zip(layers, dims, strict=True))
 
 
 def _silent(_line: str) -> None:
