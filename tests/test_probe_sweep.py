@@ -172,6 +172,8 @@ def test_parallel_sweep_equals_sequential(tmp_path: Path,
      "strictly between 0 and 1"),
     (["--preset", "fmnist-mlp-weak", "--alpha", "0.1", "--sketch-dim", "8", "--set", "seed=3"],
      "conflicts with the sweep"),
+    (["--preset", "fmnist-mlp-weak", "--alpha", "0.1", "--sketch-dim", "8", "--set",
+      "sketch_dim_per_layer=8,8"], "would override every swept K"),
 ])
 def test_sweep_errors(args: list[str], message: str, tmp_path: Path,
                       capsys: pytest.CaptureFixture[str]) -> None:

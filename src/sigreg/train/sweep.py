@@ -74,6 +74,10 @@ def base_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
         if key in SWEPT_KEYS:
             raise ValueError(f"--set {key}=... conflicts with the sweep: use --alpha, "
                              "--sketch-dim and --seeds instead")
+        if key == "sketch_dim_per_layer":
+            raise ValueError("--set sketch_dim_per_layer=... would override every swept K: "
+                             "train each per-layer setting with `sigreg train` (see "
+                             "experiments/k_layers.py)")
     cfg = apply_overrides(preset_config(preset), list(overrides))
     if cfg.sigreg == "none":
         raise ValueError(f"preset {preset!r} has sigreg=none, so alpha and K change nothing: "

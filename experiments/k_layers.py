@@ -1,0 +1,181 @@
+"""Issue 12, item 3: K across layers. Is the best K a fraction of the width, and does it
+differ between early and late layers? On the demo's 10-layer vanilla MLP (Fashion-MNIST,
+plain SGD, 5 epochs, alpha 0.1), two parts:
+
+- ``width``: weak SIGReg with the same K on every layer, K = C/16, C/4 and C (C: no sketch,
+  the full covariance) at widths C = 128, 256 and 512.
+- ``split``: width 256, K of the first 4 regularized layers against the last 5, each 16 or 256
+  for weak and 8 or 64 directions for strong, through the trainer's ``sketch_dim_per_layer``
+  setting (weak's uniform cells, the diagonal, are the width part's K 16 and 256 at 256).
+
+Every cell is a preset plus ``--set`` items, trained into ``<out>/<part>-<cell>-s<seed>/`` with
+:func:`sigreg.train.sweep.train_or_skip` (finished runs reused, interrupted ones resumed),
+seed-major. Every invocation rewrites ``<out>/results.jsonl``, then ``k_layers.md`` (mean ±
+sample std of the final test accuracy) and ``k_layers.png``.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python3 experiments/k_layers.py --out runs/k-layers
+    # smoke test:
+    PYTHONPATH=src python3 experiments/k_layers.py --out /tmp/kl --seeds 1 --widths 128 \\
+        --set num_train=1000 num_test=500 epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from sigreg.train.config import apply_overrides
+from sigreg.train.presets import preset_config
+from sigreg.train.sweep import train_or_skip
+from sigreg.train.trainer import TrainingDiverged
+
+WIDTHS = (128, 256, 512)
+FRACTIONS = (16, 4, 1)  # K = C / fraction
+EARLY = 4  # of the 9 regularized layers of the depth-10 MLP
+SPLITS = {"weak": (16, 256), "strong": (8, 64)}  # the two K values each layer group takes
+
+
+class Cell(NamedTuple):
+    part: str
+    name: str
+    preset: str
+    settings: tuple[str, ...]
+    info: dict[str, Any]
+
+
+def cells(widths: list[int]) -> list[Cell]:
+    out = []
+    for width in widths:
+        for fraction in FRACTIONS:
+            k = width // fraction
+            out.append(Cell("width", f"w{width}-k{k}", "fmnist-mlp-weak",
+                            (f"model.width={width}", f"sketch_dim={k}"),
+                            {"variant": "weak", "width": width, "k": k, "fraction": 1 / fraction}))
+    for variant, values in SPLITS.items():
+        for early in values:
+            for late in values:
+                if variant == "weak" and early == late:
+                    continue  # the width part's K 16 and K 256 cells at width 256
+                dims = ",".join([str(early)] * EARLY + [str(late)] * (9 - EARLY))
+                out.append(Cell("split", f"{variant}-e{early}-l{late}", f"fmnist-mlp-{variant}",
+                                (f"sketch_dim_per_layer={dims}",),
+                                {"variant": variant, "early": early, "late": late}))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/k-layers"))
+    parser.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 (default 2)")
+    parser.add_argument("--wide-seeds", type=int, default=1,
+                        help="seeds for width 512, ~4x the cost of 256 (default 1)")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
+    parser.add_argument("--parts", nargs="+", default=["width", "split"],
+                        choices=["width", "split"])
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings for every run, e.g. device=cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or reuse) one run; its outcome as one results line."""
+    cfg = apply_overrides(preset_config(cell.preset), [*args.set, *cell.settings, f"seed={seed}"])
+    run_dir = args.out / f"{cell.part}-{cell.name}-s{seed}"
+    line = {"part": cell.part, "cell": cell.name, "preset": cell.preset,
+            "settings": list(cell.settings), "seed": seed, "dir": str(run_dir), **cell.info}
+    try:
+        summary = train_or_skip(cfg, run_dir, progress=False)
+    except TrainingDiverged as exc:  # an outcome of the cell, not a failure of the study
+        return {**line, "diverged": str(exc), "final_test_acc": None}
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    return {**line, "final_test_acc": summary["final_test_acc"],
+            "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"]}
+
+
+def _mean_std(results: list[dict[str, Any]], **match: Any) -> str:
+    accs = [100 * r["final_test_acc"] for r in results if r["final_test_acc"] is not None
+            and all(r.get(k) == v for k, v in match.items())]
+    if not accs:
+        return "-"
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{statistics.fmean(accs):.2f} ± {std:.2f} (n={len(accs)})"
+
+
+def markdown(results: list[dict[str, Any]], widths: list[int]) -> str:
+    lines = ["Uniform K (weak), final test accuracy (%):", "",
+             "| width | K = C/16 | K = C/4 | K = C (full) |", "|---|---|---|---|"]
+    for width in widths:
+        cells_ = [_mean_std(results, part="width", width=width, k=width // f) for f in FRACTIONS]
+        lines.append(f"| {width} | " + " | ".join(cells_) + " |")
+    for variant, (small, large) in SPLITS.items():
+        lines += ["", f"{variant}, width 256: K of the first {EARLY} layers (rows) and of the "
+                  f"last {9 - EARLY} (columns):", "", f"| early \\ late | {small} | {large} |",
+                  "|---|---|---|"]
+        for early in (small, large):
+            row = [_mean_std(results, part="width", width=256, k=early) if
+                   variant == "weak" and early == late else
+                   _mean_std(results, part="split", variant=variant, early=early, late=late)
+                   for late in (small, large)]
+            lines.append(f"| {early} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], widths: list[int], path: Path) -> None:
+    """Final accuracy against K / C (log axis), one line per width, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for width in widths:
+        points = []
+        for fraction in FRACTIONS:
+            accs = [100 * r["final_test_acc"] for r in results if r["part"] == "width"
+                    and r["width"] == width and r["k"] == width // fraction
+                    and r["final_test_acc"] is not None]
+            if accs:
+                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                points.append((1 / fraction, statistics.fmean(accs), std))
+        if points:
+            xs, means, stds = zip(*points, strict=True)
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"width {width}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K / width (1 = full covariance, no sketch)")
+    ax.set_ylabel("final test accuracy (%), 5 epochs")
+    ax.set_title("weak SIGReg, 10-layer MLP, Fashion-MNIST, alpha 0.1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    grid = [c for c in cells(args.widths) if c.part in args.parts]
+    runs = [(c, s) for s in range(args.seeds) for c in grid
+            if c.info.get("width") != 512 or s < args.wide_seeds]
+    results = []
+    for i, (cell, seed) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {cell.part} {cell.name} seed {seed}", flush=True)
+        results.append(run_cell(cell, seed, args))
+        args.out.mkdir(parents=True, exist_ok=True)  # rewritten after every run: resumable
+        with (args.out / "results.jsonl").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    table = markdown(results, args.widths)
+    (args.out / "k_layers.md").write_text(table)
+    plot(results, args.widths, args.out / "k_layers.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
