@@ -115,9 +115,9 @@ def markdown(results: list[dict[str, Any]], widths: list[int]) -> str:
         cells_ = [_mean_std(results, part="width", width=width, k=width // f) for f in FRACTIONS]
         lines.append(f"| {width} | " + " | ".join(cells_) + " |")
     for variant, (small, large) in SPLITS.items():
-        lines += ["", f"{variant}, width 256: K of the first {EARLY} layers (rows) and of the "
-                  f"last {9 - EARLY} (columns):", "", f"| early \\ late | {small} | {large} |",
-                  "|---|---|---|"]
+        title = (f"{variant}, width 256: K of the first {EARLY} layers (rows) and of the "
+                 f"last {9 - EARLY} (columns):")
+        lines += ["", title, "", f"| early \\ late | {small} | {large} |", "|---|---|---|"]
         for early in (small, large):
             row = [_mean_std(results, part="width", width=256, k=early) if
                    variant == "weak" and early == late else

@@ -16,12 +16,13 @@ from sigreg.train.monitor import (
 )
 
 
-def test_layer_signals_match_the_diagnostics():
+@pytest.mark.parametrize("n, c", [(64, 32), (16, 48)])  # covariance, and Gram (N < C) path
+def test_layer_signals_match_the_diagnostics(n, c):
     torch.manual_seed(0)
-    z = torch.randn(64, 32) * torch.linspace(0.1, 3.0, 32) + 0.5
+    z = torch.randn(n, c) * torch.linspace(0.1, 3.0, c) + 0.5
     got, ref = layer_signals(z), diagnose(z)
     assert got["eff_dim"] == pytest.approx(ref["effective_dim"], rel=1e-9)
-    assert got["eff_dim_ratio"] == pytest.approx(ref["effective_dim"] / 32, rel=1e-9)
+    assert got["eff_dim_ratio"] == pytest.approx(ref["effective_dim"] / c, rel=1e-9)
     assert got["mean_cosine"] == pytest.approx(ref["mean_cosine"], rel=1e-9)
     assert got["weak_distance"] == pytest.approx(ref["weak_sigreg_distance"], rel=1e-9)
     assert got["feature_var"] == pytest.approx(z.double().var(0).mean().item(), rel=1e-9)

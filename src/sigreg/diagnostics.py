@@ -133,7 +133,10 @@ def mean_pairwise_cosine(z: Tensor) -> float:
     ``(||sum u||^2 - N) / (N (N - 1))``. An all-zero row counts as cosine 0 with every
     other row (its ``u`` is 0, and it is left out of the diagonal term).
     """
-    return _cosine(_moments(_as_float64(z)))
+    z = _as_float64(z)
+    unit_sum, nonzero, _ = _unit_sum(z)
+    n = z.shape[0]
+    return (float(unit_sum @ unit_sum) - nonzero) / (n * (n - 1))
 
 
 def norm_variance(z: Tensor) -> float:
@@ -176,19 +179,25 @@ def _moments(z: Tensor) -> _Moments:
     """Statistics of a float64 batch ``(N, C)`` with ``N >= 1``."""
     mean = z.mean(dim=0)
     zc = z - mean
-    norms = torch.linalg.vector_norm(z, dim=1)
-    # Zero rows become 0 / tiny = 0 instead of NaN.
-    units = z / norms.clamp_min(torch.finfo(z.dtype).tiny).unsqueeze(1)
+    unit_sum, nonzero, norms = _unit_sum(z)
     norm_mean = norms.mean()
     return _Moments(
         n=z.shape[0],
         mean=mean,
         m2=zc.T @ zc,
-        unit_sum=units.sum(dim=0),
-        nonzero=int((norms > 0).sum()),
+        unit_sum=unit_sum,
+        nonzero=nonzero,
         norm_mean=norm_mean,
         norm_m2=((norms - norm_mean) ** 2).sum(),
     )
+
+
+def _unit_sum(z: Tensor) -> tuple[Tensor, int, Tensor]:
+    """Sum of the rows scaled to unit length (C,), the number of nonzero rows, the norms (N,)."""
+    norms = torch.linalg.vector_norm(z, dim=1)
+    # Zero rows become 0 / tiny = 0 instead of NaN.
+    units = z / norms.clamp_min(torch.finfo(z.dtype).tiny).unsqueeze(1)
+    return units.sum(dim=0), int((norms > 0).sum()), norms
 
 
 def _merge(a: _Moments, b: _Moments) -> _Moments:
