@@ -58,3 +58,16 @@ def test_every_new_preset_builds_a_model_that_backpropagates():
                                                                          "heads": 2}
         model = build_model(cfg.model, num_classes=10, image_size=28, in_channels=1, **args)
         model(torch.randn(4, 1, 28, 28)).logsumexp(1).sum().backward()
+
+
+def test_vit_5k_presets_are_the_stability_map_settings():
+    """docs/studies.md section 10 ran fmnist-vit-<arm> with these --set items; the 5k presets
+    must be exactly that, so one preset reruns a cell."""
+    from sigreg.train.config import apply_overrides
+
+    for arm in ("none", "weak", "strong", "vicreg"):
+        ran = apply_overrides(preset_config(f"fmnist-vit-{arm}"),
+                              ["num_train=5000", "num_test=2000", "epochs=8"]).to_dict()
+        preset = preset_config(f"fmnist-vit-5k-{arm}").to_dict()
+        assert {k: v for k, v in ran.items() if k != "preset"} == \
+            {k: v for k, v in preset.items() if k != "preset"}

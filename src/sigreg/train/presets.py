@@ -133,6 +133,16 @@ for variant in (*VARIANTS, "vicreg"):
               f"MixUp/CutMix, 100 epochs (the paper's recipe; GPU); SIGReg {variant}"))
 
 
+# Issue 12's CPU-scale stability map (docs/studies.md, section 10): fmnist-vit on 5000 training
+# and 2000 test images for 8 epochs (~5 min a run on one CPU core); the map sets lr and seed.
+for variant in (*VARIANTS, "vicreg"):
+    base = PRESETS[f"fmnist-vit-{variant}"]
+    register(f"fmnist-vit-5k-{variant}",
+             dataclasses.replace(base.config, num_train=5000, num_test=2000, epochs=8),
+             base.description.replace("Fashion-MNIST 10k", "Fashion-MNIST 5k (2k test)")
+             .replace("10 epochs (CPU: ~10 min a run)", "8 epochs (CPU: ~5 min a run)"))
+
+
 def get_preset(name: str) -> Preset:
     """The preset ``name``; ValueError listing the valid names otherwise."""
     if name not in PRESETS:
