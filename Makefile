@@ -44,7 +44,7 @@ bench: setup
 	$(PY) benchmarks/throughput.py
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -136,6 +136,13 @@ def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(argv) == 2
     assert "different config" in capsys.readouterr().err
 
+    # An interrupted run (no summary) with other settings: the sweep's own advice, not
+    # `sigreg train`'s --allow-change.
+    summary_path.unlink()
+    assert main([*argv, "--set", "lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "interrupted run with other settings" in err and "--allow-change" not in err
+
 
 def test_parallel_sweep_equals_sequential(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,6 +49,10 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked; nothing was written."""
 
 
+class SettingsChanged(RunDirError):
+    """Resuming would change settings that were not allowed to change."""
+
+
 @dataclass
 class Start:
     """What :func:`plan` decided: the settings to run with and where to begin."""
@@ -97,7 +101,7 @@ def _check_changes(out: Path, changes: dict[str, list[Any]], allow: Sequence[str
     refused = [k for k in changes if k not in FREE_ON_RESUME and k not in allow]
     if refused:
         listed = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused)
-        raise RunDirError(f"--resume: settings differ from the checkpoint in {out}: {listed}; "
+        raise SettingsChanged(f"--resume: settings differ from the checkpoint in {out}: {listed}; "
                           f"add --allow-change {','.join(refused)} to change them deliberately "
                           f"(recorded in metrics.jsonl), or drop those --set items")
     if epochs < done:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .config import TrainConfig, apply_overrides
 from .presets import preset_config
-from .rundir import FREE_ON_RESUME
+from .rundir import FREE_ON_RESUME, SettingsChanged
 from .trainer import train
 
 # Settings the sweep itself sets for every run; --set may not fight over them.
@@ -116,7 +116,11 @@ def train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
                              "use another --out or delete that directory")
         log(f"  {run_dir.name}: done already, skipped")
         return summary
-    return train(cfg, run_dir, resume="auto", progress=progress, log=log)
+    try:
+        return train(cfg, run_dir, resume="auto", progress=progress, log=log)
+    except SettingsChanged as exc:  # its advice (--allow-change) is for `sigreg train`
+        raise ValueError(f"{run_dir} holds an interrupted run with other settings; use another "
+                         "--out or delete that directory") from exc
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
