@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _tables import cell
 from torch import nn
 
 import sigreg
@@ -146,11 +147,9 @@ def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -
             if not rows:
                 cells.append("-")
                 continue
-            bits = [r["final_val_bits"] for r in rows]
-            std = statistics.stdev(bits) if len(bits) > 1 else 0.0
             diverged = sum(r["diverged_at"] is not None for r in rows)
-            cells.append(f"{statistics.fmean(bits):.3f} ± {std:.3f} (n={len(rows)}"
-                         + (f", {diverged} diverged" if diverged else "") + ")")
+            cells.append(cell([r["final_val_bits"] for r in rows], digits=3)
+                         + (f", {diverged} diverged" if diverged else ""))
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

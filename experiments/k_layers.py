@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from _tables import cell, mean_std, write_jsonl
 
 from sigreg.train.config import apply_overrides
 from sigreg.train.presets import preset_config
@@ -100,12 +100,8 @@ def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mean_std(results: list[dict[str, Any]], **match: Any) -> str:
-    accs = [100 * r["final_test_acc"] for r in results if r["final_test_acc"] is not None
-            and all(r.get(k) == v for k, v in match.items())]
-    if not accs:
-        return "-"
-    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    return f"{statistics.fmean(accs):.2f} ± {std:.2f} (n={len(accs)})"
+    return cell([100 * r["final_test_acc"] for r in results if r["final_test_acc"] is not None
+                 and all(r.get(k) == v for k, v in match.items())])
 
 
 def markdown(results: list[dict[str, Any]], widths: list[int]) -> str:
@@ -142,8 +138,7 @@ def plot(results: list[dict[str, Any]], widths: list[int], path: Path) -> None:
                     and r["width"] == width and r["k"] == width // fraction
                     and r["final_test_acc"] is not None]
             if accs:
-                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                points.append((1 / fraction, statistics.fmean(accs), std))
+                points.append((1 / fraction, *mean_std(accs)))
         if points:
             xs, means, stds = zip(*points, strict=True)
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"width {width}")
@@ -164,12 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(c, s) for s in range(args.seeds) for c in grid
             if c.info.get("width") != 512 or s < args.wide_seeds]
     results = []
-    for i, (cell, seed) in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {cell.part} {cell.name} seed {seed}", flush=True)
-        results.append(run_cell(cell, seed, args))
-        args.out.mkdir(parents=True, exist_ok=True)  # rewritten after every run: resumable
-        with (args.out / "results.jsonl").open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
+    for i, (run, seed) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.part} {run.name} seed {seed}", flush=True)
+        results.append(run_cell(run, seed, args))
+        write_jsonl(args.out / "results.jsonl", results)
     table = markdown(results, args.widths)
     (args.out / "k_layers.md").write_text(table)
     plot(results, args.widths, args.out / "k_layers.png")

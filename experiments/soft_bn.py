@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _tables import cell, mean_std, write_jsonl
 
 from sigreg.train.config import apply_overrides
 from sigreg.train.presets import MLP_DEPTHS, MLP_PRIORS, VARIANTS, preset_config
@@ -70,13 +71,6 @@ def run_cell(depth: int, arm: str, seed: int, args: argparse.Namespace) -> dict[
             "time_per_epoch_s": statistics.median(r["epoch_time"] for r in epochs)}
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {std:.2f} (n={len(values)})"
-
-
 def markdown(results: list[dict[str, Any]], depths: list[int], arms: list[str]) -> str:
     """Rows depth, columns arm: mean ± std of the final test accuracy (%) over seeds."""
     lines = ["| depth | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
@@ -85,7 +79,7 @@ def markdown(results: list[dict[str, Any]], depths: list[int], arms: list[str]) 
         for arm in arms:
             accs = [100 * r["final_test_acc"] for r in results
                     if r["depth"] == depth and r["arm"] == arm and r["final_test_acc"] is not None]
-            cells.append(_cell(accs))
+            cells.append(cell(accs))
         lines.append(f"| {depth} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -104,8 +98,7 @@ def plot(results: list[dict[str, Any]], depths: list[int], arms: list[str], path
             accs = [100 * r["final_test_acc"] for r in results
                     if r["depth"] == depth and r["arm"] == arm and r["final_test_acc"] is not None]
             if accs:
-                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                points.append((depth, statistics.fmean(accs), std))
+                points.append((depth, *mean_std(accs)))
         if points:
             xs, means, stds = zip(*points, strict=True)
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
@@ -128,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (depth, arm, seed) in enumerate(cells, 1):
         print(f"[{i}/{len(cells)}] depth {depth} {arm} seed {seed}", flush=True)
         results.append(run_cell(depth, arm, seed, args))
-        args.out.mkdir(parents=True, exist_ok=True)  # rewritten after every run: resumable
-        with (args.out / "results.jsonl").open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
+        write_jsonl(args.out / "results.jsonl", results)
     table = markdown(results, args.depths, args.arms)
     (args.out / "soft_bn.md").write_text(table)
     plot(results, args.depths, args.arms, args.out / "soft_bn.png")

@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _tables import cell, write_jsonl
+
 from sigreg.train.config import TrainConfig, apply_overrides
 from sigreg.train.presets import preset_config
 from sigreg.train.sweep import train_or_skip, train_parallel
@@ -107,8 +109,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+    return cell(values, count=False)
 
 
 def markdown(results: list[dict[str, Any]], seeds: int) -> str:
@@ -152,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [{"study": study, "arm": label, **done[arm, seed]}
                for study in studies for label, arm in STUDIES[study].items()
                for seed in range(args.seeds)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "results.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in results)
+    write_jsonl(args.out / "results.jsonl", results)
     table = markdown(results, args.seeds)
     (args.out / "studies.md").write_text(table)
     print()

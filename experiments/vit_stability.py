@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from _tables import cell, mean_std, write_jsonl
 
 from sigreg.train.config import apply_overrides
 from sigreg.train.presets import preset_config
@@ -87,11 +88,6 @@ def outcome(path: Path) -> dict[str, Any]:
             "final_test_acc": CHANCE if diverged else None}
 
 
-def _cell(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {std:.2f}" if values else "-"
-
-
 def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -> str:
     """Rows lr, columns arm: mean ± std of the final test accuracy (%), diverged at chance."""
     lines = ["| lr | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
@@ -102,7 +98,7 @@ def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -
             accs = [100 * r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
             notes = [f"{sum(r['state'] == s for r in rows)} {s}" for s in ("diverged", "missing")
                      if any(r["state"] == s for r in rows)]
-            cells.append(_cell(accs) + (f" ({', '.join(notes)})" if notes else ""))
+            cells.append(cell(accs, count=False) + (f" ({', '.join(notes)})" if notes else ""))
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -122,9 +118,10 @@ def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path:
             accs = [100 * r["final_test_acc"] for r in results
                     if r["lr"] == lr and r["arm"] == arm and r["final_test_acc"] is not None]
             if accs:
+                mean, std = mean_std(accs)
                 xs.append(lr)
-                means.append(statistics.fmean(accs))
-                stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+                means.append(mean)
+                stds.append(std)
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
     ax.axhline(100 * CHANCE, color="grey", linestyle=":", label="chance")
     ax.set_xscale("log")
@@ -140,9 +137,7 @@ def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path:
 def collect(args: argparse.Namespace) -> str:
     results = [{"lr": lr, "arm": arm, "seed": seed,
                 **outcome(run_dir(args.out, lr, arm, seed))} for lr, arm, seed in grid(args)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "results.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in results)
+    write_jsonl(args.out / "results.jsonl", results)
     table = markdown(results, args.lrs, args.arms)
     (args.out / "vit_full.md").write_text(table)
     plot(results, args.lrs, args.arms, args.out / "stability.png",

@@ -1,0 +1,29 @@
+"""What the study scripts share: mean ± sample std of a cell, and results files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: list[float], digits: int = 2, count: bool = True) -> str:
+    """``mean ± std (n=k)`` for a table cell, ``-`` when there is nothing."""
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" (n={len(values)})" if count else "")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Rewrite ``path`` with one JSON line per row (rewritten after every run: resumable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
