@@ -171,7 +171,8 @@ def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path:
                         label=r["arm"] if r["seed"] == 0 else None)
         ax.set_title(f"lr {lr:g}", fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylim(top=UNIFORM_BITS)
+    lowest = min((b for r in results for _, b in r["val_curve"]), default=0.0)
+    axes[0][0].set_ylim(max(lowest - 0.2, 0.0), UNIFORM_BITS)  # shared by every panel
     axes[0][0].set_ylabel("validation bits / byte")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
