@@ -61,7 +61,7 @@ def test_every_new_preset_builds_a_model_that_backpropagates():
 
 
 def test_vit_5k_presets_are_the_stability_map_settings():
-    """docs/studies.md section 9 ran fmnist-vit-<arm> with these --set items; the 5k presets
+    """docs/studies.md section 7b ran fmnist-vit-<arm> with these --set items; the 5k presets
     must be exactly that, so one preset reruns a cell."""
     from sigreg.train.config import apply_overrides
 

@@ -133,7 +133,7 @@ for variant in (*VARIANTS, "vicreg"):
               f"MixUp/CutMix, 100 epochs (the paper's recipe; GPU); SIGReg {variant}"))
 
 
-# Issue 12's CPU-scale stability map (docs/studies.md, section 9): fmnist-vit on 5000 training
+# Issue 12's CPU-scale stability map (docs/studies.md, section 7b): fmnist-vit on 5000 training
 # and 2000 test images for 8 epochs (~5 min a run on one CPU core); the map sets lr and seed.
 for variant in (*VARIANTS, "vicreg"):
     base = PRESETS[f"fmnist-vit-{variant}"]
