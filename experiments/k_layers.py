@@ -81,7 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for every run, e.g. device=cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if any(w < max(FRACTIONS) for w in args.widths):
+        parser.error(f"--widths must be at least {max(FRACTIONS)} (K = width / {max(FRACTIONS)} "
+                     "must be >= 1)")
+    if args.seeds < 1 or args.wide_seeds < 0 or args.threads < 1:
+        parser.error("--seeds and --threads must be at least 1, --wide-seeds at least 0")
+    return args
 
 
 def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict[str, Any]:
