@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +27,13 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def grid_table(corner: str, rows: Sequence[Any], columns: Sequence[str],
+               cell_of: Callable[[Any, str], str], row_label: Callable[[Any], str] = str) -> str:
+    """A markdown table: one row per ``rows`` entry, one column per ``columns`` entry, each
+    cell ``cell_of(row, column)``."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {row_label(row)} | " + " | ".join(cell_of(row, c) for c in columns) + " |"
+              for row in rows]
+    return "\n".join(lines) + "\n"

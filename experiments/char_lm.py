@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _tables import cell
+from _tables import cell, grid_table
 from torch import nn
 
 import sigreg
@@ -139,19 +139,13 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
 
 
 def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -> str:
-    lines = ["| lr | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-    for lr in lrs:
-        cells = []
-        for arm in arms:
-            rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
-            if not rows:
-                cells.append("-")
-                continue
-            diverged = sum(r["diverged_at"] is not None for r in rows)
-            cells.append(cell([r["final_val_bits"] for r in rows], digits=3)
-                         + (f", {diverged} diverged" if diverged else ""))
-        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    def cell_of(lr: float, arm: str) -> str:
+        rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
+        diverged = sum(r["diverged_at"] is not None for r in rows)
+        return cell([r["final_val_bits"] for r in rows], digits=3) + (
+            f", {diverged} diverged" if diverged else "")
+
+    return grid_table("lr", lrs, arms, cell_of, lambda lr: f"{lr:g}")
 
 
 def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path: Path) -> None:

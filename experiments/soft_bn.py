@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _tables import cell, mean_std, write_jsonl
+from _tables import cell, grid_table, mean_std, write_jsonl
 
 from sigreg.train.config import apply_overrides
 from sigreg.train.presets import MLP_DEPTHS, MLP_PRIORS, VARIANTS, preset_config
@@ -73,15 +73,9 @@ def run_cell(depth: int, arm: str, seed: int, args: argparse.Namespace) -> dict[
 
 def markdown(results: list[dict[str, Any]], depths: list[int], arms: list[str]) -> str:
     """Rows depth, columns arm: mean ± std of the final test accuracy (%) over seeds."""
-    lines = ["| depth | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-    for depth in depths:
-        cells = []
-        for arm in arms:
-            accs = [100 * r["final_test_acc"] for r in results
-                    if r["depth"] == depth and r["arm"] == arm and r["final_test_acc"] is not None]
-            cells.append(cell(accs))
-        lines.append(f"| {depth} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return grid_table("depth", depths, arms, lambda depth, arm: cell(
+        [100 * r["final_test_acc"] for r in results
+         if r["depth"] == depth and r["arm"] == arm and r["final_test_acc"] is not None]))
 
 
 def plot(results: list[dict[str, Any]], depths: list[int], arms: list[str], path: Path) -> None:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _tables import cell, mean_std, write_jsonl
+from _tables import cell, grid_table, mean_std, write_jsonl
 
 from sigreg.train.config import apply_overrides
 from sigreg.train.presets import preset_config
@@ -90,17 +90,14 @@ def outcome(path: Path) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -> str:
     """Rows lr, columns arm: mean ± std of the final test accuracy (%), diverged at chance."""
-    lines = ["| lr | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-    for lr in lrs:
-        cells = []
-        for arm in arms:
-            rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
-            accs = [100 * r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
-            notes = [f"{sum(r['state'] == s for r in rows)} {s}" for s in ("diverged", "missing")
-                     if any(r["state"] == s for r in rows)]
-            cells.append(cell(accs, count=False) + (f" ({', '.join(notes)})" if notes else ""))
-        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    def cell_of(lr: float, arm: str) -> str:
+        rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
+        accs = [100 * r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
+        notes = [f"{sum(r['state'] == s for r in rows)} {s}" for s in ("diverged", "missing")
+                 if any(r["state"] == s for r in rows)]
+        return cell(accs, count=False) + (f" ({', '.join(notes)})" if notes else "")
+
+    return grid_table("lr", lrs, arms, cell_of, lambda lr: f"{lr:g}")
 
 
 def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path: Path,
