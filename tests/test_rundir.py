@@ -54,6 +54,20 @@ def summary_without_timing(out: Path) -> dict:
     return {k: v for k, v in summary.items() if k not in TIMING}
 
 
+def tensorboard_scalars(out: Path) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar event on disk, as written, timing aside: raw
+    events, not EventAccumulator's, which hides a step written twice."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    found = []
+    for path in sorted((out / "tensorboard").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag != "images_per_s":
+                    found.append((value.tag, event.step, value.tensor.float_val[0]))
+    return found
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` and a hash of its bytes."""
     if not root.exists():
@@ -162,6 +176,8 @@ def test_resume_after_a_crash_at_every_point_equals_an_uninterrupted_run(
     got = checkpoint.load(out / "checkpoint.pt")["model"]
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not list(out.glob("*.tmp"))
+    # TensorBoard's view: every epoch and monitored step once, none lost to the crash.
+    assert tensorboard_scalars(out) == tensorboard_scalars(uninterrupted)
 
 
 def test_resume_of_a_finished_run_writes_nothing_new(uninterrupted, tmp_path):

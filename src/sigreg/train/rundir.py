@@ -8,6 +8,8 @@ Files (rank 0 writes them all):
   live during an epoch, the epoch row right after the checkpoint.
 - ``config.json``: the effective settings; ``summary.json``: written when the last epoch is
   committed.
+- ``tensorboard/``: events, another view of the rows: removed at every start, then rebuilt
+  from the rows by the trainer and appended to live.
 
 At the end of epoch e the order is: (1) ``checkpoint.pt`` atomically (temporary file, fsync,
 rename, fsync of the directory), (2) the epoch row appended to ``metrics.jsonl``, (3) after the
@@ -202,6 +204,7 @@ class RunDir:
         self.write = write
         self.checkpoint = self.out / CHECKPOINT
         self.metrics = self.out / METRICS
+        self.tensorboard = self.out / TENSORBOARD
         self.rows: list[dict[str, Any]] = []
 
     def begin(self, start: Start) -> None:
@@ -216,7 +219,9 @@ class RunDir:
         if start.replace:
             for name in (CHECKPOINT, SUMMARY):
                 (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out / TENSORBOARD, ignore_errors=True)
+        # A view of the rows, rebuilt from them by the trainer: whatever an earlier start
+        # wrote (an interrupted epoch's events included) goes.
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
         if start.state is not None and start.epoch < start.cfg.epochs:
             (self.out / SUMMARY).unlink(missing_ok=True)  # the run goes on: no longer final
         write_atomic(self.out / CONFIG, json.dumps(start.cfg.to_dict(), indent=2) + "\n")

@@ -77,12 +77,35 @@ def _own_rng_state(state: dict[str, Any], rt: Runtime, log) -> dict[str, torch.T
     return {key: states[index].cpu() for key, states in saved.items()}
 
 
-def _open_tensorboard(out: Path):
+# Scalars of an epoch row that TensorBoard shows, at step = epoch.
+EPOCH_SCALARS = ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss", "test_acc",
+                 "images_per_s")
+
+
+def _open_tensorboard(run: RunDir):
+    """A TensorBoard writer for the run, or None without tensorboard. The events are a view
+    of the metrics rows, rebuilt from them at every start (:meth:`RunDir.begin` removed the
+    old ones): an interrupted epoch's events, or ones a crash kept from being flushed,
+    cannot be duplicated or lost."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    writer = SummaryWriter(str(run.tensorboard))
+    for row in run.rows:
+        _log_scalars(writer, row)
+    return writer
+
+
+def _log_scalars(writer, row: dict[str, Any]) -> None:
+    """An epoch row's scalars at step = epoch; a monitor row's ``eff_dim/<layer>`` at its
+    training step."""
+    if row["kind"] == "epoch":
+        for key in EPOCH_SCALARS:
+            writer.add_scalar(key, row[key], row["epoch"])
+    elif row["kind"] == "monitor":
+        for name, value in row["eff_dim"].items():
+            writer.add_scalar(f"eff_dim/{name}", value, row["step"])
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -173,7 +196,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
             log(f"resumed {out_dir} at epoch {start.epoch}/{cfg.epochs}"
                 + (f"; changed: {changed}" if changed else ""))
 
-        writer = _open_tensorboard(Path(out_dir)) if rt.is_main else None
+        writer = _open_tensorboard(run) if rt.is_main else None
         for epoch in range(start.epoch + 1, cfg.epochs + 1):
             # Same permutation on every rank; each takes its own slice of every global batch.
             order = torch.randperm(data.train_images.shape[0], generator=torch.Generator()
@@ -214,8 +237,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
                     row = monitor.measure(step, epoch)
                     run.log_row(row)
                     if writer:
-                        for name, value in row["eff_dim"].items():
-                            writer.add_scalar(f"eff_dim/{name}", value, step)
+                        _log_scalars(writer, row)
                 if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_per_epoch:
                     # Every rank tests the same global sum, so all stop together: a rank that
                     # stopped alone would leave the others waiting in their next collective.
@@ -267,9 +289,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
                 "rng_ranks": rng_ranks,
             }, row)
             if writer:
-                for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss",
-                            "test_acc", "images_per_s"):
-                    writer.add_scalar(key, row[key], epoch)
+                _log_scalars(writer, row)
             log(f"epoch {epoch:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                 f"train acc {row['train_acc']:.2%}  test acc {test_acc:.2%}  "
                 f"{train_time:.1f}s  {row['images_per_s']:.0f} img/s")
