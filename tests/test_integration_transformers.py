@@ -127,3 +127,49 @@ def test_language_model_flatten_pool_with_gradient_accumulation(tmp_path):
     ref, per_layer = reference(copy.deepcopy(initial), trainer.seen, settings)
     plain, _ = reference(copy.deepcopy(initial), trainer.seen, settings, regularized=False)
     check(trainer, grads, ref, plain, per_layer, ["transformer.h.0", "transformer.h.1"])
+
+
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` optimizer steps, as an interrupted job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def lm_run(out, callbacks=(), resume=None):
+    """4 steps of GPT-2 with a resampled weak sketch (K 8 < width 32), checkpoint every 2."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 64, (16, 16), generator=g)
+    dataset = [{"input_ids": i, "labels": i} for i in ids]
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, logging_steps=100)
+    settings = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8, alpha=ALPHA)
+    trainer = SIGRegTrainer(model=gpt2(), args=args, train_dataset=dataset,
+                            callbacks=list(callbacks), sigreg=settings)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_resume_from_a_checkpoint_continues_the_sketch_stream(tmp_path):
+    whole = lm_run(tmp_path / "whole")
+    lm_run(tmp_path / "cut", callbacks=[StopAt(2)])
+    checkpoint = tmp_path / "cut" / "checkpoint-2"
+    assert torch.load(checkpoint / "sigreg_state.pt", weights_only=True)["step"] == 2
+
+    resumed = lm_run(tmp_path / "cut", resume=True)  # the last checkpoint: checkpoint-2
+
+    want = whole.model.state_dict()
+    got = resumed.model.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    assert resumed.sigreg.state_dict()["step"] == 4
+
+    # A checkpoint saved without SIGReg resumes with a warning: the stream starts over.
+    (checkpoint / "sigreg_state.pt").unlink()
+    with pytest.warns(UserWarning, match="has no sigreg_state.pt"):
+        lm_run(tmp_path / "cut", resume=str(checkpoint))

@@ -23,11 +23,19 @@ accumulation keeps the regularizer's weight: when the Trainer does not divide th
 the accumulation steps (models that take ``num_items_in_batch``), the regularizer is divided
 here. DDP (torchrun / accelerate) uses global-batch statistics as :func:`sigreg.attach`;
 ``DataParallel`` (several GPUs, one process) is not supported.
+
+Every checkpoint folder the Trainer saves gets ``sigreg_state.pt``, the sketch stream's
+state, and ``train(resume_from_checkpoint=...)`` restores it: a resumed run draws the
+sketches an uninterrupted one would (a checkpoint without the file resumes with a warning,
+the stream starting over).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,9 +46,34 @@ from ._session import SIGRegSession, log_entries
 
 require("transformers", "sigreg.integrations.transformers")
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 __all__ = ["SIGRegMixin", "SIGRegTrainer"]
+
+SKETCH_STATE = "sigreg_state.pt"
+
+
+class _SaveSketchState(TrainerCallback):
+    """Writes the sketch state into each checkpoint folder, after the Trainer saved it."""
+
+    def __init__(self, session: SIGRegSession) -> None:
+        self.session = session
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        sketch_state = self.session.state_dict()
+        if not state.is_world_process_zero or sketch_state is None:
+            return
+        if not folder.is_dir():  # a hyper-parameter search saves elsewhere
+            warnings.warn(f"SIGReg: no checkpoint folder {folder} to save the sketch state in; "
+                          "a run resumed from this checkpoint restarts the sketch stream",
+                          stacklevel=2)
+            return
+        # Temporary file, then rename: a crash never leaves a half-written state behind.
+        tmp = folder / (SKETCH_STATE + ".tmp")
+        torch.save(sketch_state, tmp)
+        os.replace(tmp, folder / SKETCH_STATE)
 
 
 class SIGRegMixin:
@@ -60,6 +93,7 @@ class SIGRegMixin:
         if getattr(self.args, "n_gpu", 1) > 1:
             raise ValueError("SIGReg hooks do not support DataParallel (n_gpu > 1 in one process);"
                              " launch with torchrun or accelerate for DDP")
+        self.add_callback(_SaveSketchState(self.sigreg))
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -69,12 +103,27 @@ class SIGRegMixin:
         self._sigreg_measure = self.sigreg_log_eff_dim
         self._sigreg_eff_dims: dict[str, float] = {}
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
+              **kwargs: Any) -> Any:
+        """``Trainer.train``; resuming also restores the sketch state of the checkpoint."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._load_sketch_state(Path(checkpoint))
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.sigreg.detach()
             self._reset_window()
+
+    def _load_sketch_state(self, checkpoint: Path) -> None:
+        path = checkpoint / SKETCH_STATE
+        if not path.is_file():
+            warnings.warn(f"SIGReg: {checkpoint} has no {SKETCH_STATE} (saved without SIGReg, "
+                          "or by an older sigreg): the sketch stream starts over", stacklevel=3)
+            return
+        self.sigreg.load_state_dict(torch.load(path, weights_only=True))
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
