@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,34 @@ def test_regularizer_cost_quick(tmp_path):
     monitor = res["monitor"]
     assert positive(monitor["ms_per_measurement"]) and monitor["every"] == 25
     assert 0 < monitor["share_of_none_step"] < 10
+
+
+def test_gpu_issue9_script_on_cpu(tmp_path):
+    """The device-call script's plumbing at tiny sizes: parts leave their files in OUT (at most
+    7, flat: the device tool returns 8), the summary reads them, and a part that has no time
+    left is skipped and reported as not measured."""
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "IMAGES": "128", "PARTS": "cost epochs",
+           "SCRATCH": str(scratch), "PYTHON": sys.executable,
+           "EXTRA": "num_test=32 batch_size=32 model.dim=16 model.depth=1 model.heads=2"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue9.sh"), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["cost.json", "epochs.jsonl", "log.txt", "summary.md"]
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    assert [e["arm"] for e in epochs] == ["none", "weak", "strong"]
+    assert all(e["epoch"] == 2 and e["images"] == 128 and positive(e["full_epoch_s"])
+               for e in epochs)
+    summary = (out / "summary.md").read_text()
+    assert "| cost | weak |" in summary and "| eager epoch | strong |" in summary
+    assert "| overhead_amp | - | not measured" in summary  # not among PARTS
+    assert (out / "log.txt").read_text().count("== ") >= 2
+
+    skipped = tmp_path / "skipped"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue9.sh"), str(skipped)],
+                          cwd=ROOT, env={**env, "BUDGET_S": "5", "PARTS": "compiled"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "== compiled: skipped" in done.stdout
+    assert "| epochs | - | not measured" in (skipped / "summary.md").read_text()
