@@ -93,17 +93,24 @@ def test_regularizer_cost_quick(tmp_path):
     assert 0 < monitor["share_of_none_step"] < 10
 
 
+def run_gpu_script(out: Path, env: dict[str, str], timeout: float) -> str:
+    """``benchmarks/gpu_issue9.sh out`` with ``env``; returns what it printed."""
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue9.sh"), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_gpu_issue9_script_on_cpu(tmp_path):
     """The device-call script's plumbing at tiny sizes: parts leave their files in OUT (at most
     7, flat: the device tool returns 8), the summary reads them, and a part that has no time
     left is skipped and reported as not measured."""
-    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out = tmp_path / "out"
     env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "IMAGES": "128", "PARTS": "cost epochs",
-           "SCRATCH": str(scratch), "PYTHON": sys.executable,
+           "SCRATCH": str(tmp_path / "scratch"), "PYTHON": sys.executable,
            "EXTRA": "num_test=32 batch_size=32 model.dim=16 model.depth=1 model.heads=2"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue9.sh"), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_gpu_script(out, env, timeout=300)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["cost.json", "epochs.jsonl", "log.txt", "summary.md"]
     epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
@@ -116,9 +123,6 @@ def test_gpu_issue9_script_on_cpu(tmp_path):
     assert (out / "log.txt").read_text().count("== ") >= 2
 
     skipped = tmp_path / "skipped"
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue9.sh"), str(skipped)],
-                          cwd=ROOT, env={**env, "BUDGET_S": "5", "PARTS": "compiled"},
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "== compiled: skipped" in done.stdout
+    printed = run_gpu_script(skipped, {**env, "BUDGET_S": "5", "PARTS": "compiled"}, timeout=60)
+    assert "== compiled: skipped" in printed
     assert "| epochs | - | not measured" in (skipped / "summary.md").read_text()
