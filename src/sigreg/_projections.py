@@ -81,8 +81,7 @@ class LayerProjections:
         sketches, the stream having changed). Clear errors for anything else."""
         if not isinstance(state, dict):
             raise TypeError(f"a handle state is a dict from state_dict(), got {type(state).__name__}")
-        if state and set(state) <= set(self.names) and "step" not in state:
-            state = _from_per_layer_state(state)
+        state = in_current_layout(state, self.names)
         missing, unknown = {"step", "fixed"} - set(state), set(state) - {"step", "fixed"}
         if missing or unknown:
             raise ValueError(
@@ -109,6 +108,14 @@ class LayerProjections:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"state['fixed'][{name!r}] must be a (C, {k}) tensor, got {shape}")
         return {n: t.cpu() for n, t in fixed.items()}
+
+
+def in_current_layout(state: Any, names: list[str]) -> Any:
+    """A sigreg 0.1 handle state ({layer: module state_dict}, keyed by the handle's layer
+    ``names``) in today's layout; any other ``state`` as it is."""
+    if isinstance(state, dict) and state and set(state) <= set(names) and "step" not in state:
+        return _from_per_layer_state(state)
+    return state
 
 
 def _from_per_layer_state(state: dict[str, Any]) -> dict[str, Any]:

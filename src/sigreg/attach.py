@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_int
-from ._projections import LayerProjections
+from ._projections import LayerProjections, in_current_layout
 from .functional import _check_weights, regularized_loss
 from .modules import Regularizer, make_regularizer
 
@@ -341,6 +341,8 @@ class SIGRegHandle:
         if len(self._parts) == 1:
             self._parts[0].projections.load_state_dict(state)
             return
+        # Split a sigreg 0.1 state's sketches by K too, not only today's.
+        state = in_current_layout(state, self.names)
         if not isinstance(state, dict) or not isinstance(state.get("fixed", {}), dict):
             raise TypeError("a handle state is a dict {'step': int, 'fixed': {layer: tensor}} "
                             "from state_dict()")
