@@ -247,8 +247,8 @@ train(cfg, sys.argv[2], progress=False, log=lambda _: None)
 """
 
 
-def run_two_ranks(script: Path, cfg: TrainConfig, out: Path,
-                  *args: str) -> subprocess.CompletedProcess:
+def run_two_ranks(script: Path, cfg: TrainConfig, out: Path, *args: str,
+                  timeout: float = 120) -> subprocess.CompletedProcess:
     """``script cfg out *args`` on 2 CPU ranks under torchrun; --standalone picks a free
     port itself (choosing one here and passing it on races with other processes)."""
     env = {k: v for k, v in os.environ.items()
@@ -257,7 +257,7 @@ def run_two_ranks(script: Path, cfg: TrainConfig, out: Path,
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(script), json.dumps(cfg.to_dict()), str(out), *args],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
@@ -353,6 +353,26 @@ def test_two_cpu_ranks_match_one_process(tmp_path):
         for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss", "test_acc"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
         assert got["reg_layers"] == pytest.approx(want["reg_layers"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["weak", "strong"])
+def test_two_cpu_ranks_compiled_match_one_process(variant, tmp_path):
+    # compile=true under torchrun: model and batched regularizer compiled on each rank, the
+    # global-batch all-reduces run eagerly between the compiled pieces (slow: inductor
+    # compiles on each rank).
+    settings = dict(num_train=32, batch_size=16, sigreg=variant, crop_padding=0, flip=False,
+                    epochs=2)
+    cfg = tiny_mlp(**settings, compile=True)
+    script = tmp_path / "run_ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    proc = run_two_ranks(script, cfg, tmp_path / "ddp", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = epoch_rows(tmp_path / "ddp")
+    single = epoch_rows(_run(tiny_mlp(**settings), tmp_path / "single"))  # eager
+    for got, want in zip(rows, single, strict=True):
+        for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss", "test_acc"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
 
 
 DDP_RESUME_SCRIPT = """
