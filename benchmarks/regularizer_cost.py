@@ -10,6 +10,10 @@ with a bootstrap 95% CI (robust to the machine's load drifting during the run).
 
     .venv/bin/python benchmarks/regularizer_cost.py                  # ~1 minute on 2 CPU cores
     .venv/bin/python benchmarks/regularizer_cost.py --quick --json /tmp/cost.json
+    .venv/bin/python benchmarks/regularizer_cost.py --breakdown     # where each arm's extra goes
+
+``--breakdown`` also profiles a block of steps of every arm under ``torch.profiler`` and prints
+the aten ops whose self time per step differs most from the arm without regularizer.
 """
 
 from __future__ import annotations
@@ -83,6 +87,31 @@ def time_monitor(model, x: torch.Tensor, cfg, args: argparse.Namespace,
     return statistics.median(times[args.warmup:])
 
 
+def breakdown(arms: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, dict]:
+    """Self time per step of every profiled op (microseconds), for each arm, from one block of
+    ``steps`` steps under ``torch.profiler`` (CPU activity: on a GPU, the launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_arm = {}
+    for name in ARMS:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(arms[name], x, y)
+        per_arm[name] = {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
+    return per_arm
+
+
+def print_breakdown(per_arm: dict[str, dict], rows: int = 12) -> None:
+    none = per_arm["none"]
+    for arm in ARMS[1:]:
+        ops = per_arm[arm]
+        diff = {k: ops.get(k, 0.0) - none.get(k, 0.0) for k in set(ops) | set(none)}
+        print(f"\n{arm}: self time {sum(ops.values()):.0f} us/step against none "
+              f"{sum(none.values()):.0f} (profiled); the ops that differ most, us/step:")
+        for key, delta in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:rows]:
+            print(f"   {delta:+8.1f}  {key[:70]}")
+
+
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
     shape = (1, 28, 28)
     cfg, arms = make_arms(args.preset, shape, device, args.seed, args.compile, args.sketch)
@@ -100,11 +129,15 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
                       device) / args.steps
             if r >= args.warmup:
                 times[arm].append(t)
+    if args.breakdown:
+        out_breakdown = breakdown(arms, x, y, 10 * args.steps)
     plain = arms["none"][0]
     monitor_s = time_monitor(getattr(plain, "_orig_mod", plain), x, cfg, args, device)
     out = {"preset": args.preset, "model": cfg.model, "model_args": cfg.model_args,
            "alpha": cfg.alpha, "sketch_dim": cfg.sketch_dim,
            "sketch": args.sketch or cfg.sketch, "arms": {}, "ratios": {}}
+    if args.breakdown:
+        out["breakdown_us_per_step"] = out_breakdown
     none_s = statistics.median(times["none"])
     out["monitor"] = {"ms_per_measurement": 1e3 * monitor_s, "every": cfg.monitor_every,
                       "share_of_none_step": monitor_s / (cfg.monitor_every * none_s)
@@ -136,6 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sketch policy of weak and strong (default: the preset's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every arm's model and regularizer (warm-up compiles)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile every arm: the aten ops whose time differs from none")
     p.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -169,6 +204,8 @@ def main(argv=None) -> None:
         cost = f"{r['median']:.2f}x" if r else "-"
         ci = f"{r['ci95_low']:.2f} - {r['ci95_high']:.2f}" if r else ""
         print(f"   {arm:<8}{a['median_ms']:>9.2f}{cost:>15}{ci:>17}")
+    if args.breakdown:
+        print_breakdown(res["breakdown_us_per_step"])
     mon = res["monitor"]
     print(f"\ncollapse monitor: {mon['ms_per_measurement']:.2f} ms per measurement of all "
           f"layers; every {mon['every']} steps that is {100 * mon['share_of_none_step']:.1f} % "

@@ -10,12 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(script: str, json_path: Path, timeout: float = 60) -> dict:
-    """Run ``benchmarks/<script> --quick --json json_path``; return the parsed JSON.
+def run_quick(script: str, json_path: Path, *args: str, timeout: float = 60) -> dict:
+    """Run ``benchmarks/<script> --quick --json json_path *args``; return the parsed JSON.
 
     The quick runs take a few seconds; the timeout leaves room for a busy machine.
     """
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(json_path)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(json_path),
+           *args]
     done = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -79,7 +80,11 @@ def test_throughput_quick(tmp_path):
 
 
 def test_regularizer_cost_quick(tmp_path):
-    res = run_quick("regularizer_cost.py", tmp_path / "cost.json")
+    res = run_quick("regularizer_cost.py", tmp_path / "cost.json", "--breakdown")
+    breakdown = res["breakdown_us_per_step"]
+    assert set(breakdown) == {"none", "weak", "strong", "vicreg"}
+    # The sketch draw is a cost of weak and strong alone.
+    assert "aten::normal_" not in breakdown["none"] and breakdown["weak"]["aten::normal_"] > 0
     assert set(res["arms"]) == {"none", "weak", "strong", "vicreg"}
     assert set(res["ratios"]) == {"weak", "strong", "vicreg"}
     for arm in res["arms"].values():
