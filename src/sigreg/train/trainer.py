@@ -102,7 +102,8 @@ def _log_scalars(writer, row: dict[str, Any]) -> None:
     training step."""
     if row["kind"] == "epoch":
         for key in EPOCH_SCALARS:
-            writer.add_scalar(key, row[key], row["epoch"])
+            if key in row:  # rows of older versions may lack some
+                writer.add_scalar(key, row[key], row["epoch"])
     elif row["kind"] == "monitor":
         for name, value in row["eff_dim"].items():
             writer.add_scalar(f"eff_dim/{name}", value, row["step"])
