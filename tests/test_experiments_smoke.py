@@ -1,0 +1,79 @@
+"""experiments/k_layers.py and experiments/vit_stability.py (issue 12, items 3 and 1) at tiny
+sizes on synthetic data: every cell trains or is gathered, the tables and figures are written,
+and finished runs are reused."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import k_layers
+import vit_stability
+
+from sigreg.train import cli
+
+TINY = ["dataset=synthetic", "num_train=32", "num_test=16", "batch_size=16", "epochs=1"]
+
+
+def test_k_layers_trains_every_cell_and_reuses_finished_runs(tmp_path, one_thread, capsys):
+    out = tmp_path / "kl"
+    args = ["--out", str(out), "--seeds", "1", "--widths", "16", "--set", *TINY]
+    assert k_layers.main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # Width part: K = 16/16, 16/4, 16 at width 16; split part: 2 weak + 4 strong cells.
+    assert [(r["part"], r["cell"]) for r in rows] == [
+        ("width", "w16-k1"), ("width", "w16-k4"), ("width", "w16-k16"),
+        ("split", "weak-e16-l256"), ("split", "weak-e256-l16"),
+        ("split", "strong-e8-l8"), ("split", "strong-e8-l64"),
+        ("split", "strong-e64-l8"), ("split", "strong-e64-l64")]
+    assert all(0 <= r["final_test_acc"] <= 1 for r in rows)
+    split = json.loads((tmp_path / "kl" / "split-strong-e8-l64-s0" / "config.json").read_text())
+    assert split["sketch_dim_per_layer"] == "8,8,8,8,64,64,64,64,64"
+    assert "| 16 |" in (out / "k_layers.md").read_text()
+    assert (out / "k_layers.png").stat().st_size > 0
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
+    capsys.readouterr()
+    assert k_layers.main(args) == 0  # a rerun trains nothing
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")} == mtimes
+
+
+def test_vit_stability_commands_then_collect(tmp_path, one_thread, capsys):
+    out = tmp_path / "vit"
+    grid = ["--out", str(out), "--stem", "fmnist-vit-5k", "--lrs", "1e-3", "3e-3",
+            "--arms", "none", "weak", "--seeds", "1",
+            "--set", *TINY, "model.dim=16", "model.depth=1", "model.heads=2"]
+    assert vit_stability.main([*grid, "--commands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # 2 lr x 2 arms x 1 seed
+    # Run two of them as xargs would: the run directory, then `sigreg` arguments.
+    for line in lines[:2]:
+        _, *arguments = shlex.split(line)
+        assert cli.main(arguments) == 0
+    capsys.readouterr()
+
+    assert vit_stability.main([*grid, "--collect"]) == 0
+    results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in results] == ["finished", "finished", "missing", "missing"]
+    assert [(r["lr"], r["arm"]) for r in results[:2]] == [(1e-3, "none"), (1e-3, "weak")]
+    table = (out / "vit_full.md").read_text()
+    assert "1 missing" in table and (out / "stability.png").stat().st_size > 0
+
+
+def test_vit_stability_refuses_a_bad_setting_before_any_run(tmp_path, capsys):
+    status = vit_stability.main(["--out", str(tmp_path / "v"), "--stem", "fmnist-vit-5k",
+                                 "--commands", "--set", "epochs=0"])
+    assert status == 2 and "error" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("argv", [["--widths", "8"], ["--seeds", "0"]])
+def test_k_layers_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        k_layers.parse_args(argv)
+    assert info.value.code == 2 and "must be" in capsys.readouterr().err
