@@ -24,3 +24,12 @@ def test_layers_cost_a_fixed_handful_of_ops_each():
     regularizer kernels are left (before batching: 38 weak, 52 strong)."""
     totals = {d: sum(op_count.extra_ops("strong", d, 64).values()) for d in (2, 3)}
     assert totals[3] - totals[2] == 5
+
+
+def test_host_time_runs_every_variant():
+    """op_count.py --time's plumbing (the times themselves are not asserted: timed tests are
+    not kept here)."""
+    res = op_count.host_time(depth=2, sketch_dim=16, rounds=2, steps=2)
+    assert res["none_us"] > 0
+    assert set(res) == {"none_us", *op_count.VARIANTS}
+    assert all(isinstance(res[v]["extra_us"], float) for v in op_count.VARIANTS)
