@@ -61,10 +61,12 @@ class _SaveSketchState(TrainerCallback):
         self.session = session
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        sketch_state = self.session.state_dict()
-        if not state.is_world_process_zero or sketch_state is None:
+        if not state.is_world_process_zero:
             return
+        sketch_state = self.session.state_dict()
+        if sketch_state is None:  # SIGReg was never attached
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():  # a hyper-parameter search saves elsewhere
             warnings.warn(f"SIGReg: no checkpoint folder {folder} to save the sketch state in; "
                           "a run resumed from this checkpoint restarts the sketch stream",
