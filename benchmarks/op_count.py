@@ -155,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.depths = (2, 4) if args.quick else tuple(int(d) for d in args.depths.split(","))
     if len(args.depths) != 2 or args.depths[0] == args.depths[1]:
         p.error("--depths needs two different depths")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     return args
 
 
