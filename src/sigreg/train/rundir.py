@@ -8,6 +8,9 @@ Files (rank 0 writes them all):
   live during an epoch, the epoch row right after the checkpoint.
 - ``config.json``: the effective settings; ``summary.json``: written when the last epoch is
   committed.
+- ``provenance.json``: one record per start of the run (sigreg version, git commit and
+  dirtiness, torch, device, threads, date; :mod:`sigreg.train.provenance`), the earlier
+  starts' taken from the checkpoint; ``summary.json`` repeats the list.
 - ``tensorboard/``: events, another view of the rows: removed at every start, then rebuilt
   from the rows by the trainer and appended to live.
 
@@ -37,6 +40,7 @@ from . import checkpoint
 from .config import TrainConfig
 
 CHECKPOINT, METRICS, CONFIG, SUMMARY = "checkpoint.pt", "metrics.jsonl", "config.json", "summary.json"
+PROVENANCE = "provenance.json"
 TENSORBOARD = "tensorboard"
 # Settings that do not change what the finished epochs computed: they may differ on resume
 # (``epochs`` extends or shortens what is left; the cosine schedule follows the new length).
@@ -71,6 +75,11 @@ class Start:
     @property
     def rows(self) -> list[dict[str, Any]]:
         return list(self.state.get("rows", [])) if self.state else []
+
+    @property
+    def provenance(self) -> list[dict[str, Any]]:
+        """The records of the starts that made the checkpoint (none in older checkpoints)."""
+        return list(self.state.get("provenance", [])) if self.state else []
 
 
 def _check_location(out: Path) -> None:
@@ -178,8 +187,9 @@ def write_atomic(path: Path, text: str) -> None:
     checkpoint.write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def summarize(rows: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
-    """The run's summary, derived from its epoch rows (the same on every rank)."""
+def summarize(rows: list[dict[str, Any]], cfg: TrainConfig,
+              provenance: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The run's summary, derived from its epoch rows, with the starts' provenance."""
     epochs = [r for r in rows if r.get("kind") == "epoch"]
     best = max(epochs, key=lambda r: r["test_acc"], default=None)  # first of equal ones
     return {
@@ -189,6 +199,7 @@ def summarize(rows: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "train_time": sum(r["epoch_time"] for r in epochs),
         "config": cfg.to_dict(),
+        "provenance": list(provenance),
     }
 
 
@@ -206,9 +217,12 @@ class RunDir:
         self.metrics = self.out / METRICS
         self.tensorboard = self.out / TENSORBOARD
         self.rows: list[dict[str, Any]] = []
+        self.provenance: list[dict[str, Any]] = []
 
-    def begin(self, start: Start) -> None:
-        """The first write: repair or reset the directory for ``start``."""
+    def begin(self, start: Start, provenance: dict[str, Any] | None = None) -> None:
+        """The first write: repair or reset the directory for ``start``, whose record
+        ``provenance`` joins those of the starts the checkpoint came from."""
+        self.provenance = [*start.provenance, *([provenance] if provenance else [])]
         self.rows = start.rows if start.state is None or "rows" in start.state else \
             [r for r in read_rows(self.metrics) if r["epoch"] <= start.epoch]  # old checkpoint
         if not self.write:
@@ -225,6 +239,7 @@ class RunDir:
         if start.state is not None and start.epoch < start.cfg.epochs:
             (self.out / SUMMARY).unlink(missing_ok=True)  # the run goes on: no longer final
         write_atomic(self.out / CONFIG, json.dumps(start.cfg.to_dict(), indent=2) + "\n")
+        write_atomic(self.out / PROVENANCE, json.dumps(self.provenance, indent=2) + "\n")
         write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
         if start.changes:
             self.log_row({"kind": "resume", "epoch": start.epoch, "changed": start.changes})
@@ -240,12 +255,13 @@ class RunDir:
     def commit_epoch(self, state: dict[str, Any], row: dict[str, Any]) -> None:
         """(1) the checkpoint, holding ``row`` and every row before it, (2) the row."""
         if self.write:
-            checkpoint.save_atomic({**state, "rows": [*self.rows, row]}, self.checkpoint)
+            checkpoint.save_atomic({**state, "rows": [*self.rows, row],
+                                    "provenance": self.provenance}, self.checkpoint)
         self.log_row(row)
 
     def finish(self, cfg: TrainConfig) -> dict[str, Any]:
         """(3) ``summary.json``, once the last epoch is committed."""
-        summary = summarize(self.rows, cfg)
+        summary = summarize(self.rows, cfg, self.provenance)
         if self.write:
             write_atomic(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return summary

@@ -28,6 +28,7 @@ from .data import ImageDataset, load_dataset
 from .models import build_model
 from .monitor import CollapseMonitor
 from .optim import Schedule, build_optimizer
+from .provenance import provenance
 from .rundir import RunDir, plan
 from .runtime import (
     Runtime,
@@ -191,7 +192,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
 
         # The first write: the run directory is reset or repaired for this start.
         run = RunDir(out_dir, write=rt.is_main)
-        run.begin(start)
+        run.begin(start, {**provenance(rt.device), "world_size": rt.world_size})
         if start.state is not None:
             changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             log(f"resumed {out_dir} at epoch {start.epoch}/{cfg.epochs}"
