@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -129,3 +130,99 @@ def test_two_ranks_equal_one_process(variant, ddp_results):
             torch.testing.assert_close(g_ddp, g_one, rtol=1e-4, atol=1e-6)
     # The two ranks' losses average to the single-process loss (same-size halves).
     assert (results[0][3] + results[1][3]) / 2 == pytest.approx(loss.item(), rel=1e-5)
+
+
+# ---- layers that run on some ranks only (LayerDrop, experts without tokens) ---------------
+
+class Conditional(nn.Module):
+    """Three layers of one width; ``forward(x, skip)`` leaves out the layers in ``skip``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x, skip=()):
+        for i, layer in enumerate(self.layers):
+            if i not in skip:
+                x = torch.tanh(layer(x))
+        return x
+
+
+# scenario -> (rank 0's skipped layers, rank 1's, rank 0's rows, rank 1's rows)
+SCENARIOS = {
+    "each-skips-another": ((2,), (1,), 16, 16),
+    "stacks-of-different-sizes": ((), (1, 2), 16, 16),
+    "a-layer-no-rank-ran": ((2,), (2,), 16, 16),
+    "one-sample-each": ((), (), 1, 1),
+    "one-sample-in-all": ((), (), 1, 0),
+}
+
+
+def conditional_batch(rank, scenario):
+    rows = SCENARIOS[scenario][2 + rank]
+    return torch.randn(32, 8, generator=torch.Generator().manual_seed(5))[rank * 16:][:rows]
+
+
+def conditional_worker(rank, world, rendezvous, results):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        for variant in VARIANTS:
+            for scenario, skips in SCENARIOS.items():
+                model = Conditional()
+                handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4, sketch="fixed")
+                model(conditional_batch(rank, scenario), skips[rank])
+                collectives = []
+                with counting_all_reduces(collectives), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    loss = handle.loss()
+                results[rank, variant, scenario] = (
+                    loss.item(), handle.layer_losses(), len(collectives),
+                    [str(w.message) for w in caught])
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see worker()
+
+
+@pytest.fixture(scope="module")
+def conditional_results(tmp_path_factory):
+    rendezvous = tmp_path_factory.mktemp("conditional") / "rendezvous"
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(conditional_worker, args=(2, str(rendezvous), results), nprocs=2,
+                           start_method="spawn")
+        return dict(results)
+
+
+def expected_layer_values(variant, scenario):
+    """Each layer's statistic over the rows of the ranks that ran it, in one process."""
+    outputs: dict[int, list[torch.Tensor]] = {}
+    for rank in (0, 1):
+        model, x = Conditional(), conditional_batch(rank, scenario)
+        for i, layer in enumerate(model.layers):
+            if i not in SCENARIOS[scenario][rank]:
+                h = layer(x)
+                outputs.setdefault(i, []).append(h)
+                x = torch.tanh(h)
+    reference = sigreg.attach(Conditional(), "layers.*", variant, sketch_dim=4, sketch="fixed")
+    values = {}
+    for i, parts in outputs.items():
+        z = torch.cat(parts)[None]
+        if z.shape[1] >= 2:
+            part = reference._parts[0]
+            values[f"layers.{i}"] = part.compute(z, part.projections.for_group(0, (i,), z)).item()
+    return values
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layers_are_matched_by_name_across_ranks(variant, scenario, conditional_results):
+    expected = expected_layer_values(variant, scenario)
+    results = [conditional_results[rank, variant, scenario] for rank in (0, 1)]
+    for loss, layers, _, warned in results:
+        assert layers == pytest.approx(expected, rel=1e-5)
+        mean = sum(expected.values()) / len(expected) if expected else 0.0
+        assert loss == pytest.approx(mean, rel=1e-5)
+        assert any("too few" in w for w in warned) == (scenario == "one-sample-in-all")
+    assert results[0][2] == results[1][2]  # the same collectives on both ranks

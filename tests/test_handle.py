@@ -241,7 +241,7 @@ def test_a_handle_never_asked_keeps_one_forward_at_most():
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-    assert len(idle._passes) == 1 and len(idle._passes[0]) == 3
+    assert len(idle._capture.passes) == 1 and len(idle._capture.passes[0]) == 3
 
 
 def test_a_step_without_loss_gives_a_clear_error_then_clear_recovers():

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import re
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,12 +20,12 @@ from torch import nn
 
 from ._checks import check_choice, check_int
 from ._projections import LayerProjections, in_current_layout
+from .capture import POOLS, Call, LayerCapture, Pool, features_of, pool_output, takes_mask
+from .distributed import all_gather_layouts, cpu_group, plan_layers, use_distributed
 from .functional import _check_weights, regularized_loss
-from .modules import Regularizer, make_regularizer
+from .modules import Regularizer, WeakSIGReg, make_regularizer
 
 LayerSpec = str | type | Callable[[str, nn.Module], bool]
-Pool = str | Callable[[Any], torch.Tensor]
-POOLS = ("mean", "flatten", "cls")
 
 
 @functools.lru_cache(maxsize=256)
@@ -69,62 +69,22 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) ->
     return [n for n, m in named if any(_matches(s, n, m) for s in specs)]
 
 
-def _pool(output: Any, pool: Pool) -> tuple[torch.Tensor, int]:
-    """A layer's output pooled, keeping the pooled dimensions, and the number of samples N.
-
-    ``features.reshape(N, -1)`` is :func:`pool_features`. Keeping the dimensions makes the
-    pooling's backward one kernel fewer (no unsqueeze), which counts on a GPU where the
-    hooks of every layer are launch-bound.
-    """
-    if callable(pool):
-        x = pool(output)
-        if not (isinstance(x, torch.Tensor) and x.dim() == 2):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"a pool callable must return features (N, C), got {shape}")
-        return x, x.shape[0]
-    x = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"cannot regularize a layer output of type {type(x).__name__}")
-    if x.dim() == 2:
-        return x, x.shape[0]
-    if pool == "mean" and x.dim() in (3, 4):
-        return x.mean(1 if x.dim() == 3 else (2, 3), keepdim=True), x.shape[0]
-    if pool == "flatten" and x.dim() == 3:
-        return x, x.shape[0] * x.shape[1]
-    if pool == "cls" and x.dim() == 3:
-        return x[:, :1], x.shape[0]
-    raise ValueError(f"pool={pool!r} cannot turn an output of shape {tuple(x.shape)} into (N, C)")
-
-
-def pool_features(output: Any, pool: Pool) -> torch.Tensor:
+def pool_features(output: Any, pool: Pool, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Turn a layer's output into features (N, C).
 
     - tuple/list outputs: the first element is used (hidden states, by convention), unless
-      ``pool`` is a callable, which receives the raw output and returns (N, C).
+      ``pool`` is a callable, which receives the raw output (and ``mask=``, if it takes
+      that keyword) and returns (N, C).
     - ``"mean"``: (N, C) as is; (B, T, C) mean over tokens (batch-first); (B, C, H, W) mean
       over H and W.
     - ``"flatten"``: (B, T, C) -> (B*T, C), every token a sample (language models).
     - ``"cls"``: (B, T, C) -> (B, C), the first token.
+
+    ``mask``: (B, T), true (or 1) at real tokens, for (B, T, C) outputs: ``"mean"``
+    averages the real tokens only, ``"flatten"`` keeps only them (N = their number).
     """
-    features, rows = _pool(output, pool)
-    return features.reshape(rows, -1)
-
-
-class _Call(NamedTuple):
-    """One training-mode call of a regularized layer: its pooled output (any shape whose
-    reshape to (rows, C) is the features), the layer's index in the handle's names, and
-    the index of its regularizer (layers with different K have different ones)."""
-
-    layer: int
-    features: torch.Tensor
-    rows: int
-    part: int
-
-    def group_key(self) -> tuple:
-        # Calls stack together when they share a regularizer and their pooled tensors match
-        # in shape, dtype and device.
-        f = self.features
-        return self.part, tuple(f.shape), self.rows, f.dtype, f.device
+    features, token_mask = pool_output(output, pool, mask, takes_mask(pool))
+    return features_of(Call(0, features, token_mask))
 
 
 class _Part(NamedTuple):
@@ -136,10 +96,34 @@ class _Part(NamedTuple):
     compute: Callable
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, where activation checkpointing recomputes
-    layers: their outputs are not a forward to regularize."""
-    return torch._C._current_graph_task_id() != -1
+class _Entry(NamedTuple):
+    """One call's features ready for the statistics: layer index, the pooled tensor (any
+    shape whose reshape to (rows, width) is the features), rows N and width C."""
+
+    layer: int
+    features: torch.Tensor
+    rows: int
+    width: int
+
+
+def _same_shape_and_dtype(group: list[_Entry]) -> list[torch.Tensor]:
+    """The group's features, ready to stack: as they are when they match (the usual case,
+    where keeping the pooled dimensions saves a kernel), else (rows, width) in float32."""
+    first = group[0].features
+    if all(e.features.shape == first.shape and e.features.dtype == first.dtype for e in group):
+        return [e.features for e in group]
+    return [e.features.reshape(e.rows, e.width).float() for e in group]
+
+
+def _entries(calls: list[Call]) -> list[_Entry]:
+    out = []
+    for call in calls:
+        if call.mask is not None:  # pool="flatten" with a padding mask: its real tokens
+            call = Call(call.layer, features_of(call))
+        rows = call.rows
+        width = call.features.shape[-1] if rows == 0 else call.features.numel() // rows
+        out.append(_Entry(call.layer, call.features, rows, width))
+    return out
 
 
 # Live handles per hooked module: attaching twice to a layer warns.
@@ -149,40 +133,48 @@ _HOOKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 class SIGRegHandle:
     """The hooks placed by :func:`attach`, and the regularizer of the layers they see.
 
-    The hooks only pool each regularized layer's output and keep it; :meth:`loss` then
-    computes the regularizer of every layer at once: calls stacked by (shape, dtype,
-    device) into (L, N, C), one projection draw, one batched loss (one value per layer)
-    and, under torch.distributed, one all-reduce per statistic, per group.
+    The hooks (:class:`sigreg.capture.LayerCapture`) only pool each regularized layer's
+    output and keep it; :meth:`loss` then computes the regularizer of every layer at once:
+    calls stacked by (shape, dtype, device) into (L, N, C), one projection draw, one
+    batched loss (one value per layer) and, under torch.distributed, one all-reduce per
+    statistic, per group.
 
     A forward pass is a call of the model given to :func:`attach` in training mode with
     autograd on (in eval mode, under ``torch.no_grad()`` and inside a backward pass, where
-    activation checkpointing recomputes layers, the hooks do nothing). A layer
-    called several times in one pass contributes the mean of its calls. :meth:`loss`
-    covers the latest ``accumulate`` passes (default 1: the latest forward); more passes
-    since the last :meth:`loss` raise an error there, and the hooks only ever keep that
-    many, so a handle whose loss is never asked for holds one step's features at most.
+    activation checkpointing recomputes layers, the hooks record nothing). A layer called
+    several times in one pass contributes the mean of its calls; a layer not called is
+    absent from that step's mean. :meth:`loss` covers the latest ``accumulate`` passes
+    (default 1: the latest forward); more passes since the last :meth:`loss` raise an error
+    there, and the hooks only ever keep that many, so a handle whose loss is never asked
+    for holds one step's features at most.
+
+    A layer whose samples in a step are too few for statistics (fewer than 2: a last batch
+    of one; under torch.distributed, the global batch counts) is left out of that step with
+    a warning (once per handle); when no layer is left, :meth:`loss` is 0 and
+    :meth:`combine` returns the task loss unchanged.
     """
 
     def __init__(
         self,
         model: nn.Module,
         names: list[str],
-        regularizer: Regularizer | Sequence[Regularizer],
+        regularizers: Sequence[Regularizer],
+        layer_parts: Sequence[int],
+        *,
         pool: Pool,
         alpha: float | None,
         lam: float | None,
-        keep_features: bool,
+        keep_features: bool = False,
         accumulate: int = 1,
         seed: int = 0,
         compile: bool | dict[str, Any] = False,
-        layer_parts: Sequence[int] | None = None,
+        distributed: bool | None = None,
     ) -> None:
-        """``regularizer``: one for every layer, or several with ``layer_parts`` giving the
-        index of each layer's (see ``sketch_dim`` of :func:`attach`)."""
+        """One regularizer per distinct K, ``layer_parts[i]`` the index of layer i's (see
+        ``sketch_dim`` of :func:`attach`)."""
         self.names = names
-        regularizers = [regularizer] if isinstance(regularizer, Regularizer) else list(regularizer)
         self.regularizer = regularizers[0]  # the only one, unless K varies across layers
-        self._layer_parts = list(layer_parts) if layer_parts is not None else [0] * len(names)
+        self._layer_parts = list(layer_parts)
         self._parts = [_Part(r, LayerProjections(r, names, seed), _compiled(r.compute, compile))
                        for r in regularizers]
         self.pool = pool
@@ -190,49 +182,38 @@ class SIGRegHandle:
         self.keep_features = keep_features
         self.accumulate = accumulate
         self.seed = seed
-        self._passes: collections.deque[list[_Call]] = collections.deque(maxlen=accumulate)
-        self._forwards = 0  # training forwards of the model since the last loss()
-        self._new_pass = False  # the model was called since the last recorded layer call
+        self.distributed = distributed
+        self._capture = LayerCapture(model, names, pool, accumulate)
         self._averagings: dict[tuple, torch.Tensor] = {}
         self._last_names: list[str] = []
         self._last_values: torch.Tensor | None = None
+        self._skipped = False  # the latest loss() had no layer to regularize
+        self._warned: set[str] = set()
+        self._meta_group: Any = None
         self._features: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        self._hooked = [modules[n] for n in names]
-        self._hooks = [model.register_forward_pre_hook(self._start_pass)]
-        self._hooks += [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self._hooked)]
-        for m in self._hooked:
+        for m in self._capture.modules:
             _HOOKED[m] = _HOOKED.get(m, 0) + 1
 
-    # ---- hooks: pool and keep, nothing else ---------------------------------------------
+    # ---- the padding mask of the next forward ---------------------------------------------
 
-    # The hooks run eagerly under torch.compile: they only record Python state.
-    @torch.compiler.disable
-    def _start_pass(self, module: nn.Module, args: Any) -> None:
-        # The pass opens at its first recorded call: a forward that records nothing (eval
-        # mode, no_grad, a recomputation inside backward) is not counted.
-        if not _in_backward():
-            self._new_pass = True
+    def set_padding_mask(self, mask: torch.Tensor | None) -> None:
+        """Pooling of the next training forward ignores padding: ``mask`` (B, T), true (or 1)
+        at real tokens, e.g. a tokenizer's ``attention_mask``.
 
-    def _hook(self, index: int) -> Callable:
-        name = self.names[index]
+        ``pool="mean"`` averages each sequence's real tokens, ``"flatten"`` keeps only real
+        tokens as samples, a pool callable that takes a ``mask`` keyword receives it;
+        ``"cls"`` and outputs that are not (B, T, C) ignore it. It applies to that one
+        forward (the model's; ``None`` clears it), so the statistics of a padded batch equal
+        those of the same tokens unpadded.
 
-        @torch.compiler.disable
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not (module.training and torch.is_grad_enabled()) or _in_backward():
-                return
-            features, rows = _pool(output, self.pool)
-            if self._new_pass:
-                self._new_pass = False
-                self._forwards += 1
-                self._passes.append([])  # the deque drops passes older than `accumulate`
-            elif not self._passes:  # a layer called on its own, outside the model
-                self._passes.append([])
-            self._passes[-1].append(_Call(index, features, rows, self._layer_parts[index]))
-            if self.keep_features:
-                self._features[name] = features.detach().reshape(rows, -1)
-
-        return hook
+        Raises:
+            TypeError if ``mask`` is not a (B, T) tensor; ValueError at the forward if a
+            regularized layer's output is (B', T', C) with (B', T') != (B, T).
+        """
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"the padding mask must be a (B, T) tensor or None, got {shape}")
+        self._capture.mask = mask
 
     # ---- the regularizer of all layers ----------------------------------------------------
 
@@ -241,17 +222,22 @@ class SIGRegHandle:
         latest ``accumulate`` passes, each layer averaged over its calls).
 
         Consumes the recorded features: calling it again before another forward raises, as
-        does calling it after more than ``accumulate`` forward passes.
+        does calling it after more than ``accumulate`` forward passes. 0 (and
+        :meth:`combine` returns the task loss) when no layer has samples enough.
         """
-        calls = self._take_calls()
-        names, values = self._layer_values(calls)
+        entries = self._take_entries()
+        if use_distributed(self.distributed):
+            names, values = self._distributed_values(entries)
+        else:
+            names, values = self._local_values(entries)
+        self._skipped = not names
         self._last_names, self._last_values = names, values.detach()
+        if not names:
+            return torch.zeros((), device=self._device(entries))
         return values.mean()
 
-    def _take_calls(self) -> list[_Call]:
-        forwards = self._forwards
-        calls = [c for p in self._passes for c in p]
-        self.clear()
+    def _take_entries(self) -> list[_Entry]:
+        passes, forwards, no_grad = self._capture.take()
         if forwards > self.accumulate:
             raise RuntimeError(
                 f"{forwards} training forward passes ran since the last loss(), but loss() "
@@ -260,42 +246,136 @@ class SIGRegHandle:
                 "(gradient accumulation), or handle.clear() to drop a forward you do not "
                 "regularize. The recorded features were dropped."
             )
-        if not calls:
+        if no_grad:
             raise RuntimeError(
-                "no training-mode forward pass with autograd since the last loss() call: "
-                "run the model (model.train(), outside torch.no_grad()) first"
+                f"layers {[self.names[i] for i in sorted(no_grad)]} ran under torch.no_grad() "
+                "inside a training forward, so their outputs cannot be regularized. Reentrant "
+                "activation checkpointing does this: use torch.utils.checkpoint.checkpoint(..., "
+                "use_reentrant=False) (Hugging Face: gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}); or do not attach to layers run without autograd."
             )
-        return calls
+        if not passes or not self._capture.layer_seen:
+            raise RuntimeError(self._no_forward_message())
+        entries = _entries([c for p in passes for c in p])
+        if not entries:
+            self._warn_once("none-called", "SIGReg: no regularized layer ran in this forward "
+                            "(all skipped?): the step trains on the task loss alone.")
+        if self.keep_features:
+            for e in entries:
+                self._features[self.names[e.layer]] = e.features.detach().reshape(e.rows, -1)
+        return entries
+
+    def _no_forward_message(self) -> str:
+        message = ("no training-mode forward pass with autograd since the last loss() call: "
+                   "run the model (model.train(), outside torch.no_grad()) first")
+        if not self._capture.layer_seen and "torch._dynamo" in sys.modules:
+            message += (". The hooks have never seen a regularized layer run since attach(): "
+                        "if the model was compiled (torch.compile) and called before attach(), "
+                        "its compiled code does not call hooks added later; attach before the "
+                        "first call, or call torch.compiler.reset() once after attach()")
+        return message
 
     def clear(self) -> None:
         """Drop the features recorded since the last :meth:`loss` (e.g. a step trained
         without the regularizer)."""
-        self._passes.clear()
-        self._forwards = 0
+        self._capture.clear()
 
-    def _layer_values(self, calls: list[_Call]) -> tuple[list[str], torch.Tensor]:
+    def _local_values(self, entries: list[_Entry]) -> tuple[list[str], torch.Tensor]:
         """Names of the layers called, and their regularizer values (L,) in that order."""
-        groups: dict[tuple, list[_Call]] = {}
-        for c in calls:
-            groups.setdefault(c.group_key(), []).append(c)
+        groups: dict[tuple, list[_Entry]] = {}
+        for e in entries:
+            f = e.features
+            key = (self._layer_parts[e.layer], tuple(f.shape), e.rows, f.dtype, f.device)
+            groups.setdefault(key, []).append(e)
+        kept = {}
+        for key, group in groups.items():
+            if group[0].rows < 2:
+                self._warn_too_few([e.layer for e in group], group[0].rows)
+            else:
+                kept[key] = group
+        return self._values([(key[0], group) for key, group in kept.items()])
+
+    def _values(self, groups: list[tuple[int, list[_Entry]]]) -> tuple[list[str], torch.Tensor]:
+        """The regularizer of each group (its part's index, entries of equal rows and width)
+        computed as one stack, then the values averaged per layer: names of the layers and
+        their values (L,), in first-call order."""
         values, order = [], []
-        for ordinal, group in enumerate(groups.values()):
-            values.append(self._group_values(ordinal, group))
-            order += [c.layer for c in group]
+        for ordinal, (part_index, group) in enumerate(groups):
+            part = self._parts[part_index]
+            z = torch.stack(_same_shape_and_dtype(group)).view(len(group), group[0].rows,
+                                                               group[0].width)
+            layers = tuple(e.layer for e in group)
+            projection = part.projections.for_group(ordinal, layers, z)
+            self._warn_full_covariance(part, layers, z.shape[-1], projection)
+            values.append(part.compute(z, projection))
+            order += layers
         for part in self._parts:
             part.projections.advance()
+        if not values:
+            return [], torch.zeros(0)
         flat = values[0] if len(values) == 1 else torch.cat([v.to(values[0].device) for v in values])
         layers = list(dict.fromkeys(order))
         if len(layers) < len(order):  # a layer called several times: the mean of its calls
             flat = self._averaging(tuple(order), flat.device, flat.dtype) @ flat
         return [self.names[i] for i in layers], flat
 
-    def _group_values(self, ordinal: int, group: list[_Call]) -> torch.Tensor:
-        """Regularizer of each call of one group, (L,), from their stack (L, N, C)."""
-        z = torch.stack([c.features for c in group]).view(len(group), group[0].rows, -1)
-        layers = tuple(c.layer for c in group)
-        part = self._parts[group[0].part]
-        return part.compute(z, part.projections.for_group(ordinal, layers, z))
+    def _distributed_values(self, entries: list[_Entry]) -> tuple[list[str], torch.Tensor]:
+        """Like :meth:`_local_values`, with statistics over every rank: the ranks first
+        exchange which layers they called (with widths and rows), so that every rank runs
+        the same computations, and so the same collectives, in the same order. A layer's
+        statistic is over the ranks that called it; where the layers differ across ranks,
+        each is computed alone, with no rows on the ranks that did not call it."""
+        layout = [(e.layer, e.width, e.rows) for e in entries]
+        plan = plan_layers(all_gather_layouts(layout, self._layout_group()), self._layer_parts)
+        if plan.too_few:
+            self._warn_too_few(sorted({layer for layer, _ in plan.too_few}), 1, globally=True)
+        mine: dict[tuple[int, int], _Entry] = {}  # (layer, its call number) -> entry
+        for e in entries:
+            mine[(e.layer, sum(key[0] == e.layer for key in mine))] = e
+        device, groups = self._device(entries), []
+        for group in plan.groups:
+            part = self._layer_parts[group.calls[0][0]]
+            if group.stacked:
+                groups.append((part, [mine[key] for key in group.calls]))
+                continue
+            for key in group.calls:  # one by one; where not called here, with no rows
+                absent = _Entry(key[0], torch.zeros(0, group.width, device=device), 0, group.width)
+                groups.append((part, [mine.get(key, absent)]))
+        return self._values(groups)
+
+    def _layout_group(self) -> Any:
+        if self._meta_group is None:
+            self._meta_group = cpu_group()
+        return self._meta_group
+
+    def _device(self, entries: list[_Entry]) -> torch.device:
+        if entries:
+            return entries[0].features.device
+        params = [p for m in self._capture.modules for p in m.parameters()]
+        return params[0].device if params else torch.device("cpu")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """Warn once per handle for each kind ``key``: a training loop repeats itself."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message + " Said once per handle.", stacklevel=5)
+
+    def _warn_too_few(self, layers: list[int], rows: int, globally: bool = False) -> None:
+        where = "the global batch of all ranks" if globally else "this step"
+        self._warn_once("too-few", (
+            f"SIGReg: layers {[self.names[i] for i in layers]} have {rows} sample(s) in "
+            f"{where}, too few for statistics (a last batch of one?): they are left out of "
+            "this step's regularizer (with none left, the step trains on the task loss "
+            "alone)."))
+
+    def _warn_full_covariance(self, part: _Part, layers: tuple[int, ...], width: int,
+                              projection: torch.Tensor | None) -> None:
+        k = getattr(part.regularizer, "num_projections", None)
+        if projection is None and isinstance(part.regularizer, WeakSIGReg) and k is not None:
+            self._warn_once("full-covariance", (
+                f"SIGReg: sketch_dim K={k} >= width {width} of layers "
+                f"{[self.names[i] for i in layers]}: weak SIGReg uses their full {width} x "
+                f"{width} covariance, no sketch (as the paper does when C <= K)."))
 
     def _averaging(self, order: tuple[int, ...], device, dtype) -> torch.Tensor:
         """(L, E) matrix averaging E call values into each of the L layers, first-call order."""
@@ -307,8 +387,12 @@ class SIGRegHandle:
         return self._averagings[key]
 
     def combine(self, task_loss: torch.Tensor) -> torch.Tensor:
-        """Task loss plus regularizer with the weighting given to :func:`attach`."""
-        return regularized_loss(task_loss, self.loss(), alpha=self.alpha, lam=self.lam)
+        """Task loss plus regularizer with the weighting given to :func:`attach`; the task
+        loss unchanged when no layer had samples enough (see the class docstring)."""
+        reg = self.loss()
+        if self._skipped:
+            return task_loss
+        return regularized_loss(task_loss, reg, alpha=self.alpha, lam=self.lam)
 
     def layer_losses(self) -> dict[str, float]:
         """Per-layer values of the latest :meth:`loss` call, as floats for logging."""
@@ -323,7 +407,8 @@ class SIGRegHandle:
         return dict(zip(self._last_names, self._last_values.unbind()))
 
     def features(self) -> dict[str, torch.Tensor]:
-        """Detached pooled features of the latest forward (needs ``keep_features=True``)."""
+        """Detached pooled features (N, C) of the latest :meth:`loss` call's forward, per
+        layer (needs ``keep_features=True``)."""
         return dict(self._features)
 
     # ---- checkpointing --------------------------------------------------------------------
@@ -360,12 +445,10 @@ class SIGRegHandle:
 
     def remove(self) -> None:
         """Detach every hook; the model is as before :func:`attach`."""
-        for h in self._hooks:
-            h.remove()
-        for m in self._hooked:
+        for m in self._capture.modules:
             _HOOKED[m] = _HOOKED.get(m, 1) - 1
-        self._hooks, self._hooked = [], []
-        self.clear()
+        self._capture.remove()
+        self._capture.modules = []
         self._features = {}
 
     def __enter__(self) -> SIGRegHandle:  # noqa: PYI034
@@ -431,7 +514,9 @@ def attach(
         accumulate: forward passes one :meth:`~SIGRegHandle.loss` averages (gradient
             accumulation, several views); 1: the latest forward only.
         compile: ``True`` (or a dict of ``torch.compile`` options) compiles the batched
-            regularizer; the hooks and the projection draws stay eager.
+            regularizer; the projection draws stay eager. The hooks need nothing: a
+            compiled model traces them into its graph (``fullgraph=True`` too); attach
+            before the compiled model's first call (see :meth:`SIGRegHandle.loss`'s error).
         variant_kwargs: strong: ``t_max`` (half-width of [-t_max, t_max], default 3) and
             ``num_points`` (trapezoid nodes on [0, t_max] only, default 17; the paper's
             code's 17 points on [-5, 5] are ``t_max=5, num_points=9``); vicreg: ``gamma``,
@@ -468,8 +553,11 @@ def attach(
     regularizers = [make_regularizer(variant, k, sketch=sketch, seed=seed,
                                      distributed=distributed, **variant_kwargs) for k in distinct]
     _warn_if_hooked(model, names)
-    return SIGRegHandle(model, names, regularizers, pool, alpha, lam, keep_features,
-                        accumulate, int(seed), compile, [distinct.index(k) for k in dims])
+    _guard_hooks_when_compiled()
+    return SIGRegHandle(model, names, regularizers, [distinct.index(k) for k in dims],
+                        pool=pool, alpha=alpha, lam=lam, keep_features=keep_features,
+                        accumulate=accumulate, seed=int(seed), compile=compile,
+                        distributed=distributed)
 
 
 def _sketch_dims(model: nn.Module, names: list[str],
@@ -496,6 +584,16 @@ def _sketch_dims(model: nn.Module, names: list[str],
 
 
 _MISSING = object()
+
+
+def _guard_hooks_when_compiled() -> None:
+    """Make torch.compile'd code check the modules' hooks. By default dynamo does not: code
+    compiled before attach() (or for another instance of the same model class, e.g. the
+    un-attached arm of a comparison) is then reused without calling the hooks. Checking
+    them costs a guard per hooked module per compiled call, and changing hooks recompiles."""
+    import torch._dynamo  # sigreg imports it already (torch.compiler.disable)
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 def _warn_if_hooked(model: nn.Module, names: list[str]) -> None:
@@ -531,7 +629,8 @@ class FeatureRecorder:
         self._hooks = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str) -> Callable:
-        @torch.compiler.disable
+        # Traced by torch.compile like the handle's hooks: `active` is a flag dynamo guards
+        # on, so a compiled model has one graph with recording and one without.
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self.active:
                 self.features[name] = pool_features(output, self.pool).detach()

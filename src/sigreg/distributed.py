@@ -9,6 +9,9 @@ averaging divides back out, so parameter gradients equal single-process ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -67,3 +70,73 @@ def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     dist.broadcast(x, src=0)
     return x
+
+
+# ---- which layers each rank called: one plan for every rank --------------------------------
+# A layer's statistics are sums over the ranks that called it. Every rank must then run the
+# same collectives in the same order, also when layers run on some ranks only (LayerDrop,
+# mixture-of-experts experts without tokens, conditional blocks): the ranks first exchange
+# which layers they called, then all follow one plan made from that.
+
+Layout = list[tuple[int, int, int]]  # (layer index, width C, rows N) per call, in call order
+
+
+def cpu_group() -> Any:
+    """A process group that takes CPU tensors: the default one when its backend includes
+    gloo, else a gloo group over all ranks (a collective call: every rank makes it)."""
+    return None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")
+
+
+def all_gather_layouts(layout: Layout, group: Any = None) -> list[Layout]:
+    """Every rank's layout, in rank order (one collective on ``group``, CPU only: no
+    device sync)."""
+    layouts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(layouts, layout, group=group)
+    return layouts
+
+
+class PlannedGroup(NamedTuple):
+    """Calls ``(layer, call number)`` of one regularizer and width, computed together:
+    as one stack when every rank called all of them with equal rows (``stacked``), else
+    one by one, a rank that did not call one taking part with no rows."""
+
+    calls: list[tuple[int, int]]
+    width: int
+    stacked: bool
+
+
+class LayerPlan(NamedTuple):
+    groups: list[PlannedGroup]
+    too_few: list[tuple[int, int]]  # calls with fewer than 2 rows over all ranks: left out
+
+
+def plan_layers(layouts: list[Layout], layer_parts: Sequence[int]) -> LayerPlan:
+    """The same plan on every rank from all ranks' layouts: calls, each (layer, its n-th
+    call on a rank), grouped by (regularizer, width); calls and groups in the order they
+    first appear in the layouts read rank by rank (a single process's order, so that
+    resampled projections are the same as there).
+
+    Raises:
+        ValueError if a layer has different widths on different ranks.
+    """
+    rows: dict[tuple[int, int], list[int | None]] = {}  # call -> rows on each rank
+    widths: dict[int, int] = {}
+    for rank, layout in enumerate(layouts):
+        calls_so_far: dict[int, int] = {}
+        for layer, width, n in layout:
+            if widths.setdefault(layer, width) != width:
+                raise ValueError(f"layer {layer} has width {widths[layer]} on one rank and "
+                                 f"{width} on rank {rank}")
+            number = calls_so_far[layer] = calls_so_far.get(layer, -1) + 1
+            rows.setdefault((layer, number), [None] * len(layouts))[rank] = n
+    too_few = [call for call in rows if sum(n or 0 for n in rows[call]) < 2]
+    grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for call in rows:  # dicts keep the order of first appearance
+        if call not in too_few:
+            grouped.setdefault((layer_parts[call[0]], widths[call[0]]), []).append(call)
+    groups = []
+    for (_, width), calls in grouped.items():
+        on_rank = [{rows[call][rank] for call in calls} for rank in range(len(layouts))]
+        groups.append(PlannedGroup(calls, width, all(len(s) == 1 and None not in s
+                                                     for s in on_rank)))
+    return LayerPlan(groups, too_few)

@@ -88,14 +88,14 @@ def weak_sigreg(
     Reference: Weak-SIGReg, arXiv 2603.05924, eq. L = L_CE + lambda ||Cov(ZS) - I||_F.
     """
     distributed = use_distributed(distributed)
-    _check_features(z, min_rows=1 if distributed else 2)
+    _check_features(z, min_rows=0 if distributed else 2)
     if sketch is not None:
         _check_projection(sketch, z, "sketch")
     with torch.autocast(device_type=z.device.type, enabled=False):
         y = _project(z, sketch)
         if distributed:
             return torch.linalg.matrix_norm(_covariance(y, distributed, minus_identity=True))
-        flat = y.reshape(-1, *y.shape[-2:])
+        flat = y.reshape(y.shape[:-2].numel(), *y.shape[-2:])
         return _CovarianceGapNorm.apply(flat).view(y.shape[:-2])
 
 
@@ -186,7 +186,7 @@ def vicreg_varcov(
     Reference: Bardes, Ponce, LeCun, VICReg, arXiv 2105.04906, eqs. 1-4.
     """
     distributed = use_distributed(distributed)
-    _check_features(z, min_rows=1 if distributed else 2)
+    _check_features(z, min_rows=0 if distributed else 2)
     with torch.autocast(device_type=z.device.type, enabled=False):
         cov = _covariance(_project(z, None), distributed)
         var = cov.diagonal(dim1=-2, dim2=-1)
@@ -282,7 +282,7 @@ def strong_sigreg(
     Reference: LeJEPA, arXiv 2511.08544; Epps & Pulley (1983).
     """
     distributed = use_distributed(distributed)
-    _check_features(z, min_rows=1 if distributed else 2)
+    _check_features(z, min_rows=0 if distributed else 2)
     t_max, num_points = check_quadrature(t_max, num_points)
     if directions is None:
         directions = draw_directions(z.shape[-1], num_directions, generator, device=z.device,
@@ -293,7 +293,7 @@ def strong_sigreg(
         _check_projection(directions, z, "directions")
     with torch.autocast(device_type=z.device.type, enabled=False):
         p = _project(z, directions)  # (*, N, K)
-        flat = p.reshape(-1, *p.shape[-2:])
+        flat = p.reshape(p.shape[:-2].numel(), *p.shape[-2:])  # no -1: N may be 0 here
         step = t_max / (num_points - 1)  # the trapezoid nodes are 0, step, 2 step, ...
         if not distributed:
             constants = _constant(_local_constants, t_max, num_points, *p.shape[-2:],

@@ -56,7 +56,15 @@ def draw_directions(
     device: torch.device | str | None = None,
     batch: int | Sequence[int] = (),
 ) -> torch.Tensor:
-    """Random unit directions A of shape (*batch, C, K): Gaussian columns of length 1."""
+    """Random unit directions A of shape (*batch, C, K): Gaussian columns of length 1.
+
+    At width C = 1 every direction is +1 or -1, which give the same Epps-Pulley statistic:
+    all are +1 (normalising a draw would give 0/0 = NaN for the exact zero that float32
+    draws hold about once in 1e7; at C >= 2 an all-zero column is below 1e-13).
+    """
+    if in_features == 1:
+        check_int(num_directions, "sketch_dim")
+        return torch.ones(*_batch_shape(batch), 1, num_directions, device=device)
     a = _gaussian(batch, in_features, num_directions, generator, device)
     return (a / a.norm(dim=-2, keepdim=True)).to(device)
 

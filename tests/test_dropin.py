@@ -1,0 +1,307 @@
+"""`attach` where people really train (issue 17): compiled models, activation checkpointing,
+padded batches, ragged last batches, model copies. Layers that run on some ranks only are
+in tests/test_distributed.py."""
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+from torch.utils.checkpoint import checkpoint
+
+import sigreg
+
+VARIANTS = ("weak", "strong", "vicreg")
+
+
+def mlp(depth: int = 6, width: int = 32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU())
+                           for _ in range(depth)])
+
+
+class Blocks(nn.Module):
+    """A ModuleList model with its own loop, as transformers are written."""
+
+    def __init__(self, depth: int = 4, width: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x, reentrant: bool | None = None, skip: tuple = ()):
+        for i, block in enumerate(self.blocks):
+            if i in skip:
+                continue
+            if reentrant is None or i == 0:
+                x = torch.relu(block(x))
+            else:
+                x = torch.relu(checkpoint(block, x, use_reentrant=reentrant))
+        return x
+
+
+def sketch_dim(variant):
+    return 16 if variant != "vicreg" else None
+
+
+# ---- torch.compile ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("make", [mlp, Blocks], ids=["sequential", "modulelist"])
+def test_compiled_model_keeps_one_graph_and_never_recompiles(make, variant):
+    """The hooks are traced into the model's graph: as many graphs and ops as without
+    attach, fullgraph=True works, and the steps after the first reuse the graph."""
+    x = torch.randn(16, 32)
+    counts = {}
+    for attached in (False, True):
+        torch.compiler.reset()
+        model, counter = make(), CompileCounter()
+        handle = sigreg.attach(model, "**.0" if make is mlp else "blocks.*", variant,
+                               sketch_dim(variant)) if attached else None
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for _ in range(3):
+            out = compiled(x)
+            loss = out.square().mean() + (handle.loss() if handle else 0)
+            loss.backward()
+        counts[attached] = (counter.frame_count, counter.op_count)
+    assert counts[True] == counts[False]
+    assert counts[True][0] == 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_model_regularizes_like_eager(variant):
+    x = torch.randn(16, 32)
+    values = []
+    for compiled in (False, True):
+        torch.compiler.reset()
+        model = Blocks()
+        handle = sigreg.attach(model, "blocks.*", variant, sketch_dim(variant), sketch="fixed")
+        net = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+        net(x)
+        handle.loss()
+        values.append(handle.layer_losses())
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    assert len(values[0]) == 4
+
+
+@pytest.mark.parametrize("make", [mlp, Blocks], ids=["sequential", "modulelist"])
+def test_attaching_after_the_compiled_model_ran_works_or_says_what_to_do(make):
+    """Whether dynamo's code calls hooks added after it was made depends on the model (and
+    the torch version): either the layers are regularized, or loss() names the fix."""
+    torch.compiler.reset()
+    model, x = make(), torch.randn(8, 32)
+    layers = "**.0" if make is mlp else "blocks.*"
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)
+    handle = sigreg.attach(model, layers)
+    compiled(x)
+    try:
+        handle.loss()
+    except RuntimeError as error:
+        assert re.search(r"attach\(\).*torch\.compiler\.reset\(\)", str(error))
+        torch.compiler.reset()
+        compiled(x)
+        handle.loss()
+    assert set(handle.layer_losses()) == set(sigreg.resolve_layers(model, layers))
+
+
+# ---- activation checkpointing -----------------------------------------------------------
+
+def test_non_reentrant_checkpointing_is_exact_and_not_counted_twice():
+    x = torch.randn(16, 32)
+    plain, checkpointed = Blocks(), Blocks()
+    h_plain = sigreg.attach(plain, "blocks.*", sketch="fixed")
+    h_ckpt = sigreg.attach(checkpointed, "blocks.*", sketch="fixed")
+    for _ in range(2):  # the recomputation in backward must not leak into the next step
+        expected = h_plain.combine(plain(x).square().mean())
+        got = h_ckpt.combine(checkpointed(x, reentrant=False).square().mean())
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert h_ckpt.layer_losses().keys() == h_plain.layer_losses().keys()
+        expected.backward()
+        got.backward()
+    for p, q in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("layers", ["blocks.*", ["blocks.1", "blocks.2"]],
+                         ids=["some-checkpointed", "all-checkpointed"])
+def test_reentrant_checkpointing_raises_naming_the_fix(layers):
+    model, x = Blocks(depth=3), torch.randn(16, 32)
+    handle = sigreg.attach(model, layers)
+    model(x, reentrant=True)
+    with pytest.raises(RuntimeError, match=r"blocks\.1.*use_reentrant=False"):
+        handle.loss()
+    model(x, reentrant=False)  # the error dropped that step; the fix works
+    handle.loss()
+    assert set(handle.layer_losses()) == set(sigreg.resolve_layers(model, layers))
+
+
+def test_a_layer_also_run_under_no_grad_in_the_forward_is_fine():
+    """Self-distillation: the same layer once with autograd, once without (targets)."""
+    class Distil(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(8, 8)
+
+        def forward(self, x):
+            with torch.no_grad():
+                target = self.encoder(x + 1)
+            return self.encoder(x) - target
+
+    model = Distil()
+    handle = sigreg.attach(model, "encoder")
+    model(torch.randn(16, 8))
+    handle.loss()
+    assert set(handle.layer_losses()) == {"encoder"}
+
+
+def test_a_submodule_called_directly_is_recorded_and_its_recomputation_is_not():
+    """A Lightning training_step that calls self.backbone(x), not self(x)."""
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Blocks()
+
+    wrapper, direct, x = Wrapper(), Blocks(), torch.randn(16, 32)
+    handle = sigreg.attach(wrapper, "backbone.blocks.*", sketch="fixed")
+    reference = sigreg.attach(direct, "blocks.*", sketch="fixed")
+    for _ in range(2):  # the recomputation must not become the second step's forward
+        got = handle.combine(wrapper.backbone(x, reentrant=False).square().mean())
+        expected = reference.combine(direct(x).square().mean())
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert len(handle.layer_losses()) == 4
+        got.backward()  # recomputes blocks 1-3, outside any forward of `wrapper`
+        expected.backward()
+
+
+# ---- padding -------------------------------------------------------------------------------
+
+class Tokens(nn.Module):
+    """(B, T, C) -> (B, T, C): a per-token layer, so padding changes nothing but the count."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padded_batch_gives_the_statistics_of_its_real_tokens(pool, variant):
+    torch.manual_seed(1)
+    lengths = [5, 3, 7, 2, 6, 4]
+    seqs = [torch.randn(n, 6) for n in lengths]
+    padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=3.0)
+    mask = torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]
+    model = Tokens()
+    handle = sigreg.attach(model, "layer", variant, sketch_dim(variant), pool, sketch="fixed")
+    handle.set_padding_mask(mask)
+    model(padded)
+    got = handle.loss()
+
+    outputs = [model.layer(s) for s in seqs]
+    real = torch.stack([o.mean(0) for o in outputs]) if pool == "mean" else torch.cat(outputs)
+    part = handle._parts[0]
+    stack = real[None]  # the fixed projection handle.loss() used, drawn for this layer
+    expected = part.compute(stack, part.projections.for_group(0, (0,), stack))
+    torch.testing.assert_close(got, expected.reshape(()), rtol=1e-5, atol=1e-6)
+
+
+def test_the_mask_applies_to_one_forward_and_a_wrong_shape_is_named():
+    model, x = Tokens(), torch.randn(4, 5, 6)
+    handle = sigreg.attach(model, "layer", pool="flatten")
+    handle.set_padding_mask(torch.ones(4, 5, dtype=torch.bool))
+    model(x)
+    handle.loss()
+    model(x)  # no mask any more: every token counts
+    handle.loss()
+    handle.set_padding_mask(torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"padding mask has shape \(4, 3\).*\(4, 5\)"):
+        model(x)
+    with pytest.raises(TypeError, match="padding mask must be a"):
+        handle.set_padding_mask(torch.ones(4))
+
+
+def test_a_pool_callable_with_a_mask_keyword_receives_it():
+    seen = []
+
+    def pool(output, mask=None):
+        seen.append(mask)
+        return output.mean(1)
+
+    model, x = Tokens(), torch.randn(4, 5, 6)
+    handle = sigreg.attach(model, "layer", pool=pool)
+    mask = torch.ones(4, 5)
+    handle.set_padding_mask(mask)
+    model(x)
+    handle.loss()
+    assert seen[0] is mask
+
+
+# ---- ragged batches --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_last_batch_of_one_trains_on_the_task_loss_with_one_warning(variant):
+    model = mlp(depth=2)
+    handle = sigreg.attach(model, "**.0", variant, sketch_dim(variant))
+    data = torch.randn(17, 32)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, drop_last=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two epochs: two batches of one, one warning
+            for x in loader:
+                task = model(x).square().mean()
+                loss = handle.combine(task)
+                if x.shape[0] == 1:
+                    assert loss is task and handle.layer_losses() == {}
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    too_few = [str(w.message) for w in caught if "too few" in str(w.message)]
+    assert len(too_few) == 1 and "1 sample(s)" in too_few[0]
+
+
+# ---- model copies ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("copy_of", ["deepcopy", "AveragedModel"])
+def test_a_copy_of_an_attached_model_is_not_regularized_and_leaves_the_handle_alone(copy_of):
+    model, x = mlp(), torch.randn(16, 32)
+    handle = sigreg.attach(model, "**.0", sketch="fixed")
+    twin = copy.deepcopy(model) if copy_of == "deepcopy" else \
+        torch.optim.swa_utils.AveragedModel(model)
+    model(x)
+    expected = handle.loss().item()
+    model(x)
+    twin(x * 100)  # a training forward of the copy, with autograd: not the model's
+    twin(x * 100)
+    assert handle.loss().item() == pytest.approx(expected, rel=1e-6)  # no "2 forwards" error
+    twin(x)
+    with pytest.raises(RuntimeError, match="no training-mode forward"):
+        handle.loss()
+
+
+# ---- the small ones ----------------------------------------------------------------------
+
+def test_directions_of_width_one_are_never_nan(monkeypatch):
+    """At width 1 a Gaussian draw of exact zero (once in ~1e7 float32 draws) made 0/0 = NaN
+    directions; every direction of width 1 is now +1 (the statistic is the same for -1)."""
+    monkeypatch.setattr(sigreg.sketch, "_gaussian", lambda batch, rows, cols, gen, device:
+                        torch.zeros(*batch, rows, cols))
+    d = sigreg.draw_directions(1, 4, batch=(3,))
+    assert d.shape == (3, 1, 4) and torch.equal(d, torch.ones(3, 1, 4))
+    z = torch.randn(16, 1)
+    assert sigreg.strong_sigreg(z, d[0]) == pytest.approx(sigreg.strong_sigreg(-z, d[0]).item())
+
+
+def test_a_sketch_as_wide_as_the_layer_says_it_is_the_full_covariance():
+    model = nn.Sequential(nn.Linear(8, 32))
+    handle = sigreg.attach(model, "0", sketch_dim=64)
+    model(torch.randn(16, 8))
+    with pytest.warns(UserWarning, match=re.escape("K=64 >= width 32")):
+        handle.loss()
