@@ -50,8 +50,9 @@ def rows_without_timing(out: Path) -> list[dict]:
 
 
 def summary_without_timing(out: Path) -> dict:
+    """The summary without times and provenance (a resumed run has a record per start)."""
     summary = json.loads((out / "summary.json").read_text())
-    return {k: v for k, v in summary.items() if k not in TIMING}
+    return {k: v for k, v in summary.items() if k not in (*TIMING, "provenance")}
 
 
 def tensorboard_scalars(out: Path) -> list[tuple[str, int, float]]:
@@ -172,6 +173,11 @@ def test_resume_after_a_crash_at_every_point_equals_an_uninterrupted_run(
     assert rows_without_timing(out) == rows_without_timing(uninterrupted)
     assert summary_without_timing(out) == summary_without_timing(uninterrupted)
     assert summary["final_test_acc"] == summary_without_timing(uninterrupted)["final_test_acc"]
+    # Provenance: the crashed start (it committed epoch 1) and the resume,
+    # then the resume's; provenance.json and the summary agree.
+    records = json.loads((out / "provenance.json").read_text())
+    assert records == summary["provenance"] and len(records) == 2
+    assert all(r["commit"] == records[-1]["commit"] and r["torch"] for r in records)
     want = checkpoint.load(uninterrupted / "checkpoint.pt")["model"]
     got = checkpoint.load(out / "checkpoint.pt")["model"]
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -492,7 +492,9 @@ def test_checkpoint_is_weights_only_and_atomic(tmp_path):
     cfg = tiny_mlp(epochs=2, sigreg="strong", mixup_alpha=0.8, optimizer="muon")
     train(cfg, tmp_path, progress=False, log=quiet)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert set(state) == {"config", "epoch", "rows", "model", "optimizer", "sigreg", "rng_ranks"}
+    assert set(state) == {"config", "epoch", "rows", "model", "optimizer", "sigreg", "rng_ranks",
+                          "provenance"}
+    assert [r["world_size"] for r in state["provenance"]] == [1]
     assert {k: len(v) for k, v in state["rng_ranks"].items()} == {"augmenter": 1, "cpu": 1}
     assert state["epoch"] == 2 and TrainConfig.from_dict(state["config"]) == cfg
     assert state["sigreg"]  # the regularizer's sketch state is saved
