@@ -173,8 +173,8 @@ def test_resume_after_a_crash_at_every_point_equals_an_uninterrupted_run(
     assert rows_without_timing(out) == rows_without_timing(uninterrupted)
     assert summary_without_timing(out) == summary_without_timing(uninterrupted)
     assert summary["final_test_acc"] == summary_without_timing(uninterrupted)["final_test_acc"]
-    # Provenance: the crashed start (it committed epoch 1) and the resume,
-    # then the resume's; provenance.json and the summary agree.
+    # Provenance: a record for the crashed start (it committed epoch 1) and one for the
+    # resume; provenance.json and the summary agree.
     records = json.loads((out / "provenance.json").read_text())
     assert records == summary["provenance"] and len(records) == 2
     assert all(r["commit"] == records[-1]["commit"] and r["torch"] for r in records)
