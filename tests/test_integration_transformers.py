@@ -16,7 +16,7 @@ transformers = pytest.importorskip(
 pytest.importorskip("accelerate", reason="needs the [transformers] extra (accelerate)")
 from transformers import TrainerCallback, TrainingArguments
 
-from sigreg.integrations.transformers import SIGRegTrainer
+from sigreg.integrations.transformers import SIGRegMixin, SIGRegTrainer
 
 ALPHA = 0.5
 
@@ -173,3 +173,48 @@ def test_resume_from_a_checkpoint_continues_the_sketch_stream(tmp_path):
     (checkpoint / "sigreg_state.pt").unlink()
     with pytest.warns(UserWarning, match="has no sigreg_state.pt"):
         lm_run(tmp_path / "cut", resume=str(checkpoint))
+
+
+def lm_data(rows=8):
+    g = torch.Generator().manual_seed(4)
+    return [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (rows, 16), generator=g)]
+
+
+def lm_args(out, **overrides):
+    """One step of batch 4, logged every step, nothing saved."""
+    settings = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=1,
+                    learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                    use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def train_logs(trainer_class, tmp_path, **kwargs):
+    """The training log rows (those with "loss") of a GPT-2 run of ``trainer_class``."""
+    trainer = trainer_class(model=gpt2(), args=kwargs.pop("args", lm_args(tmp_path)),
+                            train_dataset=lm_data(), **kwargs)
+    trainer.train()
+    return [row for row in trainer.state.log_history if "loss" in row]
+
+
+class NoReturnOutputs(transformers.Trainer):
+    """A compute_loss that takes no ``return_outputs``."""
+
+    def compute_loss(self, model, inputs, num_items_in_batch=None):
+        return model(**inputs).loss
+
+
+class AlwaysBareLoss(transformers.Trainer):
+    """A compute_loss that ignores ``return_outputs`` and returns the loss alone."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return model(**inputs).loss
+
+
+@pytest.mark.parametrize("base", [NoReturnOutputs, AlwaysBareLoss])
+def test_mixin_over_a_compute_loss_without_outputs(base, tmp_path):
+    mixed = type(f"SIGReg{base.__name__}", (SIGRegMixin, base), {})
+    settings = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8, alpha=ALPHA)
+    regularized = train_logs(mixed, tmp_path / "sigreg", sigreg=settings)
+    plain = train_logs(base, tmp_path / "plain")
+    assert "sigreg/loss" in regularized[0] and "sigreg/loss" not in plain[0]
+    assert regularized[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-3)

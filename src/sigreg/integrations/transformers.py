@@ -32,6 +32,7 @@ the stream starting over).
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Mapping
@@ -78,6 +79,13 @@ class _SaveSketchState(TrainerCallback):
         os.replace(tmp, folder / SKETCH_STATE)
 
 
+def _keywords(compute_loss: Any) -> set[str]:
+    """Which of ``return_outputs`` and ``num_items_in_batch`` a ``compute_loss`` accepts."""
+    params = inspect.signature(compute_loss).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {n for n in ("return_outputs", "num_items_in_batch") if takes_any or n in params}
+
+
 class SIGRegMixin:
     """``compute_loss`` and ``log`` for a ``transformers.Trainer`` subclass; list it first.
 
@@ -88,6 +96,7 @@ class SIGRegMixin:
 
     def __init__(self, *args: Any, sigreg: Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._sigreg_base_keywords = _keywords(super().compute_loss)
         options = dict(sigreg)
         self.sigreg_log_prefix: str = options.pop("log_prefix", "sigreg")
         self.sigreg_log_eff_dim: bool = options.pop("log_eff_dim", True)
@@ -129,26 +138,44 @@ class SIGRegMixin:
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        """The Trainer's loss, plus SIGReg on training forwards (outside them, unchanged)."""
+        """The base Trainer's loss, plus SIGReg on training forwards (outside them, unchanged).
+
+        Returned as the base returns it: ``(loss, outputs)``, or the bare loss of a base that
+        gives nothing else (TRL's trainers, even when asked for outputs).
+        """
         if not (model.training and torch.is_grad_enabled()):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._start_training_forward()
+        result = self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if isinstance(result, torch.Tensor):
+            return self._regularize(result, num_items_in_batch)
+        loss, outputs = result
+        return self._regularize(loss, num_items_in_batch), outputs
+
+    def _base_compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool,
+                           num_items_in_batch: torch.Tensor | int | None) -> Any:
+        # Only the keywords the base's signature takes: some compute_loss have neither.
+        given = dict(return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        keywords = {k: v for k, v in given.items() if k in self._sigreg_base_keywords}
+        return super().compute_loss(model, inputs, **keywords)
+
+    def _start_training_forward(self) -> None:
         if not self.sigreg.attached:
             self.sigreg.attach(self.model)
         self.sigreg.skip_recorded()  # training-mode calls of the model outside compute_loss
-        measure = self._sigreg_measure
-        if measure:
+        if self._sigreg_measure:
             self.sigreg.start_recording()
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        if measure:
+
+    def _regularize(self, task_loss: torch.Tensor,
+                    num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        if self._sigreg_measure:
             self._sigreg_eff_dims = self.sigreg.stop_recording()
             self._sigreg_measure = False
-        loss = self.sigreg.combine(loss, reg_scale=self._sigreg_scale(num_items_in_batch))
+        loss = self.sigreg.combine(task_loss, reg_scale=self._sigreg_scale(num_items_in_batch))
         for name, value in self.sigreg.layer_values().items():
             self._sigreg_sums[name] = self._sigreg_sums.get(name, 0) + value
         self._sigreg_count += 1
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def _sigreg_scale(self, num_items_in_batch: torch.Tensor | int | None) -> float:
         # Trainer.training_step divides the loss by the accumulation steps only in this case;
