@@ -218,3 +218,20 @@ def test_mixin_over_a_compute_loss_without_outputs(base, tmp_path):
     plain = train_logs(base, tmp_path / "plain")
     assert "sigreg/loss" in regularized[0] and "sigreg/loss" not in plain[0]
     assert regularized[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-3)
+
+
+class NoHooks(TrainerCallback):
+    """Asserts, at every step, that no module of the model carries a forward hook."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_without_sigreg_the_trainer_is_the_plain_one(tmp_path):
+    args = dict(max_steps=2)
+    ours = train_logs(SIGRegTrainer, tmp_path / "ours", args=lm_args(tmp_path / "ours", **args),
+                      callbacks=[NoHooks()])
+    plain = train_logs(transformers.Trainer, tmp_path / "plain",
+                       args=lm_args(tmp_path / "plain", **args))
+    assert [set(row) for row in ours] == [set(row) for row in plain]
+    assert [row["loss"] for row in ours] == [row["loss"] for row in plain]

@@ -91,12 +91,17 @@ class SIGRegMixin:
 
     Args:
         sigreg: keyword arguments of :func:`sigreg.attach` (``layers`` is required), plus
-            ``log_prefix`` and ``log_eff_dim``.
+            ``log_prefix`` and ``log_eff_dim``; None (the default): the base Trainer, unchanged.
     """
 
-    def __init__(self, *args: Any, sigreg: Mapping[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sigreg: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sigreg_base_keywords = _keywords(super().compute_loss)
+        self.sigreg: SIGRegSession | None = None
+        if sigreg is not None:
+            self._set_up_sigreg(sigreg)
+
+    def _set_up_sigreg(self, sigreg: Mapping[str, Any]) -> None:
         options = dict(sigreg)
         self.sigreg_log_prefix: str = options.pop("log_prefix", "sigreg")
         self.sigreg_log_eff_dim: bool = options.pop("log_eff_dim", True)
@@ -117,6 +122,8 @@ class SIGRegMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any) -> Any:
         """``Trainer.train``; resuming also restores the sketch state of the checkpoint."""
+        if self.sigreg is None:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
@@ -143,7 +150,7 @@ class SIGRegMixin:
         Returned as the base returns it: ``(loss, outputs)``, or the bare loss of a base that
         gives nothing else (TRL's trainers, even when asked for outputs).
         """
-        if not (model.training and torch.is_grad_enabled()):
+        if self.sigreg is None or not (model.training and torch.is_grad_enabled()):
             return self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._start_training_forward()
         result = self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -186,7 +193,7 @@ class SIGRegMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the SIGReg entries to training logs (those with ``"loss"``), then log."""
-        if "loss" in logs and self._sigreg_count:
+        if self.sigreg is not None and "loss" in logs and self._sigreg_count:
             means = {n: float(s) / self._sigreg_count for n, s in self._sigreg_sums.items()}
             logs = {**logs, **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims)}
             self._reset_window()
@@ -194,4 +201,5 @@ class SIGRegMixin:
 
 
 class SIGRegTrainer(SIGRegMixin, Trainer):
-    """``transformers.Trainer`` with SIGReg; takes ``sigreg=dict(layers=..., ...)``."""
+    """``transformers.Trainer`` with SIGReg; takes ``sigreg=dict(layers=..., ...)`` (without
+    it, the plain Trainer: a baseline run needs no other class)."""
