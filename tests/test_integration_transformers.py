@@ -5,6 +5,8 @@ GPT-2 language model (``pool="flatten"``, with gradient accumulation).
 """
 
 import copy
+import inspect
+import re
 
 import pytest
 import torch
@@ -235,3 +237,38 @@ def test_without_sigreg_the_trainer_is_the_plain_one(tmp_path):
                        args=lm_args(tmp_path / "plain", **args))
     assert [set(row) for row in ours] == [set(row) for row in plain]
     assert [row["loss"] for row in ours] == [row["loss"] for row in plain]
+
+
+LM_SETTINGS = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8, alpha=ALPHA)
+
+
+def test_unknown_sigreg_keys_are_refused_when_the_trainer_is_built(tmp_path):
+    with pytest.raises(TypeError, match=r"\['alpah', 'pooling'\]") as error:
+        SIGRegTrainer(model=gpt2(), args=lm_args(tmp_path),
+                      sigreg={**LM_SETTINGS, "alpah": 0.1, "pooling": "cls"})
+    named = set(str(error.value).split("valid keys: ")[1].split(", "))
+    takes = set(inspect.signature(sigreg.attach).parameters) - {"model", "variant_kwargs"}
+    variant_options = {"t_max", "num_points", "gamma", "var_weight", "cov_weight", "eps"}
+    assert named == takes | variant_options | {"log_prefix", "log_eff_dim"}
+
+
+@pytest.mark.parametrize("bad", [
+    dict(pool="avg"), dict(variant="weird"), dict(layers="decoder.*"), dict(alpha=1.5),
+    dict(t_max=2.0),  # an option of the strong variant, given to the weak one
+])
+def test_bad_sigreg_values_are_refused_when_the_trainer_is_built(bad, tmp_path):
+    settings = {**LM_SETTINGS, **bad}
+    with pytest.raises((TypeError, ValueError)) as direct:
+        sigreg.attach(gpt2(), **settings)
+    model = gpt2()
+    with pytest.raises(type(direct.value), match=re.escape(str(direct.value))):
+        SIGRegTrainer(model=model, args=lm_args(tmp_path), sigreg=settings)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_valid_sigreg_leaves_no_hooks_until_training(tmp_path):
+    model = gpt2()
+    SIGRegTrainer(model=model, args=lm_args(tmp_path), sigreg=LM_SETTINGS)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(TypeError, match="layers"):
+        SIGRegTrainer(model=model, args=lm_args(tmp_path), sigreg=dict(pool="flatten"))

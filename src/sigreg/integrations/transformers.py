@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from .._extras import require
+from ..attach import attach
+from ..modules import VARIANT_OPTIONS
 from ._session import SIGRegSession, log_entries
 
 require("transformers", "sigreg.integrations.transformers")
@@ -79,6 +81,28 @@ class _SaveSketchState(TrainerCallback):
         os.replace(tmp, folder / SKETCH_STATE)
 
 
+def _checked_keys(sigreg: Mapping[str, Any]) -> dict[str, Any]:
+    """``sigreg`` as a dict, if it has ``layers`` and only keys that :func:`sigreg.attach`
+    (its regularizers' options included) or the mixin take.
+
+    Raises:
+        TypeError: ``sigreg`` is not a mapping, lacks ``layers``, or has an unknown key (the
+            message lists every valid key).
+    """
+    if not isinstance(sigreg, Mapping):
+        raise TypeError(f"sigreg must be a dict of sigreg.attach settings, got {sigreg!r}")
+    params = inspect.signature(attach).parameters
+    named = [n for n, p in params.items() if n != "model" and p.kind is not p.VAR_KEYWORD]
+    variant_options = [o for options in VARIANT_OPTIONS.values() for o in options]
+    valid = [*dict.fromkeys([*named, *variant_options]), "log_prefix", "log_eff_dim"]
+    unknown = [k for k in sigreg if k not in valid]
+    if unknown:
+        raise TypeError(f"sigreg= has unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    if "layers" not in sigreg:
+        raise TypeError("sigreg= needs 'layers', the layers to regularize (see sigreg.attach)")
+    return dict(sigreg)
+
+
 def _keywords(compute_loss: Any) -> set[str]:
     """Which of ``return_outputs`` and ``num_items_in_batch`` a ``compute_loss`` accepts."""
     params = inspect.signature(compute_loss).parameters
@@ -102,13 +126,15 @@ class SIGRegMixin:
             self._set_up_sigreg(sigreg)
 
     def _set_up_sigreg(self, sigreg: Mapping[str, Any]) -> None:
-        options = dict(sigreg)
+        options = _checked_keys(sigreg)
         self.sigreg_log_prefix: str = options.pop("log_prefix", "sigreg")
         self.sigreg_log_eff_dim: bool = options.pop("log_eff_dim", True)
-        self.sigreg = SIGRegSession(**options)
         if getattr(self.args, "n_gpu", 1) > 1:
             raise ValueError("SIGReg hooks do not support DataParallel (n_gpu > 1 in one process);"
                              " launch with torchrun or accelerate for DDP")
+        self.sigreg = SIGRegSession(**options)
+        # Attach and remove at once: a bad setting raises now, not when train() starts.
+        attach(self.model, **self.sigreg.options).remove()
         self.add_callback(_SaveSketchState(self.sigreg))
         self._reset_window()
 
