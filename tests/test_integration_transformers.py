@@ -272,3 +272,24 @@ def test_a_valid_sigreg_leaves_no_hooks_until_training(tmp_path):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     with pytest.raises(TypeError, match="layers"):
         SIGRegTrainer(model=model, args=lm_args(tmp_path), sigreg=dict(pool="flatten"))
+
+
+@pytest.mark.parametrize("loss_kwargs", [True, False])
+def test_task_loss_is_logged_beside_the_regularizer(loss_kwargs, tmp_path):
+    """Two logs of two steps of 2 micro-batches. With ``num_items_in_batch`` (GPT-2's
+    default) the Trainer sums the micro-batch losses, else it averages them:
+    ``sigreg/task_loss`` follows, on the scale of a plain run's ``loss``."""
+    args = lm_args(tmp_path, max_steps=2, gradient_accumulation_steps=2,
+                   per_device_train_batch_size=2)
+    rows = {}
+    for name, trainer_class, extra in [("sigreg", SIGRegTrainer, dict(sigreg=LM_SETTINGS)),
+                                       ("plain", transformers.Trainer, {})]:
+        trainer = trainer_class(model=gpt2(), args=args, train_dataset=lm_data(), **extra)
+        trainer.model_accepts_loss_kwargs = loss_kwargs
+        trainer.train()
+        rows[name] = [row for row in trainer.state.log_history if "loss" in row]
+    for row in rows["sigreg"]:
+        combined = (1 - ALPHA) * row["sigreg/task_loss"] + ALPHA * row["sigreg/loss"]
+        assert row["loss"] == pytest.approx(combined, rel=1e-5)
+    # The first step starts from the same weights: the same task loss.
+    assert rows["sigreg"][0]["sigreg/task_loss"] == pytest.approx(rows["plain"][0]["loss"], rel=1e-5)

@@ -50,6 +50,7 @@ from ._session import SIGRegSession, log_entries
 require("transformers", "sigreg.integrations.transformers")
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 __all__ = ["SIGRegMixin", "SIGRegTrainer"]
@@ -139,8 +140,9 @@ class SIGRegMixin:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        # Running sums of the per-layer values since the last log, kept as tensors (no sync).
+        # Running sums since the last log, kept as tensors (no sync): per-layer values, task loss.
         self._sigreg_sums: dict[str, torch.Tensor] = {}
+        self._sigreg_task_sum: torch.Tensor | int = 0
         self._sigreg_count = 0
         self._sigreg_measure = self.sigreg_log_eff_dim
         self._sigreg_eff_dims: dict[str, float] = {}
@@ -204,9 +206,12 @@ class SIGRegMixin:
         if self._sigreg_measure:
             self._sigreg_eff_dims = self.sigreg.stop_recording()
             self._sigreg_measure = False
-        loss = self.sigreg.combine(task_loss, reg_scale=self._sigreg_scale(num_items_in_batch))
+        scale = self._sigreg_scale(num_items_in_batch)
+        loss = self.sigreg.combine(task_loss, reg_scale=scale)
         for name, value in self.sigreg.layer_values().items():
             self._sigreg_sums[name] = self._sigreg_sums.get(name, 0) + value
+        # Undo the pre-normalization by the accumulation steps: the scale of the Trainer's "loss".
+        self._sigreg_task_sum = self._sigreg_task_sum + task_loss.detach() / scale
         self._sigreg_count += 1
         return loss
 
@@ -220,10 +225,18 @@ class SIGRegMixin:
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the SIGReg entries to training logs (those with ``"loss"``), then log."""
         if self.sigreg is not None and "loss" in logs and self._sigreg_count:
-            means = {n: float(s) / self._sigreg_count for n, s in self._sigreg_sums.items()}
-            logs = {**logs, **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims)}
+            logs = {**logs, **self._sigreg_logs()}
             self._reset_window()
         super().log(logs, *args, **kwargs)
+
+    def _sigreg_logs(self) -> dict[str, float]:
+        """Means over the training forwards since the previous log, and the eff. dimensions."""
+        count = self._sigreg_count
+        # Over all processes, as the Trainer averages its "loss" (the layer values are global).
+        task = nested_gather(self._sigreg_task_sum, self.args.parallel_mode).mean()
+        means = {n: float(s) / count for n, s in self._sigreg_sums.items()}
+        return {f"{self.sigreg_log_prefix}/task_loss": float(task) / count,
+                **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims)}
 
 
 class SIGRegTrainer(SIGRegMixin, Trainer):
