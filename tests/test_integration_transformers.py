@@ -293,3 +293,28 @@ def test_task_loss_is_logged_beside_the_regularizer(loss_kwargs, tmp_path):
         assert row["loss"] == pytest.approx(combined, rel=1e-5)
     # The first step starts from the same weights: the same task loss.
     assert rows["sigreg"][0]["sigreg/task_loss"] == pytest.approx(rows["plain"][0]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [None, {"preserve_rng_state": True}])
+def test_gradient_checkpointing_leaves_every_block_regularized(kwargs, tmp_path):
+    """Checkpointing without a word on ``use_reentrant`` gets the non-reentrant variant,
+    whose forward the hooks see: the run logs what the run without checkpointing does."""
+    rows = {}
+    for checkpointing in (False, True):
+        extra = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+        args = lm_args(tmp_path / str(checkpointing), **(extra if checkpointing else {}))
+        trainer = SIGRegTrainer(model=gpt2(), args=args, train_dataset=lm_data(),
+                                sigreg=LM_SETTINGS)
+        trainer.train()
+        rows[checkpointing] = next(r for r in trainer.state.log_history if "loss" in r)
+    assert trainer.model.is_gradient_checkpointing
+    assert trainer.args.gradient_checkpointing_kwargs == {**(kwargs or {}), "use_reentrant": False}
+    for key in ("loss", "sigreg/loss/transformer.h.0", "sigreg/loss/transformer.h.1"):
+        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5)
+
+
+def test_an_explicit_use_reentrant_is_kept(tmp_path):
+    args = lm_args(tmp_path, gradient_checkpointing=True,
+                   gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = SIGRegTrainer(model=gpt2(), args=args, sigreg=LM_SETTINGS)
+    assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": True}

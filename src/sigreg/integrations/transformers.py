@@ -104,6 +104,14 @@ def _checked_keys(sigreg: Mapping[str, Any]) -> dict[str, Any]:
     return dict(sigreg)
 
 
+def _prefer_non_reentrant_checkpointing(args: Any) -> None:
+    """``use_reentrant=False`` for the Trainer's activation checkpointing, unless the user
+    chose: reentrant checkpointing runs the layers under no_grad, unseen by the hooks."""
+    kwargs = args.gradient_checkpointing_kwargs or {}
+    if args.gradient_checkpointing and "use_reentrant" not in kwargs:
+        args.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
+
+
 def _keywords(compute_loss: Any) -> set[str]:
     """Which of ``return_outputs`` and ``num_items_in_batch`` a ``compute_loss`` accepts."""
     params = inspect.signature(compute_loss).parameters
@@ -136,6 +144,7 @@ class SIGRegMixin:
         self.sigreg = SIGRegSession(**options)
         # Attach and remove at once: a bad setting raises now, not when train() starts.
         attach(self.model, **self.sigreg.options).remove()
+        _prefer_non_reentrant_checkpointing(self.args)
         self.add_callback(_SaveSketchState(self.sigreg))
         self._reset_window()
 
