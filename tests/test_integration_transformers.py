@@ -1,7 +1,9 @@
 """sigreg.integrations.transformers: Hugging Face Trainer steps against a hand-written loop.
 
 Models are built from small configs (no download): a ViT classifier (``pool="cls"``) and a
-GPT-2 language model (``pool="flatten"``, with gradient accumulation).
+GPT-2 language model (``pool="flatten"``, with gradient accumulation). Then the mixin over
+other compute_loss signatures, the Trainer without ``sigreg=``, ``sigreg=`` checked at
+construction, the task-loss log entry, and activation checkpointing.
 """
 
 import copy

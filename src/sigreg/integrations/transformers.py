@@ -11,18 +11,26 @@
 ``sigreg`` holds :func:`sigreg.attach`'s settings (layer names are those of
 ``trainer.model``; ``pool="cls"`` for a ViT's CLS token, ``"flatten"`` to treat every token
 as a sample; tuple outputs use their first element), plus ``log_prefix`` (default
-``"sigreg"``) and ``log_eff_dim`` (default True). To add SIGReg to another Trainer subclass,
-put :class:`SIGRegMixin` first: ``class MyTrainer(SIGRegMixin, Seq2SeqTrainer)``.
+``"sigreg"``) and ``log_eff_dim`` (default True). They are checked when the Trainer is
+built: an unknown key, or a value :func:`sigreg.attach` refuses for ``trainer.model``,
+raises there. Without ``sigreg`` the Trainer is the plain one (a baseline). To add SIGReg
+to another Trainer subclass, put :class:`SIGRegMixin` first:
+``class MyTrainer(SIGRegMixin, Seq2SeqTrainer)``; its ``compute_loss`` may lack
+``return_outputs`` or ``num_items_in_batch``, or return the bare loss even when asked for
+outputs.
 
 The hooks are attached at the first training forward of ``train()`` and removed when it
 returns or fails; evaluation and prediction never compute the regularizer. The training
-loss is the combined loss; each log adds ``sigreg/loss`` and ``sigreg/loss/<layer>``
+loss is the combined loss; each log adds ``sigreg/task_loss`` (the task loss alone, on the
+scale of ``loss``, to compare with a baseline), ``sigreg/loss`` and ``sigreg/loss/<layer>``
 (means since the previous log) and ``sigreg/eff_dim/<layer>``, the effective dimension of
 the features of the first batch after the previous log (on rank 0 under DDP). Gradient
 accumulation keeps the regularizer's weight: when the Trainer does not divide the loss by
 the accumulation steps (models that take ``num_items_in_batch``), the regularizer is divided
 here. DDP (torchrun / accelerate) uses global-batch statistics as :func:`sigreg.attach`;
-``DataParallel`` (several GPUs, one process) is not supported.
+``DataParallel`` (several GPUs, one process) is not supported. With
+``gradient_checkpointing=True`` and no ``use_reentrant`` in ``gradient_checkpointing_kwargs``,
+the args get ``use_reentrant=False``: the reentrant variant hides the layers from the hooks.
 
 Every checkpoint folder the Trainer saves gets ``sigreg_state.pt``, the sketch stream's
 state, and ``train(resume_from_checkpoint=...)`` restores it: a resumed run draws the
@@ -125,6 +133,13 @@ class SIGRegMixin:
     Args:
         sigreg: keyword arguments of :func:`sigreg.attach` (``layers`` is required), plus
             ``log_prefix`` and ``log_eff_dim``; None (the default): the base Trainer, unchanged.
+
+    Raises:
+        TypeError: ``sigreg`` has an unknown key (the message lists the valid ones) or no
+            ``layers``.
+        TypeError / ValueError: :func:`sigreg.attach`'s own error for a bad value, such as
+            a ``layers`` spec matching no module of the model.
+        ValueError: DataParallel (``n_gpu > 1`` in one process).
     """
 
     def __init__(self, *args: Any, sigreg: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -185,7 +200,7 @@ class SIGRegMixin:
         """The base Trainer's loss, plus SIGReg on training forwards (outside them, unchanged).
 
         Returned as the base returns it: ``(loss, outputs)``, or the bare loss of a base that
-        gives nothing else (TRL's trainers, even when asked for outputs).
+        gives nothing else, even when asked for outputs.
         """
         if self.sigreg is None or not (model.training and torch.is_grad_enabled()):
             return self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
