@@ -1,10 +1,14 @@
 """sigreg.integrations.transformers: Hugging Face Trainer steps against a hand-written loop.
 
 Models are built from small configs (no download): a ViT classifier (``pool="cls"``) and a
-GPT-2 language model (``pool="flatten"``, with gradient accumulation).
+GPT-2 language model (``pool="flatten"``, with gradient accumulation). Then the mixin over
+other compute_loss signatures, the Trainer without ``sigreg=``, ``sigreg=`` checked at
+construction, the task-loss log entry, and activation checkpointing.
 """
 
 import copy
+import inspect
+import re
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ transformers = pytest.importorskip(
 pytest.importorskip("accelerate", reason="needs the [transformers] extra (accelerate)")
 from transformers import TrainerCallback, TrainingArguments
 
-from sigreg.integrations.transformers import SIGRegTrainer
+from sigreg.integrations.transformers import SIGRegMixin, SIGRegTrainer
 
 ALPHA = 0.5
 
@@ -173,3 +177,146 @@ def test_resume_from_a_checkpoint_continues_the_sketch_stream(tmp_path):
     (checkpoint / "sigreg_state.pt").unlink()
     with pytest.warns(UserWarning, match="has no sigreg_state.pt"):
         lm_run(tmp_path / "cut", resume=str(checkpoint))
+
+
+def lm_data(rows=8):
+    g = torch.Generator().manual_seed(4)
+    return [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (rows, 16), generator=g)]
+
+
+def lm_args(out, **overrides):
+    """One step of batch 4, logged every step, nothing saved."""
+    settings = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=1,
+                    learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                    use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def train_logs(trainer_class, tmp_path, **kwargs):
+    """The training log rows (those with "loss") of a GPT-2 run of ``trainer_class``."""
+    trainer = trainer_class(model=gpt2(), args=kwargs.pop("args", lm_args(tmp_path)),
+                            train_dataset=lm_data(), **kwargs)
+    trainer.train()
+    return [row for row in trainer.state.log_history if "loss" in row]
+
+
+class NoReturnOutputs(transformers.Trainer):
+    """A compute_loss that takes no ``return_outputs``."""
+
+    def compute_loss(self, model, inputs, num_items_in_batch=None):
+        return model(**inputs).loss
+
+
+class AlwaysBareLoss(transformers.Trainer):
+    """A compute_loss that ignores ``return_outputs`` and returns the loss alone."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return model(**inputs).loss
+
+
+@pytest.mark.parametrize("base", [NoReturnOutputs, AlwaysBareLoss])
+def test_mixin_over_a_compute_loss_without_outputs(base, tmp_path):
+    mixed = type(f"SIGReg{base.__name__}", (SIGRegMixin, base), {})
+    settings = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8, alpha=ALPHA)
+    regularized = train_logs(mixed, tmp_path / "sigreg", sigreg=settings)
+    plain = train_logs(base, tmp_path / "plain")
+    assert "sigreg/loss" in regularized[0] and "sigreg/loss" not in plain[0]
+    assert regularized[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-3)
+
+
+class NoHooks(TrainerCallback):
+    """Asserts, at every step, that no module of the model carries a forward hook."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_without_sigreg_the_trainer_is_the_plain_one(tmp_path):
+    args = dict(max_steps=2)
+    ours = train_logs(SIGRegTrainer, tmp_path / "ours", args=lm_args(tmp_path / "ours", **args),
+                      callbacks=[NoHooks()])
+    plain = train_logs(transformers.Trainer, tmp_path / "plain",
+                       args=lm_args(tmp_path / "plain", **args))
+    assert [set(row) for row in ours] == [set(row) for row in plain]
+    assert [row["loss"] for row in ours] == [row["loss"] for row in plain]
+
+
+LM_SETTINGS = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8, alpha=ALPHA)
+
+
+def test_unknown_sigreg_keys_are_refused_when_the_trainer_is_built(tmp_path):
+    with pytest.raises(TypeError, match=r"\['alpah', 'pooling'\]") as error:
+        SIGRegTrainer(model=gpt2(), args=lm_args(tmp_path),
+                      sigreg={**LM_SETTINGS, "alpah": 0.1, "pooling": "cls"})
+    named = set(str(error.value).split("valid keys: ")[1].split(", "))
+    takes = set(inspect.signature(sigreg.attach).parameters) - {"model", "variant_kwargs"}
+    variant_options = {"t_max", "num_points", "gamma", "var_weight", "cov_weight", "eps"}
+    assert named == takes | variant_options | {"log_prefix", "log_eff_dim"}
+
+
+@pytest.mark.parametrize("bad", [
+    dict(pool="avg"), dict(variant="weird"), dict(layers="decoder.*"), dict(alpha=1.5),
+    dict(t_max=2.0),  # an option of the strong variant, given to the weak one
+])
+def test_bad_sigreg_values_are_refused_when_the_trainer_is_built(bad, tmp_path):
+    settings = {**LM_SETTINGS, **bad}
+    with pytest.raises((TypeError, ValueError)) as direct:
+        sigreg.attach(gpt2(), **settings)
+    model = gpt2()
+    with pytest.raises(type(direct.value), match=re.escape(str(direct.value))):
+        SIGRegTrainer(model=model, args=lm_args(tmp_path), sigreg=settings)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_valid_sigreg_leaves_no_hooks_until_training(tmp_path):
+    model = gpt2()
+    SIGRegTrainer(model=model, args=lm_args(tmp_path), sigreg=LM_SETTINGS)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(TypeError, match="layers"):
+        SIGRegTrainer(model=model, args=lm_args(tmp_path), sigreg=dict(pool="flatten"))
+
+
+@pytest.mark.parametrize("loss_kwargs", [True, False])
+def test_task_loss_is_logged_beside_the_regularizer(loss_kwargs, tmp_path):
+    """Two logs of two steps of 2 micro-batches. With ``num_items_in_batch`` (GPT-2's
+    default) the Trainer sums the micro-batch losses, else it averages them:
+    ``sigreg/task_loss`` follows, on the scale of a plain run's ``loss``."""
+    args = lm_args(tmp_path, max_steps=2, gradient_accumulation_steps=2,
+                   per_device_train_batch_size=2)
+    rows = {}
+    for name, trainer_class, extra in [("sigreg", SIGRegTrainer, dict(sigreg=LM_SETTINGS)),
+                                       ("plain", transformers.Trainer, {})]:
+        trainer = trainer_class(model=gpt2(), args=args, train_dataset=lm_data(), **extra)
+        trainer.model_accepts_loss_kwargs = loss_kwargs
+        trainer.train()
+        rows[name] = [row for row in trainer.state.log_history if "loss" in row]
+    for row in rows["sigreg"]:
+        combined = (1 - ALPHA) * row["sigreg/task_loss"] + ALPHA * row["sigreg/loss"]
+        assert row["loss"] == pytest.approx(combined, rel=1e-5)
+    # The first step starts from the same weights: the same task loss.
+    assert rows["sigreg"][0]["sigreg/task_loss"] == pytest.approx(rows["plain"][0]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [None, {"preserve_rng_state": True}])
+def test_gradient_checkpointing_leaves_every_block_regularized(kwargs, tmp_path):
+    """Checkpointing without a word on ``use_reentrant`` gets the non-reentrant variant,
+    whose forward the hooks see: the run logs what the run without checkpointing does."""
+    rows = {}
+    for checkpointing in (False, True):
+        extra = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+        args = lm_args(tmp_path / str(checkpointing), **(extra if checkpointing else {}))
+        trainer = SIGRegTrainer(model=gpt2(), args=args, train_dataset=lm_data(),
+                                sigreg=LM_SETTINGS)
+        trainer.train()
+        rows[checkpointing] = next(r for r in trainer.state.log_history if "loss" in r)
+    assert trainer.model.is_gradient_checkpointing
+    assert trainer.args.gradient_checkpointing_kwargs == {**(kwargs or {}), "use_reentrant": False}
+    for key in ("loss", "sigreg/loss/transformer.h.0", "sigreg/loss/transformer.h.1"):
+        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5)
+
+
+def test_an_explicit_use_reentrant_is_kept(tmp_path):
+    args = lm_args(tmp_path, gradient_checkpointing=True,
+                   gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = SIGRegTrainer(model=gpt2(), args=args, sigreg=LM_SETTINGS)
+    assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": True}

@@ -11,18 +11,26 @@
 ``sigreg`` holds :func:`sigreg.attach`'s settings (layer names are those of
 ``trainer.model``; ``pool="cls"`` for a ViT's CLS token, ``"flatten"`` to treat every token
 as a sample; tuple outputs use their first element), plus ``log_prefix`` (default
-``"sigreg"``) and ``log_eff_dim`` (default True). To add SIGReg to another Trainer subclass,
-put :class:`SIGRegMixin` first: ``class MyTrainer(SIGRegMixin, Seq2SeqTrainer)``.
+``"sigreg"``) and ``log_eff_dim`` (default True). They are checked when the Trainer is
+built: an unknown key, or a value :func:`sigreg.attach` refuses for ``trainer.model``,
+raises there. Without ``sigreg`` the Trainer is the plain one (a baseline). To add SIGReg
+to another Trainer subclass, put :class:`SIGRegMixin` first:
+``class MyTrainer(SIGRegMixin, Seq2SeqTrainer)``; its ``compute_loss`` may lack
+``return_outputs`` or ``num_items_in_batch``, or return the bare loss even when asked for
+outputs.
 
 The hooks are attached at the first training forward of ``train()`` and removed when it
 returns or fails; evaluation and prediction never compute the regularizer. The training
-loss is the combined loss; each log adds ``sigreg/loss`` and ``sigreg/loss/<layer>``
+loss is the combined loss; each log adds ``sigreg/task_loss`` (the task loss alone, on the
+scale of ``loss``, to compare with a baseline), ``sigreg/loss`` and ``sigreg/loss/<layer>``
 (means since the previous log) and ``sigreg/eff_dim/<layer>``, the effective dimension of
 the features of the first batch after the previous log (on rank 0 under DDP). Gradient
 accumulation keeps the regularizer's weight: when the Trainer does not divide the loss by
 the accumulation steps (models that take ``num_items_in_batch``), the regularizer is divided
 here. DDP (torchrun / accelerate) uses global-batch statistics as :func:`sigreg.attach`;
-``DataParallel`` (several GPUs, one process) is not supported.
+``DataParallel`` (several GPUs, one process) is not supported. With
+``gradient_checkpointing=True`` and no ``use_reentrant`` in ``gradient_checkpointing_kwargs``,
+the args get ``use_reentrant=False``: the reentrant variant hides the layers from the hooks.
 
 Every checkpoint folder the Trainer saves gets ``sigreg_state.pt``, the sketch stream's
 state, and ``train(resume_from_checkpoint=...)`` restores it: a resumed run draws the
@@ -32,6 +40,7 @@ the stream starting over).
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Mapping
@@ -42,11 +51,14 @@ import torch
 from torch import nn
 
 from .._extras import require
+from ..attach import attach
+from ..modules import VARIANT_OPTIONS
 from ._session import SIGRegSession, log_entries
 
 require("transformers", "sigreg.integrations.transformers")
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 __all__ = ["SIGRegMixin", "SIGRegTrainer"]
@@ -78,29 +90,83 @@ class _SaveSketchState(TrainerCallback):
         os.replace(tmp, folder / SKETCH_STATE)
 
 
+def _checked_keys(sigreg: Mapping[str, Any]) -> dict[str, Any]:
+    """``sigreg`` as a dict, if it has ``layers`` and only keys that :func:`sigreg.attach`
+    (its regularizers' options included) or the mixin take.
+
+    Raises:
+        TypeError: ``sigreg`` is not a mapping, lacks ``layers``, or has an unknown key (the
+            message lists every valid key).
+    """
+    if not isinstance(sigreg, Mapping):
+        raise TypeError(f"sigreg must be a dict of sigreg.attach settings, got {sigreg!r}")
+    params = inspect.signature(attach).parameters
+    named = [n for n, p in params.items() if n != "model" and p.kind is not p.VAR_KEYWORD]
+    variant_options = [o for options in VARIANT_OPTIONS.values() for o in options]
+    valid = [*dict.fromkeys([*named, *variant_options]), "log_prefix", "log_eff_dim"]
+    unknown = [k for k in sigreg if k not in valid]
+    if unknown:
+        raise TypeError(f"sigreg= has unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    if "layers" not in sigreg:
+        raise TypeError("sigreg= needs 'layers', the layers to regularize (see sigreg.attach)")
+    return dict(sigreg)
+
+
+def _prefer_non_reentrant_checkpointing(args: Any) -> None:
+    """``use_reentrant=False`` for the Trainer's activation checkpointing, unless the user
+    chose: reentrant checkpointing runs the layers under no_grad, unseen by the hooks."""
+    kwargs = args.gradient_checkpointing_kwargs or {}
+    if args.gradient_checkpointing and "use_reentrant" not in kwargs:
+        args.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
+
+
+def _keywords(compute_loss: Any) -> set[str]:
+    """Which of ``return_outputs`` and ``num_items_in_batch`` a ``compute_loss`` accepts."""
+    params = inspect.signature(compute_loss).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {n for n in ("return_outputs", "num_items_in_batch") if takes_any or n in params}
+
+
 class SIGRegMixin:
     """``compute_loss`` and ``log`` for a ``transformers.Trainer`` subclass; list it first.
 
     Args:
         sigreg: keyword arguments of :func:`sigreg.attach` (``layers`` is required), plus
-            ``log_prefix`` and ``log_eff_dim``.
+            ``log_prefix`` and ``log_eff_dim``; None (the default): the base Trainer, unchanged.
+
+    Raises:
+        TypeError: ``sigreg`` has an unknown key (the message lists the valid ones) or no
+            ``layers``.
+        TypeError / ValueError: :func:`sigreg.attach`'s own error for a bad value, such as
+            a ``layers`` spec matching no module of the model.
+        ValueError: DataParallel (``n_gpu > 1`` in one process).
     """
 
-    def __init__(self, *args: Any, sigreg: Mapping[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sigreg: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        options = dict(sigreg)
+        self._sigreg_base_keywords = _keywords(super().compute_loss)
+        self.sigreg: SIGRegSession | None = None
+        if sigreg is not None:
+            self._set_up_sigreg(sigreg)
+
+    def _set_up_sigreg(self, sigreg: Mapping[str, Any]) -> None:
+        options = _checked_keys(sigreg)
         self.sigreg_log_prefix: str = options.pop("log_prefix", "sigreg")
         self.sigreg_log_eff_dim: bool = options.pop("log_eff_dim", True)
-        self.sigreg = SIGRegSession(**options)
         if getattr(self.args, "n_gpu", 1) > 1:
             raise ValueError("SIGReg hooks do not support DataParallel (n_gpu > 1 in one process);"
                              " launch with torchrun or accelerate for DDP")
+        self.sigreg = SIGRegSession(**options)
+        # Attach and remove at once: a bad setting raises now, not when train() starts.
+        attach(self.model, **self.sigreg.options).remove()
+        _prefer_non_reentrant_checkpointing(self.args)
         self.add_callback(_SaveSketchState(self.sigreg))
         self._reset_window()
 
     def _reset_window(self) -> None:
-        # Running sums of the per-layer values since the last log, kept as tensors (no sync).
+        # Running sums since the last log, kept as tensors (no sync): per-layer values, task loss.
         self._sigreg_sums: dict[str, torch.Tensor] = {}
+        self._sigreg_task_sum: torch.Tensor | int = 0
         self._sigreg_count = 0
         self._sigreg_measure = self.sigreg_log_eff_dim
         self._sigreg_eff_dims: dict[str, float] = {}
@@ -108,6 +174,8 @@ class SIGRegMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any) -> Any:
         """``Trainer.train``; resuming also restores the sketch state of the checkpoint."""
+        if self.sigreg is None:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
@@ -129,26 +197,47 @@ class SIGRegMixin:
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        """The Trainer's loss, plus SIGReg on training forwards (outside them, unchanged)."""
-        if not (model.training and torch.is_grad_enabled()):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+        """The base Trainer's loss, plus SIGReg on training forwards (outside them, unchanged).
+
+        Returned as the base returns it: ``(loss, outputs)``, or the bare loss of a base that
+        gives nothing else, even when asked for outputs.
+        """
+        if self.sigreg is None or not (model.training and torch.is_grad_enabled()):
+            return self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._start_training_forward()
+        result = self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if isinstance(result, torch.Tensor):
+            return self._regularize(result, num_items_in_batch)
+        loss, outputs = result
+        return self._regularize(loss, num_items_in_batch), outputs
+
+    def _base_compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool,
+                           num_items_in_batch: torch.Tensor | int | None) -> Any:
+        # Only the keywords the base's signature takes: some compute_loss have neither.
+        given = dict(return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        keywords = {k: v for k, v in given.items() if k in self._sigreg_base_keywords}
+        return super().compute_loss(model, inputs, **keywords)
+
+    def _start_training_forward(self) -> None:
         if not self.sigreg.attached:
             self.sigreg.attach(self.model)
         self.sigreg.skip_recorded()  # training-mode calls of the model outside compute_loss
-        measure = self._sigreg_measure
-        if measure:
+        if self._sigreg_measure:
             self.sigreg.start_recording()
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        if measure:
+
+    def _regularize(self, task_loss: torch.Tensor,
+                    num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        if self._sigreg_measure:
             self._sigreg_eff_dims = self.sigreg.stop_recording()
             self._sigreg_measure = False
-        loss = self.sigreg.combine(loss, reg_scale=self._sigreg_scale(num_items_in_batch))
+        scale = self._sigreg_scale(num_items_in_batch)
+        loss = self.sigreg.combine(task_loss, reg_scale=scale)
         for name, value in self.sigreg.layer_values().items():
             self._sigreg_sums[name] = self._sigreg_sums.get(name, 0) + value
+        # Undo the pre-normalization by the accumulation steps: the scale of the Trainer's "loss".
+        self._sigreg_task_sum = self._sigreg_task_sum + task_loss.detach() / scale
         self._sigreg_count += 1
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def _sigreg_scale(self, num_items_in_batch: torch.Tensor | int | None) -> float:
         # Trainer.training_step divides the loss by the accumulation steps only in this case;
@@ -159,12 +248,21 @@ class SIGRegMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the SIGReg entries to training logs (those with ``"loss"``), then log."""
-        if "loss" in logs and self._sigreg_count:
-            means = {n: float(s) / self._sigreg_count for n, s in self._sigreg_sums.items()}
-            logs = {**logs, **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims)}
+        if self.sigreg is not None and "loss" in logs and self._sigreg_count:
+            logs = {**logs, **self._sigreg_logs()}
             self._reset_window()
         super().log(logs, *args, **kwargs)
 
+    def _sigreg_logs(self) -> dict[str, float]:
+        """Means over the training forwards since the previous log, and the eff. dimensions."""
+        count = self._sigreg_count
+        # Over all processes, as the Trainer averages its "loss" (the layer values are global).
+        task = nested_gather(self._sigreg_task_sum, self.args.parallel_mode).mean()
+        means = {n: float(s) / count for n, s in self._sigreg_sums.items()}
+        return {f"{self.sigreg_log_prefix}/task_loss": float(task) / count,
+                **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims)}
+
 
 class SIGRegTrainer(SIGRegMixin, Trainer):
-    """``transformers.Trainer`` with SIGReg; takes ``sigreg=dict(layers=..., ...)``."""
+    """``transformers.Trainer`` with SIGReg; takes ``sigreg=dict(layers=..., ...)`` (without
+    it, the plain Trainer: a baseline run needs no other class)."""
