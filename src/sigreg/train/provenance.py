@@ -57,7 +57,7 @@ def provenance(device: torch.device | str = "cpu") -> dict[str, Any]:
     return {
         "sigreg": __version__,
         **git_state(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion would not load weights_only
         "device": device_name(device),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
