@@ -38,9 +38,15 @@ def markdown(cells: Cells, k: int, alpha: float) -> str:
     # Column label -> value, since a table's columns are labelled strings.
     alphas = {f"alpha {a:g}": a for a in sorted({a for a, _ in cells})}
     dims = {f"K {d}": d for d in sorted({d for _, d in cells})}
-    by_k = paired_table("alpha", list(alphas.values()), list(dims), f"K {k}",
+    # Rows only where the baseline cell and another exist: elsewhere every cell would be "-".
+    rows_k = [a for a in alphas.values()
+              if (a, k) in cells and any((a, d) in cells for d in dims.values() if d != k)]
+    rows_alpha = [d for d in dims.values()
+                  if (alpha, d) in cells and any((a, d) in cells for a in alphas.values()
+                                                 if a != alpha)]
+    by_k = paired_table("alpha", rows_k, list(dims), f"K {k}",
                         lambda a, col: cells.get((a, dims[col]), {}), lambda a: f"{a:g}")
-    by_alpha = paired_table("K", list(dims.values()), list(alphas), f"alpha {alpha:g}",
+    by_alpha = paired_table("K", rows_alpha, list(alphas), f"alpha {alpha:g}",
                             lambda d, col: cells.get((alphas[col], d), {}))
     return (f"At every alpha, each K against K {k} (points):\n\n{by_k}\n"
             f"At every K, each alpha against alpha {alpha:g} (points):\n\n{by_alpha}\n"
