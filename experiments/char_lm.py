@@ -12,13 +12,17 @@ model: byte embedding + learned positions, ``--depth`` pre-LayerNorm blocks
 whose loss turns non-finite is recorded as diverged (validation loss = that of a uniform guess,
 8 bits a byte).
 
-Every (seed, lr, arm) appends one line to ``<out>/results.jsonl`` when it finishes; a rerun
-skips the lines already there. Then ``char_lm.md`` (final validation loss in bits per byte,
-mean ± std over seeds) and ``char_lm.png`` (validation loss against step, one panel per lr).
+Every (seed, lr, arm) appends one line to ``<out>/results.jsonl`` when it finishes (with the
+provenance of the process that trained it); a rerun skips the lines already there. Then
+``char_lm.md`` (final validation loss in bits per byte, mean ± std over seeds, and each arm
+minus ``--baseline`` paired over seeds with its 95 % interval: negative is better) and
+``char_lm.png`` (validation loss against step, one panel per lr). ``--tables FILE`` prints the
+tables of a results file (the committed raw file) with no corpus and no training.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python3 experiments/char_lm.py --out runs/char-lm
     PYTHONPATH=src python3 experiments/char_lm.py --out /tmp/lm --steps 20 --eval-every 10 \\
         --lrs 1e-3 --seeds 1      # smoke test
+    PYTHONPATH=src python3 experiments/char_lm.py --tables experiments/char-lm-cpu.jsonl
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _tables import cell, grid_table
+from _tables import PAIRED_NOTE, by_seed, cell, grid_table, paired_table, read_jsonl
 from torch import nn
 
 import sigreg
+from sigreg.train.provenance import provenance
 
 ARMS = ("none", "weak", "strong")
 LRS = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -105,6 +110,7 @@ def validation_bits(model: nn.Module, val: torch.Tensor, args: argparse.Namespac
 
 def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Tensor,
               args: argparse.Namespace) -> dict[str, Any]:
+    record = provenance("cpu")  # taken at the start, like a run directory's
     torch.manual_seed(seed)
     model = CharTransformer(args.dim, args.depth, args.heads, args.context)
     handle = None if arm == "none" else sigreg.attach(
@@ -135,17 +141,29 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
             "best_val_bits": min([b for _, b in curve], default=UNIFORM_BITS),
             "diverged_at": diverged_at, "val_curve": curve,
             "train_bits_last100": statistics.fmean(train_loss[-100:]) if train_loss else None,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "provenance": [record]}
 
 
-def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -> str:
+def bits(results: list[dict[str, Any]], lr: float, arm: str) -> dict[int, float]:
+    """``{seed: final validation bits per byte}`` of a cell (a diverged run at 8 bits)."""
+    return by_seed(results, lambda r: r["final_val_bits"], lr=lr, arm=arm)
+
+
+def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str],
+             baseline: str = "none") -> str:
+    """Rows lr, columns arm: mean ± std of the final validation bits per byte; then every arm
+    minus ``baseline`` (bits; negative is better), paired over seeds."""
     def cell_of(lr: float, arm: str) -> str:
         rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
         diverged = sum(r["diverged_at"] is not None for r in rows)
-        return cell([r["final_val_bits"] for r in rows], digits=3) + (
+        return cell(list(bits(results, lr, arm).values()), digits=3) + (
             f", {diverged} diverged" if diverged else "")
 
-    return grid_table("lr", lrs, arms, cell_of, lambda lr: f"{lr:g}")
+    label = lambda lr: f"{lr:g}"
+    means = grid_table("lr", lrs, arms, cell_of, label)
+    paired = paired_table("lr", lrs, arms, baseline, lambda lr, arm: bits(results, lr, arm),
+                          label, digits=3)
+    return f"{means}\n{PAIRED_NOTE}\n\n{paired}"
 
 
 def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path: Path) -> None:
@@ -193,6 +211,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sketch-dim", type=int, default=64)
     p.add_argument("--alpha", type=float, default=0.01, help="the paper's LM setting")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baseline", default="none", choices=ARMS,
+                   help="the arm the paired differences are taken against")
+    p.add_argument("--tables", type=Path, metavar="RESULTS",
+                   help="print the tables of a results file (results.jsonl or a committed raw "
+                        "file); no corpus, no training")
     args = p.parse_args(argv)
     for name in ("seeds", "steps", "eval_every", "eval_batches", "batch", "context", "dim",
                  "depth", "heads", "sketch_dim", "threads"):
@@ -200,13 +223,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.alpha < 1 or any(not 0 < lr < math.inf for lr in args.lrs):
         p.error("--alpha must lie in (0, 1) and every --lrs value be > 0")
-    if not args.corpus.is_dir():
+    if args.tables is None and not args.corpus.is_dir():
         p.error(f"--corpus {args.corpus} is not a directory (apt-get install fortunes)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tables:
+        print(markdown(read_jsonl(args.tables), args.lrs, args.arms, args.baseline))
+        return 0
     torch.set_num_threads(args.threads)
     train, val = load_corpus(args.corpus)
     print(f"corpus: {train.numel()} training bytes, {val.numel()} validation bytes", flush=True)
@@ -227,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['final_val_bits']:.3f} bits/byte"
               + (f", diverged at step {result['diverged_at']}" if result["diverged_at"] else "")
               + f" ({result['seconds']:.0f} s)", flush=True)
-    table = markdown(results, args.lrs, args.arms)
+    table = markdown(results, args.lrs, args.arms, args.baseline)
     (args.out / "char_lm.md").write_text(table)
     plot(results, args.lrs, args.arms, args.out / "char_lm.png")
     print(table)

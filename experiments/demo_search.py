@@ -1,10 +1,13 @@
 """Search CPU-scale Fashion-MNIST settings where SIGReg changes the outcome (issue: make demo).
 
 Each setting is a set of TrainConfig overrides; every setting runs as baseline / weak / strong
-for several seeds, in a pool of worker processes. One JSON line per finished run is appended to
-``--out``; runs already there are skipped, so an interrupted search resumes.
+for several seeds, in a pool of worker processes. One JSON line per finished run (with the
+run's provenance) is appended to ``--out``; runs already there are skipped, so an interrupted
+search resumes. ``--tables FILE`` prints, per setting, the final test accuracy of every arm
+(mean ± std) and weak and strong minus none paired over seeds with their 95 % interval.
 
     python experiments/demo_search.py --grid mlp --seeds 0 1 2 --workers 2 --out runs/search.jsonl
+    python experiments/demo_search.py --tables experiments/search-gpu-h100.jsonl
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import multiprocessing as mp
 import tempfile
 import time
 from pathlib import Path
+
+from _tables import PAIRED_NOTE, by_seed, cell, grid_table, paired_table, read_jsonl
 
 from sigreg.train.config import TrainConfig, apply_overrides
 from sigreg.train.trainer import train
@@ -58,18 +63,36 @@ def run_one(job: tuple[str, list[str], str, int]) -> dict:
     accs = [r["test_acc"] for r in rows if r["kind"] == "epoch"]
     return {"setting": setting, "arm": arm, "seed": seed, "overrides": overrides,
             "final": summary["final_test_acc"], "best": summary["best_test_acc"], "accs": accs,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "provenance": summary.get("provenance", [])}
 
 
-def main() -> None:
+def tables(results: list[dict]) -> str:
+    """Per setting (in the file's order): mean ± std of the final test accuracy (%) of every
+    arm, then every arm minus none (points), paired over seeds."""
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    acc = lambda setting, arm: by_seed(results, lambda r: 100 * r["final"], setting=setting,
+                                       arm=arm)
+    means = grid_table("setting", settings, list(ARMS),
+                       lambda setting, arm: cell(list(acc(setting, arm).values()), digits=1))
+    return f"{means}\n{PAIRED_NOTE}\n\n{paired_table('setting', settings, list(ARMS), 'none', acc)}"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=sorted(GRIDS), nargs="+", required=True)
+    p.add_argument("--grid", choices=sorted(GRIDS), nargs="+")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
+    p.add_argument("--out", type=Path)
+    p.add_argument("--tables", type=Path, metavar="RESULTS",
+                   help="print the tables of a results file and train nothing")
+    args = p.parse_args(argv)
+    if args.tables:
+        print(tables(read_jsonl(args.tables)))
+        return
+    if not args.grid or args.out is None:
+        p.error("--grid and --out are needed to search (or --tables RESULTS to read one)")
     done = set()
     if args.out.exists():
         done = {(r["setting"], r["arm"], r["seed"]) for r in map(json.loads, args.out.read_text().splitlines())}

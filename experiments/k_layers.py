@@ -10,13 +10,18 @@ plain SGD, 5 epochs, alpha 0.1), two parts:
 
 Every cell is a preset plus ``--set`` items, trained into ``<out>/<part>-<cell>-s<seed>/`` with
 :func:`sigreg.train.sweep.train_or_skip` (finished runs reused, interrupted ones resumed),
-seed-major. Every invocation rewrites ``<out>/results.jsonl``, then ``k_layers.md`` (mean ±
-sample std of the final test accuracy) and ``k_layers.png``.
+seed-major. Every invocation rewrites ``<out>/results.jsonl`` (one line per run, with its
+provenance), then ``k_layers.md`` (mean ± sample std of the final test accuracy, and paired
+differences over seeds with their 95 % interval: each K against the full covariance at its
+width; each split cell against the uniform one of its variant, K 16 for weak and 64 for
+strong) and ``k_layers.png``. ``--tables FILE`` prints the tables of a results file (the
+committed raw file) without training.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python3 experiments/k_layers.py --out runs/k-layers
     # smoke test:
     PYTHONPATH=src python3 experiments/k_layers.py --out /tmp/kl --seeds 1 --widths 128 \\
         --set num_train=1000 num_test=500 epochs=1
+    PYTHONPATH=src python3 experiments/k_layers.py --tables experiments/k-layers-cpu.jsonl
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from _tables import cell, mean_std, write_jsonl
+from _tables import (
+    PAIRED_NOTE,
+    by_seed,
+    cell,
+    mean_std,
+    paired_text,
+    read_jsonl,
+    run_provenance,
+    write_jsonl,
+)
 
 from sigreg.train.config import apply_overrides
 from sigreg.train.presets import preset_config
@@ -39,6 +53,8 @@ WIDTHS = (128, 256, 512)
 FRACTIONS = (16, 4, 1)  # K = C / fraction
 EARLY = 4  # of the 9 regularized layers of the depth-10 MLP
 SPLITS = {"weak": (16, 256), "strong": (8, 64)}  # the two K values each layer group takes
+# The split cell the others are compared with: weak's best uniform K, strong's demo setting.
+SPLIT_BASELINE = {"weak": 16, "strong": 64}
 
 
 class Cell(NamedTuple):
@@ -81,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for every run, e.g. device=cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--tables", type=Path, metavar="RESULTS",
+                        help="print the tables of a results file (results.jsonl or a committed "
+                             "raw file) and train nothing")
     args = parser.parse_args(argv)
     if any(w < max(FRACTIONS) for w in args.widths):
         parser.error(f"--widths must be at least {max(FRACTIONS)} (K = width / {max(FRACTIONS)} "
@@ -99,34 +118,60 @@ def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     try:
         summary = train_or_skip(cfg, run_dir, progress=False)
     except TrainingDiverged as exc:  # an outcome of the cell, not a failure of the study
-        return {**line, "diverged": str(exc), "final_test_acc": None}
+        return {**line, "diverged": str(exc), "final_test_acc": None,
+                "provenance": run_provenance(run_dir)}
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
     return {**line, "final_test_acc": summary["final_test_acc"],
-            "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"]}
+            "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"],
+            "provenance": run_provenance(run_dir)}
 
 
-def _mean_std(results: list[dict[str, Any]], **match: Any) -> str:
-    return cell([100 * r["final_test_acc"] for r in results if r["final_test_acc"] is not None
-                 and all(r.get(k) == v for k, v in match.items())])
+def accuracies(results: list[dict[str, Any]], **match: Any) -> dict[int, float]:
+    """``{seed: final test accuracy (%)}`` of the runs matching, diverged ones left out."""
+    return by_seed(results, lambda r: None if r["final_test_acc"] is None
+                   else 100 * r["final_test_acc"], **match)
+
+
+def split_cell(results: list[dict[str, Any]], variant: str, early: int,
+               late: int) -> dict[int, float]:
+    """A split cell's accuracies; weak's uniform ones are the width part's runs at 256."""
+    if variant == "weak" and early == late:
+        return accuracies(results, part="width", width=256, k=early)
+    return accuracies(results, part="split", variant=variant, early=early, late=late)
 
 
 def markdown(results: list[dict[str, Any]], widths: list[int]) -> str:
     lines = ["Uniform K (weak), final test accuracy (%):", "",
              "| width | K = C/16 | K = C/4 | K = C (full) |", "|---|---|---|---|"]
     for width in widths:
-        cells_ = [_mean_std(results, part="width", width=width, k=width // f) for f in FRACTIONS]
+        cells_ = [cell(list(accuracies(results, part="width", width=width,
+                                       k=width // f).values())) for f in FRACTIONS]
+        lines.append(f"| {width} | " + " | ".join(cells_) + " |")
+    lines += ["", "Against the full covariance (points):", "",
+              "| width | C/16 - full | C/4 - full |", "|---|---|---|"]
+    for width in widths:
+        full = accuracies(results, part="width", width=width, k=width)
+        cells_ = [paired_text(accuracies(results, part="width", width=width, k=width // f),
+                              full) for f in FRACTIONS[:-1]]
         lines.append(f"| {width} | " + " | ".join(cells_) + " |")
     for variant, (small, large) in SPLITS.items():
         title = (f"{variant}, width 256: K of the first {EARLY} layers (rows) and of the "
                  f"last {9 - EARLY} (columns):")
         lines += ["", title, "", f"| early \\ late | {small} | {large} |", "|---|---|---|"]
         for early in (small, large):
-            row = [_mean_std(results, part="width", width=256, k=early) if
-                   variant == "weak" and early == late else
-                   _mean_std(results, part="split", variant=variant, early=early, late=late)
+            row = [cell(list(split_cell(results, variant, early, late).values()))
                    for late in (small, large)]
             lines.append(f"| {early} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        base = SPLIT_BASELINE[variant]
+        lines += ["", f"{variant}, against K {base} on every layer (points):", "",
+                  f"| early \\ late | {small} | {large} |", "|---|---|---|"]
+        for early in (small, large):
+            row = ["(baseline)" if early == late == base else
+                   paired_text(split_cell(results, variant, early, late),
+                               split_cell(results, variant, base, base))
+                   for late in (small, large)]
+            lines.append(f"| {early} | " + " | ".join(row) + " |")
+    return "\n".join([*lines, "", PAIRED_NOTE]) + "\n"
 
 
 def plot(results: list[dict[str, Any]], widths: list[int], path: Path) -> None:
@@ -160,6 +205,9 @@ def plot(results: list[dict[str, Any]], widths: list[int], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tables:
+        print(markdown(read_jsonl(args.tables), args.widths))
+        return 0
     torch.set_num_threads(args.threads)
     grid = [c for c in cells(args.widths) if c.part in args.parts]
     runs = [(c, s) for s in range(args.seeds) for c in grid

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _tables import run_provenance
+
 from sigreg.train import monitor
 
 SIGNALS = ("eff_dim_ratio", "mean_cosine", "feature_var", "weak_distance")
@@ -47,7 +49,8 @@ def _sig(x: float) -> float:
 
 
 def export_run(run_dir: Path) -> dict[str, Any] | None:
-    """One line: preset, seed, steps per epoch, test accuracy per epoch, per-layer series."""
+    """One line: preset, seed, steps per epoch, test accuracy per epoch, per-layer series, and
+    the run's provenance."""
     if not (run_dir / "summary.json").exists():
         return None
     config = json.loads((run_dir / "config.json").read_text())
@@ -64,7 +67,8 @@ def export_run(run_dir: Path) -> dict[str, Any] | None:
             "test_acc": [r["test_acc"] for r in epochs],
             "steps": [r["step"] for r in monitor],
             "series": {s: {layer: [_sig(r[s][layer]) for r in monitor] for layer in layers}
-                       for s in SIGNALS}}
+                       for s in SIGNALS},
+            "provenance": run_provenance(run_dir)}
 
 
 def export(runs: Path, out: Path) -> int:

@@ -14,8 +14,10 @@ takes roughly 30-60 s on a CPU, much less on a GPU.
 Identical runs are shared: ``variant``'s weak arm is ``sketch``'s resample arm. Each run
 goes to ``<out>/<arm>-s<seed>/``; a run whose ``summary.json`` exists is reused, one with
 only a checkpoint is resumed, so an interrupted study continues. Every invocation rewrites
-``<out>/results.jsonl`` (one line per study, arm and seed) and ``<out>/studies.md`` and
-prints the markdown table (mean ± sample std over seeds).
+``<out>/results.jsonl`` (one line per study, arm and seed, with the run's provenance) and
+``<out>/studies.md`` and prints the markdown tables: mean ± sample std over seeds, then the
+differences of ``PAIRS`` paired over seeds with their 95 % interval. ``--tables FILE`` prints
+the tables of a results file (a committed raw file) without training.
 
     PYTHONPATH=src python3 experiments/studies.py --out runs/studies
     PYTHONPATH=src python3 experiments/studies.py --study variant --seeds 5 --set device=cuda \\
@@ -23,6 +25,7 @@ prints the markdown table (mean ± sample std over seeds).
     # smoke test:
     PYTHONPATH=src python3 experiments/studies.py --out /tmp/st --seeds 1 \\
         --set num_train=1000 num_test=500 epochs=1
+    PYTHONPATH=src python3 experiments/studies.py --tables experiments/studies-gpu-h100.jsonl
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _tables import cell, write_jsonl
+from _tables import PAIRED_NOTE, by_seed, cell, paired_text, read_jsonl, run_provenance, write_jsonl
 
 from sigreg.train.config import TrainConfig, apply_overrides
 from sigreg.train.presets import preset_config
@@ -53,6 +56,13 @@ STUDIES: dict[str, dict[str, str]] = {
     "sketch": {"fixed": "weak-fixed", "resample": "weak-resample"},
     "variant": {"none": "none", "weak": "weak-resample", "strong": "strong", "vicreg": "vicreg"},
 }
+# Study -> (arm, baseline) pairs compared seed by seed: every arm against the study's
+# baseline, and the VICReg-style arm against both SIGReg variants.
+PAIRS: dict[str, list[tuple[str, str]]] = {
+    "sketch": [("resample", "fixed")],
+    "variant": [("weak", "none"), ("strong", "none"), ("vicreg", "none"), ("vicreg", "weak"),
+                ("vicreg", "strong")],
+}
 RESERVED = ("seed", "sigreg", "sketch")  # what the studies vary
 
 
@@ -69,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once in separate processes (default 1); their "
                              "time per epoch is then not comparable between arms")
+    parser.add_argument("--tables", type=Path, metavar="RESULTS",
+                        help="print the tables of a results file (results.jsonl or a committed "
+                             "raw file) and train nothing")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
@@ -104,7 +117,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "final_test_acc": summary["final_test_acc"], "best_test_acc": summary["best_test_acc"],
         "time_per_epoch_s": statistics.median(r["epoch_time"] for r in epochs),
         "images_per_s": statistics.median(r["images_per_s"] for r in epochs),
-        "device": cfg.device, "dir": str(run_dir),
+        "device": cfg.device, "dir": str(run_dir), "provenance": run_provenance(run_dir),
     }
 
 
@@ -112,8 +125,26 @@ def _mean_std(values: list[float]) -> str:
     return cell(values, count=False)
 
 
-def markdown(results: list[dict[str, Any]], seeds: int) -> str:
-    """One row per (study, arm): mean ± std over seeds of accuracy (%) and time per epoch."""
+def accuracies(results: list[dict[str, Any]], study: str, arm: str) -> dict[int, float]:
+    """``{seed: final test accuracy (%)}`` of one study's arm."""
+    return by_seed(results, lambda r: 100 * r["final_test_acc"], study=study, arm=arm)
+
+
+def paired_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The ``PAIRS`` differences in points, paired over seeds, one row per pair."""
+    lines = ["| study | difference | final test acc (points) |", "|---|---|---|"]
+    for study, pairs in PAIRS.items():
+        for arm, base in pairs:
+            text = paired_text(accuracies(results, study, arm), accuracies(results, study, base))
+            if text != "-":
+                lines.append(f"| {study} | {arm} - {base} | {text} |")
+    return [*lines, "", PAIRED_NOTE]
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One row per (study, arm): mean ± std over seeds of accuracy (%) and time per epoch;
+    then the paired differences."""
+    seeds = len({r["seed"] for r in results})
     lines = ["# SIGReg studies (Fashion-MNIST, 10-layer MLP, plain SGD)", "",
              (f"Mean ± sample std over {seeds} seed(s). Time per epoch: median over "
               "epochs, training only."), "",
@@ -128,11 +159,14 @@ def markdown(results: list[dict[str, Any]], seeds: int) -> str:
                 f"| {study} | {label} | {_mean_std([100 * r['final_test_acc'] for r in rows])} | "
                 f"{_mean_std([100 * r['best_test_acc'] for r in rows])} | "
                 f"{_mean_std([r['time_per_epoch_s'] for r in rows])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *paired_lines(results)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tables:
+        print(markdown(read_jsonl(args.tables)))
+        return 0
     studies = list(STUDIES) if args.study == "all" else [args.study]
     arms = list(dict.fromkeys(arm for s in studies for arm in STUDIES[s].values()))
     # Seed-major order: the arms of one seed run back to back, so a slow drift of the
@@ -154,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                for study in studies for label, arm in STUDIES[study].items()
                for seed in range(args.seeds)]
     write_jsonl(args.out / "results.jsonl", results)
-    table = markdown(results, args.seeds)
+    table = markdown(results)
     (args.out / "studies.md").write_text(table)
     print()
     print(table)

@@ -10,12 +10,17 @@ each trains into ``<out>/lr<lr>-<arm>-s<seed>/``. Two steps, so a GPU can run ma
     PYTHONPATH=src python3 experiments/vit_stability.py --out runs/vit-full --commands \\
         --set device=cuda | xargs -P 8 -L 1 sh -c \\
         'mkdir -p "$0" && python3 -m sigreg.train.cli "$@" >> "$0/train.log" 2>&1'
-    # 2. gather: results.jsonl, vit_full.md (mean ± std per lr and arm), stability.png
+    # 2. gather: results.jsonl, vit_full.md (mean ± std per lr and arm, and each arm minus
+    #    --baseline paired over seeds), stability.png
     PYTHONPATH=src python3 experiments/vit_stability.py --out runs/vit-full --collect
+    # the tables of a results file alone (the committed raw file), nothing gathered:
+    PYTHONPATH=src python3 experiments/vit_stability.py --tables experiments/vit-stability-cpu.jsonl \\
+        --lrs 1e-3 3e-3 1e-2 3e-2
 
 ``experiments/gpu_vit_full.sh`` does both. A run whose loss turned non-finite (no summary,
 "non-finite" in its ``train.log``) counts as diverged, plotted at chance; one that has not
-finished is listed as missing.
+finished is listed as missing. Every results line carries the run's provenance and the number
+of collapse warnings in its ``train.log``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _tables import cell, grid_table, mean_std, write_jsonl
+from _tables import (
+    PAIRED_NOTE,
+    by_seed,
+    cell,
+    grid_table,
+    mean_std,
+    paired_table,
+    read_jsonl,
+    run_provenance,
+    write_jsonl,
+)
 
 from sigreg.train.config import apply_overrides
 from sigreg.train.presets import preset_config
@@ -47,10 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for every run (device=cuda, epochs=50, data_dir=...)")
+    parser.add_argument("--baseline", default="none", choices=ARMS,
+                        help="the arm the paired differences are taken against (default none)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--commands", action="store_true",
                       help="print one `train` argument line per run, for xargs")
     mode.add_argument("--collect", action="store_true", help="gather finished runs")
+    mode.add_argument("--tables", type=Path, metavar="RESULTS",
+                      help="print the tables of a results file (results.jsonl or a committed "
+                           "raw file); nothing is gathered")
     return parser.parse_args(argv)
 
 
@@ -74,30 +94,45 @@ def command(lr: float, arm: str, seed: int, args: argparse.Namespace) -> str:
 
 
 def outcome(path: Path) -> dict[str, Any]:
-    """Final / best test accuracy and per-epoch curve of a finished run; else its state."""
+    """Final / best test accuracy and per-epoch curve of a finished run, else its state; with
+    its provenance and the collapse warnings its log printed (None without a log)."""
+    log = path / "train.log"
+    text = log.read_text() if log.exists() else None
+    where = {"provenance": run_provenance(path),
+             "collapse_warnings": None if text is None else text.count("collapse warning:")}
     if (path / "summary.json").exists():
         summary = json.loads((path / "summary.json").read_text())
-        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
-                if line.strip()]
+        rows = read_jsonl(path / "metrics.jsonl")
         return {"state": "finished", "final_test_acc": summary["final_test_acc"],
                 "best_test_acc": summary["best_test_acc"],
-                "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"]}
-    log = path / "train.log"
-    diverged = log.exists() and "non-finite" in log.read_text()
+                "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"], **where}
+    diverged = text is not None and "non-finite" in text
     return {"state": "diverged" if diverged else "missing",
-            "final_test_acc": CHANCE if diverged else None}
+            "final_test_acc": CHANCE if diverged else None, **where}
 
 
-def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str]) -> str:
-    """Rows lr, columns arm: mean ± std of the final test accuracy (%), diverged at chance."""
+def accuracies(results: list[dict[str, Any]], lr: float, arm: str) -> dict[int, float]:
+    """``{seed: final test accuracy (%)}`` of a cell: diverged runs at chance, missing left out."""
+    return by_seed(results, lambda r: None if r["final_test_acc"] is None
+                   else 100 * r["final_test_acc"], lr=lr, arm=arm)
+
+
+def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str],
+             baseline: str = "none") -> str:
+    """Rows lr, columns arm: mean ± std of the final test accuracy (%), diverged at chance;
+    then every arm minus ``baseline`` (points), paired over seeds."""
     def cell_of(lr: float, arm: str) -> str:
         rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
-        accs = [100 * r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
         notes = [f"{sum(r['state'] == s for r in rows)} {s}" for s in ("diverged", "missing")
                  if any(r["state"] == s for r in rows)]
-        return cell(accs, count=False) + (f" ({', '.join(notes)})" if notes else "")
+        return (cell(list(accuracies(results, lr, arm).values()), count=False)
+                + (f" ({', '.join(notes)})" if notes else ""))
 
-    return grid_table("lr", lrs, arms, cell_of, lambda lr: f"{lr:g}")
+    label = lambda lr: f"{lr:g}"
+    means = grid_table("lr", lrs, arms, cell_of, label)
+    paired = paired_table("lr", lrs, arms, baseline,
+                          lambda lr, arm: accuracies(results, lr, arm), label)
+    return f"{means}\n{PAIRED_NOTE}\n\n{paired}"
 
 
 def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path: Path,
@@ -135,7 +170,7 @@ def collect(args: argparse.Namespace) -> str:
     results = [{"lr": lr, "arm": arm, "seed": seed,
                 **outcome(run_dir(args.out, lr, arm, seed))} for lr, arm, seed in grid(args)]
     write_jsonl(args.out / "results.jsonl", results)
-    table = markdown(results, args.lrs, args.arms)
+    table = markdown(results, args.lrs, args.arms, args.baseline)
     (args.out / "vit_full.md").write_text(table)
     plot(results, args.lrs, args.arms, args.out / "stability.png",
          f"{args.stem}-*" + (f" ({' '.join(args.set)})" if args.set else ""))
@@ -147,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.commands:
             print("\n".join(command(lr, arm, seed, args) for lr, arm, seed in grid(args)))
+        elif args.tables:
+            print(markdown(read_jsonl(args.tables), args.lrs, args.arms, args.baseline))
         else:
             print(collect(args))
     except ValueError as exc:

@@ -36,7 +36,11 @@ def test_trains_every_arm_and_a_rerun_skips_them(corpus: Path, tmp_path: Path, o
         r = json.loads(line)
         assert r["diverged_at"] is None and 0 < r["final_val_bits"] < 9
         assert [s for s, _ in r["val_curve"]] == [2, 3]
-    assert (out / "char_lm.md").read_text().startswith("| lr | none | weak | strong |")
+        (record,) = r["provenance"]  # the process that trained it
+        assert {"sigreg", "commit", "dirty", "torch", "device", "date"} <= set(record)
+    table = (out / "char_lm.md").read_text()
+    assert table.startswith("| lr | none | weak | strong |")
+    assert "| lr | weak - none | strong - none |" in table
     assert (out / "char_lm.png").stat().st_size > 0
     assert char_lm.main(["--out", str(out), "--corpus", str(corpus), *TINY]) == 0
     assert (out / "results.jsonl").read_text().splitlines() == lines

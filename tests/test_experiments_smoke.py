@@ -1,6 +1,7 @@
-"""experiments/k_layers.py and experiments/vit_stability.py (issue 12, items 3 and 1) at tiny
-sizes on synthetic data: every cell trains or is gathered, the tables and figures are written,
-and finished runs are reused."""
+"""experiments/k_layers.py, vit_stability.py, soft_bn.py, studies.py and demo_search.py at
+tiny sizes on synthetic data: every cell trains or is gathered, the tables (with paired
+differences) and figures are written, finished runs are reused, and every results line carries
+the run's provenance."""
 
 from __future__ import annotations
 
@@ -12,12 +13,23 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import demo_search
 import k_layers
+import soft_bn
+import studies
 import vit_stability
 
 from sigreg.train import cli
 
 TINY = ["dataset=synthetic", "num_train=32", "num_test=16", "batch_size=16", "epochs=1"]
+
+
+def assert_provenance(row: dict) -> None:
+    """One record per start of the run, naming the code and machine that made it."""
+    assert len(row["provenance"]) == 1
+    record = row["provenance"][0]
+    assert {"sigreg", "commit", "dirty", "torch", "device", "date"} <= set(record)
+    assert record["device"] == "cpu"
 
 
 def test_k_layers_trains_every_cell_and_reuses_finished_runs(tmp_path, one_thread, capsys):
@@ -32,9 +44,13 @@ def test_k_layers_trains_every_cell_and_reuses_finished_runs(tmp_path, one_threa
         ("split", "strong-e8-l8"), ("split", "strong-e8-l64"),
         ("split", "strong-e64-l8"), ("split", "strong-e64-l64")]
     assert all(0 <= r["final_test_acc"] <= 1 for r in rows)
+    for row in rows:
+        assert_provenance(row)
     split = json.loads((tmp_path / "kl" / "split-strong-e8-l64-s0" / "config.json").read_text())
     assert split["sketch_dim_per_layer"] == "8,8,8,8,64,64,64,64,64"
-    assert "| 16 |" in (out / "k_layers.md").read_text()
+    table = (out / "k_layers.md").read_text()
+    # One seed: the paired cells say there is no interval.
+    assert "| 16 | " in table and "[no interval: 1 seed] (" in table and "(baseline)" in table
     assert (out / "k_layers.png").stat().st_size > 0
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
@@ -51,18 +67,24 @@ def test_vit_stability_commands_then_collect(tmp_path, one_thread, capsys):
     assert vit_stability.main([*grid, "--commands"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4  # 2 lr x 2 arms x 1 seed
-    # Run two of them as xargs would: the run directory, then `sigreg` arguments.
+    # Run two of them as xargs would: the run directory, then `sigreg` arguments, the output
+    # going to <run>/train.log.
     for line in lines[:2]:
-        _, *arguments = shlex.split(line)
+        run, *arguments = shlex.split(line)
         assert cli.main(arguments) == 0
-    capsys.readouterr()
+        (Path(run) / "train.log").write_text(capsys.readouterr().out)
 
     assert vit_stability.main([*grid, "--collect"]) == 0
     results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["state"] for r in results] == ["finished", "finished", "missing", "missing"]
     assert [(r["lr"], r["arm"]) for r in results[:2]] == [(1e-3, "none"), (1e-3, "weak")]
+    for row in results[:2]:
+        assert_provenance(row)
+        assert row["collapse_warnings"] == 0  # counted in the log the xargs line wrote
+    assert results[2]["provenance"] == [] and results[2]["collapse_warnings"] is None
     table = (out / "vit_full.md").read_text()
     assert "1 missing" in table and (out / "stability.png").stat().st_size > 0
+    assert "| 0.001 | +" in table and "weak - none" in table  # the paired table, lr 1e-3
 
 
 def test_vit_stability_refuses_a_bad_setting_before_any_run(tmp_path, capsys):
@@ -77,3 +99,34 @@ def test_k_layers_refuses_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as info:
         k_layers.parse_args(argv)
     assert info.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_soft_bn_rows_carry_provenance_and_a_paired_table(tmp_path, one_thread, capsys):
+    out = tmp_path / "sb"
+    args = ["--out", str(out), "--seeds", "1", "--depths", "10", "--arms", "none", "weak",
+            "--set", *TINY]
+    assert soft_bn.main(args) == 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["none", "weak"]
+    for row in rows:
+        assert_provenance(row)
+    assert "| depth | weak - none |" in (out / "soft_bn.md").read_text()
+
+
+def test_studies_rows_carry_provenance_and_a_paired_table(tmp_path, one_thread, capsys):
+    out = tmp_path / "st"
+    args = ["--out", str(out), "--study", "sketch", "--seeds", "1", "--no-progress",
+            "--set", *TINY]
+    assert studies.main(args) == 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["fixed", "resample"]
+    for row in rows:
+        assert_provenance(row)
+    assert "| sketch | resample - fixed | " in (out / "studies.md").read_text()
+
+
+def test_demo_search_rows_carry_provenance(one_thread):
+    row = demo_search.run_one(("tiny", ["model=mlp", "model.depth=2", "model.width=8",
+                                        *TINY], "weak", 0))
+    assert row["setting"] == "tiny" and 0 <= row["final"] <= 1
+    assert_provenance(row)

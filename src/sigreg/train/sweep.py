@@ -221,7 +221,9 @@ def run_sweep(preset: str, alphas: Sequence[float], sketch_dims: Sequence[int],
         runs.append({"name": name, "alpha": alpha, "sketch_dim": k, "seed": seed,
                      "final_test_acc": summary["final_test_acc"],
                      "best_test_acc": summary["best_test_acc"],
-                     "train_time_s": summary["train_time"]})
+                     "train_time_s": summary["train_time"],
+                     # a run finished before provenance was recorded has none
+                     "provenance": summary.get("provenance", [])})
     cells = []
     for alpha in alphas:
         for k in sketch_dims:
