@@ -226,3 +226,54 @@ def test_layers_are_matched_by_name_across_ranks(variant, scenario, conditional_
         assert loss == pytest.approx(mean, rel=1e-5)
         assert any("too few" in w for w in warned) == (scenario == "one-sample-in-all")
     assert results[0][2] == results[1][2]  # the same collectives on both ranks
+
+
+# ---- FSDP2 (fully_shard) ------------------------------------------------------------------
+
+def sharded_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)],
+                         nn.Linear(8, 4))
+
+
+def fsdp_worker(rank, world, rendezvous, results):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for variant in VARIANTS:
+            model = sharded_model()
+            handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch="fixed")
+            for block in list(model)[:3]:  # each block its own unit, then the root
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            x = conditional_batch(rank, "each-skips-another")
+            handle.combine(model(x).square().mean()).backward()
+            results[rank, variant] = (handle.layer_losses(),
+                                      [p.grad.full_tensor() for p in model.parameters()])
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see worker()
+
+
+def test_fsdp2_sharded_model_equals_one_process(tmp_path):
+    """fully_shard on 2 gloo ranks with half a batch each: per-layer values and gradients
+    (averaged by FSDP's reduce-scatter) equal one process with the whole batch."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(fsdp_worker, args=(2, str(tmp_path / "rendezvous"), results),
+                           nprocs=2, start_method="spawn")
+        results = dict(results)
+    for variant in VARIANTS:
+        model = sharded_model()
+        handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch="fixed")
+        x = torch.cat([conditional_batch(rank, "each-skips-another") for rank in (0, 1)])
+        handle.combine(model(x).square().mean()).backward()
+        for rank in (0, 1):
+            layers, grads = results[rank, variant]
+            assert layers == pytest.approx(handle.layer_losses(), rel=1e-5)
+            for got, want in zip(grads, model.parameters(), strict=True):
+                torch.testing.assert_close(got, want.grad, rtol=1e-4, atol=1e-6)

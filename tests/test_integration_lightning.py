@@ -14,7 +14,7 @@ L = pytest.importorskip(
     "lightning.pytorch", reason="needs the [lightning] extra: pip install -e '.[lightning]'")
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from sigreg.integrations.lightning import SIGRegCallback, regularize
+from sigreg.integrations.lightning import SIGRegCallback, regularize, set_padding_mask
 
 SETTINGS = dict(layers=nn.Linear, sketch_dim=8, alpha=0.5)
 LAYERS = ["net.0", "net.2", "net.4"]
@@ -183,3 +183,51 @@ def test_resumed_fit_draws_the_sketches_an_uninterrupted_one_would(tmp_path):
     assert len(capture.grads) == 1
     assert all(torch.allclose(g, r, atol=1e-6)
                for g, r in zip(capture.grads[0], straight[1], strict=True))
+
+
+class Tagger(L.LightningModule):
+    """Token tagging on right-padded sequences; the mask reaches the pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+    def training_step(self, batch, batch_idx):
+        ids, mask, tags = batch
+        set_padding_mask(self, mask)
+        logits = self(ids)
+        loss = nn.functional.cross_entropy(logits[mask.bool()], tags[mask.bool()])
+        return regularize(self, loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def padded_tags(length: int) -> TensorDataset:
+    """Four sequences of 2-5 tokens, the same for every ``length`` >= 5, padded with id 0."""
+    g = torch.Generator().manual_seed(2)
+    ids, tags = torch.randint(1, 16, (4, 5), generator=g), torch.randint(0, 3, (4, 5), generator=g)
+    mask = (torch.arange(length)[None] < torch.tensor([3, 5, 2, 4])[:, None]).long()
+    pad = torch.zeros(4, length - 5, dtype=torch.long)
+    return TensorDataset(torch.cat([ids, pad], 1) * mask, mask, torch.cat([tags, pad], 1))
+
+
+def test_padding_mask_leaves_the_regularizer_as_without_padding(tmp_path):
+    """The same tokens padded to 5 or 9 give the same sigreg/loss with the mask set."""
+    logged = []
+    for length in (5, 9):
+        logger = MemoryLogger()
+        trainer = L.Trainer(max_steps=1, callbacks=[SIGRegCallback("mix", pool="flatten",
+                                                                   sketch_dim=4)],
+                            accelerator="cpu", logger=logger, log_every_n_steps=1,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(Tagger(), DataLoader(padded_tags(length), batch_size=4))
+        logged.append(next(r["sigreg/loss"] for r in logger.rows if "sigreg/loss" in r))
+    assert logged[1] == pytest.approx(logged[0], rel=1e-6)

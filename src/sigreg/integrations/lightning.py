@@ -17,7 +17,8 @@ each layer's features, on the batches whose logs Lightning writes. Without the c
 :func:`regularize` returns the task loss unchanged, so one module trains with and without
 SIGReg. Under DDP strategies the regularizer sees the global batch (see
 :func:`sigreg.attach`); the effective dimension is each rank's batch, averaged over ranks.
-Sketch state is saved in checkpoints, so a resumed run draws the same sketches.
+Sketch state is saved in checkpoints, so a resumed run draws the same sketches. For padded
+token batches, call ``set_padding_mask(self, attention_mask)`` before the forward.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ require("lightning", "sigreg.integrations.lightning")
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["SIGRegCallback", "regularize"]
+__all__ = ["SIGRegCallback", "regularize", "set_padding_mask"]
 
 # The callback training each module: regularize(self, loss) finds it without an attribute
 # on the user's module (weak keys: a finished module is not kept alive).
@@ -51,6 +52,16 @@ def regularize(module: pl.LightningModule, task_loss: torch.Tensor) -> torch.Ten
     """
     callback = _ACTIVE.get(module)
     return task_loss if callback is None else callback.combine(task_loss)
+
+
+def set_padding_mask(module: pl.LightningModule, mask: torch.Tensor | None) -> None:
+    """Before the forward of a padded batch in ``training_step``: the (B, T) mask, true at
+    real tokens, so that pooling takes those only (see
+    :meth:`sigreg.SIGRegHandle.set_padding_mask`). Without a :class:`SIGRegCallback`
+    fitting ``module``, nothing."""
+    callback = _ACTIVE.get(module)
+    if callback is not None:
+        callback.session.set_padding_mask(mask)
 
 
 class SIGRegCallback(pl.Callback):

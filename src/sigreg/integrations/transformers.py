@@ -31,6 +31,9 @@ here. DDP (torchrun / accelerate) uses global-batch statistics as :func:`sigreg.
 ``DataParallel`` (several GPUs, one process) is not supported. With
 ``gradient_checkpointing=True`` and no ``use_reentrant`` in ``gradient_checkpointing_kwargs``,
 the args get ``use_reentrant=False``: the reentrant variant hides the layers from the hooks.
+A batch's ``attention_mask`` (B, T) is the padding mask of its forward: ``pool="mean"`` and
+``"flatten"`` take the real tokens only (regularized layers must then output (B, T, C) of the
+inputs' length; an encoder-decoder's decoder layers do not).
 
 Every checkpoint folder the Trainer saves gets ``sigreg_state.pt``, the sketch stream's
 state, and ``train(resume_from_checkpoint=...)`` restores it: a resumed run draws the
@@ -204,7 +207,7 @@ class SIGRegMixin:
         """
         if self.sigreg is None or not (model.training and torch.is_grad_enabled()):
             return self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._start_training_forward()
+        self._start_training_forward(inputs)
         result = self._base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if isinstance(result, torch.Tensor):
             return self._regularize(result, num_items_in_batch)
@@ -218,10 +221,14 @@ class SIGRegMixin:
         keywords = {k: v for k, v in given.items() if k in self._sigreg_base_keywords}
         return super().compute_loss(model, inputs, **keywords)
 
-    def _start_training_forward(self) -> None:
+    def _start_training_forward(self, inputs: Any) -> None:
         if not self.sigreg.attached:
             self.sigreg.attach(self.model)
         self.sigreg.skip_recorded()  # training-mode calls of the model outside compute_loss
+        # Padded text: the statistics take the real tokens only.
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        self.sigreg.set_padding_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                                     else None)
         if self._sigreg_measure:
             self.sigreg.start_recording()
 
