@@ -163,6 +163,7 @@ def main(argv=None) -> None:
             print(f"   compiled step: none {times['none']['median_ms']:.2f} ms; " + "; ".join(
                 f"{arm}/none {times[arm]['ratio']:.3f} ({times[arm]['ci95_low']:.3f}-"
                 f"{times[arm]['ci95_high']:.3f})" for arm in ARMS[1:]))
+        write_json(args.json, result)  # after every model: a run cut short keeps the others'
     write_json(args.json, result)
 
 
