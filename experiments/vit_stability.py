@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="preset family <stem>-<arm> (fmnist-vit: the CPU-scale ViT)")
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="how many seeds: --first-seed onwards (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (default 0); held-out seeds for a setting chosen "
+                             "on seeds 0-2: --first-seed 3")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for every run (device=cuda, epochs=50, data_dir=...)")
     parser.add_argument("--baseline", default="none", choices=ARMS,
@@ -76,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def grid(args: argparse.Namespace) -> list[tuple[float, str, int]]:
     # Seed-major: a parallel pool that is stopped early still covers every (lr, arm) once.
-    return [(lr, arm, seed) for seed in range(args.seeds) for lr in args.lrs for arm in args.arms]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    return [(lr, arm, seed) for seed in seeds for lr in args.lrs for arm in args.arms]
 
 
 def run_dir(out: Path, lr: float, arm: str, seed: int) -> Path:

@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import demo_search
+import init_control
 import k_layers
 import soft_bn
 import studies
@@ -130,3 +131,38 @@ def test_demo_search_rows_carry_provenance(one_thread):
                                         *TINY], "weak", 0))
     assert row["setting"] == "tiny" and 0 <= row["final"] <= 1
     assert_provenance(row)
+
+
+def test_init_control_commands_then_collect(tmp_path, one_thread, capsys):
+    out = tmp_path / "init"
+    grid = ["--out", str(out), "--depths", "10", "--inits", "default", "he", "--arms", "none",
+            "weak", "--seeds", "3", "4", "--set", *TINY, "model.width=16"]
+    assert init_control.main([*grid, "--commands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8  # 2 inits x 2 arms x 2 seeds, seed-major
+    assert "model.init=he" in lines[2] and "seed=3" in lines[3] and "seed=4" in lines[4]
+    for line in lines:
+        _run, *arguments = shlex.split(line)
+        assert cli.main(arguments) == 0
+    capsys.readouterr()
+    he = json.loads((out / "d10-he-none-s3" / "config.json").read_text())
+    assert he["model_args"]["init"] == "he" and he["seed"] == 3
+
+    assert init_control.main([*grid, "--collect"]) == 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in rows] == ["finished"] * 8
+    for row in rows:
+        assert_provenance(row)
+    table = (out / "init_control.md").read_text()
+    assert "| 10, he | " in table and "weak - none" in table and "default none - he none" in table
+    assert (out / "init_control.png").stat().st_size > 0
+    # The tables again from the results file alone, as from a committed raw file.
+    capsys.readouterr()
+    assert init_control.main([*grid[2:], "--tables", str(out / "results.jsonl")]) == 0
+    assert capsys.readouterr().out.strip() == table.strip()
+
+
+def test_init_control_refuses_a_bad_setting_before_any_run(tmp_path, capsys):
+    status = init_control.main(["--out", str(tmp_path / "i"), "--commands", "--set", "epochs=0"])
+    assert status == 2 and "epochs" in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()

@@ -85,6 +85,7 @@ CPU_ROWS = [
 MLP_DEPTHS = (10, 14, 20)
 MLP_PRIORS = {"bn": ("BatchNorm", {"norm": "batch"}), "ln": ("LayerNorm", {"norm": "layer"}),
               "res": ("residual connections", {"residual": True})}
+MLP_INITS = {"he": "He (Kaiming-normal)", "orthogonal": "orthogonal"}  # model.init values
 # Issue 12, the paper's collapse recipe on all of Fashion-MNIST: paper-vit at the paper's size
 # (dim 256 x 6, 8 heads, patch 4 -> 7 x 7 tokens), AdamW lr 1e-3, cosine to 0, RandAugment(2, 9),
 # MixUp/CutMix, the paper's SIGReg settings; 100 epochs (a GPU run: see experiments/gpu_vit_full.sh).
@@ -125,6 +126,12 @@ for depth in MLP_DEPTHS:
         register(f"{stem}-{arm}", TrainConfig(**{
             **settings, "model_args": {"depth": depth, "width": 256, **model_args},
             "sigreg": "none"}), f"{text}, with {prior}; no SIGReg")
+    # Issue 18's initialisation control: the same nets with a variance-preserving init.
+    for init, name in MLP_INITS.items():
+        for variant in VARIANTS:
+            register(f"{stem}-{init}-{variant}", TrainConfig(**{
+                **settings, "model_args": {"depth": depth, "width": 256, "init": init},
+                "sigreg": variant}), f"{text}, no normalisation, {name} init; SIGReg {variant}")
 for variant in (*VARIANTS, "vicreg"):
     sketch = {"sketch_dim": None} if variant == "vicreg" else {}
     register(f"fmnist-vit-full-{variant}",
