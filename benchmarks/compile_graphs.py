@@ -7,7 +7,8 @@ For two models, every block attached (none / weak / strong SIGReg):
   layers of width 256, a ModuleList looped over in Python), every layer attached with
   token-mean pooling.
 
-1. Graphs and breaks: ``torch._dynamo.explain`` of one training-mode forward, and whether
+1. Graphs, breaks and the ops inside graphs: ``torch._dynamo.explain`` of one training-mode
+   forward (ops outside them run eagerly), and whether
    ``torch.compile(model, fullgraph=True)`` compiles it (no break allowed).
 2. Recompilations: frames compiled after the first training step and after the last of
    ``--steps`` (forward, ``handle.loss()``, backward), counted by a counting backend; equal
@@ -90,6 +91,7 @@ def graphs(name: str, arm: str, args, device) -> dict:
     for _ in range(args.steps - 1):
         step(compiled, handle, x, y)
     return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
+            "ops_in_graphs": explained.op_count,
             "break_reasons": sorted({str(r.reason).splitlines()[0][:120]
                                      for r in explained.break_reasons}),
             "fullgraph": fullgraph_ok, "frames_after_first_step": after_first,
@@ -149,9 +151,10 @@ def main(argv=None) -> None:
     result = {"command": command_line(), "env": env, "models": {}}
     for name in args.models:
         rows = {arm: graphs(name, arm, args, device) for arm in ARMS}
-        print(f"\n{name}: graphs, breaks, fullgraph=True, frames after step 1 / {args.steps}")
+        print(f"\n{name}: graphs, breaks, ops in graphs, fullgraph=True, frames after step 1 "
+              f"/ {args.steps}")
         for arm, r in rows.items():
-            print(f"   {arm:7s} {r['graphs']:3d} {r['graph_breaks']:3d}  "
+            print(f"   {arm:7s} {r['graphs']:3d} {r['graph_breaks']:3d} {r['ops_in_graphs']:4d}  "
                   f"{'ok' if r['fullgraph'] is True else r['fullgraph']}  "
                   f"{r['frames_after_first_step']} / {r['frames_after_last_step']}")
             for reason in r["break_reasons"]:

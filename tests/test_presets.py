@@ -51,7 +51,7 @@ def test_vit_full_is_the_papers_recipe_on_all_of_fashion_mnist(variant):
 
 def test_every_new_preset_builds_a_model_that_backpropagates():
     names = [n for n in PRESETS if n.startswith(("fmnist-mlp-d", "fmnist-vit-full-"))]
-    assert len(names) == 3 * 6 + 4
+    assert len(names) == 3 * (6 + 2 * 3) + 4  # per depth: 3 variants, 3 priors, 2 inits x 3
     for name in names:
         cfg = preset_config(name)
         args = {**cfg.model_args, "depth": 3} if cfg.model == "mlp" else {"dim": 32, "depth": 1,
