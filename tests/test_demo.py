@@ -9,21 +9,33 @@ from sigreg.train.cli import run_comparison
 
 TINY = ["dataset=synthetic", "num_train=64", "num_test=32", "epochs=2", "batch_size=32",
         "model.depth=3", "model.width=16", "monitor_every=1"]
+TINY_VIT = ["dataset=synthetic", "num_train=64", "num_test=32", "epochs=2", "batch_size=32",
+            "model.dim=16", "model.depth=1", "model.heads=2", "monitor_every=1"]
 
 
-def test_demo_comparison_writes_report_curves_results(tmp_path, capsys):
+def test_demo_runs_the_lead_and_the_control_and_writes_their_reports(tmp_path, capsys):
     torch.set_num_threads(1)
-    res = run_comparison(demo.PRESETS, TINY, tmp_path, progress=False)
-    assert set(res) == set(demo.PRESETS)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved == json.loads(json.dumps(res))
-    for name, r in saved.items():
-        assert r["epochs"] == 2 and 0.0 <= r["final_test_acc"] <= 1.0
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert r["final_test_acc"] == [x for x in rows if x["kind"] == "epoch"][-1]["test_acc"]
-    report = (tmp_path / "report.md").read_text()
-    assert "| fmnist-mlp |" in report and "| none | strong | weak |" in report
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = demo.run_demo(tmp_path, {"vit": TINY_VIT, "mlp": TINY})
+    assert set(results) == {"vit", "mlp"}
+    for group, presets, settings in demo.GROUPS:
+        res = results[group]
+        assert set(res) == set(presets)
+        saved = json.loads((tmp_path / group / "results.json").read_text())
+        assert saved == json.loads(json.dumps(res))
+        for name, r in saved.items():
+            assert r["epochs"] == 2 and r["seed"] == demo.SEED and 0 <= r["final_test_acc"] <= 1
+            rows = [json.loads(x) for x in
+                    (tmp_path / group / name / "metrics.jsonl").read_text().splitlines()]
+            assert r["final_test_acc"] == [x for x in rows if x["kind"] == "epoch"][-1]["test_acc"]
+        assert (tmp_path / group / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    vit = json.loads((tmp_path / "vit" / "fmnist-vit-5k-weak" / "config.json").read_text())
+    assert vit["lr"] == 0.001
+    he = json.loads((tmp_path / "mlp" / "fmnist-mlp-d10-he-none" / "config.json").read_text())
+    assert he["model_args"]["init"] == "he"
+    report = (tmp_path / "mlp" / "report.md").read_text()
+    assert "| fmnist-mlp-d10 |" in report and "| fmnist-mlp-d10-he |" in report
+    text = demo.summary(results)
+    assert "He init (the fix)" in text and text.count(" %,") == 3
     assert "wrote" in capsys.readouterr().out
 
 
