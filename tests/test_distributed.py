@@ -154,6 +154,7 @@ SCENARIOS = {
     "each-skips-another": ((2,), (1,), 16, 16),
     "stacks-of-different-sizes": ((), (1, 2), 16, 16),
     "a-layer-no-rank-ran": ((2,), (2,), 16, 16),
+    "a-rank-runs-none": ((), (0, 1, 2), 16, 16),
     "one-sample-each": ((), (), 1, 1),
     "one-sample-in-all": ((), (), 1, 0),
 }

@@ -221,8 +221,9 @@ def test_the_mask_applies_to_one_forward_and_a_wrong_shape_is_named():
     model(x)  # no mask any more: every token counts
     handle.loss()
     handle.set_padding_mask(torch.ones(4, 3))
+    model(x)
     with pytest.raises(ValueError, match=r"padding mask has shape \(4, 3\).*\(4, 5\)"):
-        model(x)
+        handle.loss()
     with pytest.raises(TypeError, match="padding mask must be a"):
         handle.set_padding_mask(torch.ones(4))
 
@@ -304,4 +305,175 @@ def test_a_sketch_as_wide_as_the_layer_says_it_is_the_full_covariance():
     handle = sigreg.attach(model, "0", sketch_dim=64)
     model(torch.randn(16, 8))
     with pytest.warns(UserWarning, match=re.escape("K=64 >= width 32")):
+        handle.loss()
+
+
+# ---- found by trying to break it (the same kinds as the cases above) -------------------------
+
+def test_a_mask_is_used_up_by_the_forward_it_was_set_for():
+    """Set for a batch, a mask never reaches a later unpadded one: an eval forward uses it up,
+    loss() drops it when the step called a submodule."""
+    model, x = Tokens(), torch.randn(4, 5, 6)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[:, 3:] = False
+    reference = sigreg.attach(Tokens(), "layer", pool="flatten", sketch="fixed")
+    reference._capture.model(x)
+    expected = reference.loss().item()
+    handle = sigreg.attach(model, "layer", pool="flatten", sketch="fixed")
+    handle.set_padding_mask(mask)
+    with torch.no_grad():
+        model.eval()
+        model(x)
+    model.train()
+    model(x)
+    assert handle.loss().item() == pytest.approx(expected, rel=1e-6)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Tokens()
+
+    wrapper = Wrapper()
+    wrapped = sigreg.attach(wrapper, "inner.layer", pool="flatten", sketch="fixed")
+    wrapped.set_padding_mask(mask)
+    wrapper.inner(x)
+    wrapped.loss()
+    wrapper.inner(x)  # the next batch, unpadded: no mask
+    assert wrapped.loss().item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("make, features", [
+    (lambda: nn.Conv1d(3, 6, 3), lambda out: out.mean(2)),
+    (lambda: nn.LSTM(3, 6), lambda out: out[0].mean(0)),
+    (lambda: nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0), lambda out: out.mean(0)),
+    (lambda: nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True),
+     lambda out: out.mean(1)),
+], ids=["conv1d", "lstm-sequence-first", "transformer-sequence-first", "transformer-batch-first"])
+def test_mean_pooling_reads_torch_layers_in_their_own_layout(make, features):
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(8, 3, 10) if isinstance(layer, nn.Conv1d) else \
+        torch.randn(10, 8, 3 if isinstance(layer, nn.LSTM) else 6)
+    model = nn.Sequential(layer)
+    handle = sigreg.attach(model, "0", sketch_dim=None, keep_features=True)
+    out = model(x)
+    handle.loss()
+    torch.testing.assert_close(handle.features()["0"], features(out).detach())
+
+
+def test_an_output_read_in_the_wrong_layout_is_caught_when_its_width_changes():
+    class ChannelsFirst(nn.Module):  # (B, C, L) from a custom module: not recognisable
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(ChannelsFirst())
+    handle = sigreg.attach(model, "0")
+    model(torch.randn(8, 4, 10, requires_grad=True))
+    handle.loss()
+    model(torch.randn(8, 4, 12, requires_grad=True))
+    with pytest.raises(ValueError, match=r"changed width from 10 to 12.*pool=a callable"):
+        handle.loss()
+
+
+def test_a_sequence_with_no_real_token_is_no_sample():
+    model, x = Tokens(), torch.randn(5, 4, 6)
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    mask[4] = False
+    handle = sigreg.attach(model, "layer", sketch_dim=None, keep_features=True)
+    handle.set_padding_mask(mask)
+    model(x)
+    handle.loss()
+    torch.testing.assert_close(handle.features()["layer"], model.layer(x[:4]).mean(1).detach())
+
+
+def test_compiled_model_with_checkpointed_attached_layers_keeps_its_graphs():
+    x = torch.randn(16, 32)
+    counts, values = {}, {}
+    for attached in (False, True):
+        torch.compiler.reset()
+        model, counter = Blocks(), CompileCounter()
+        handle = sigreg.attach(model, "blocks.*", sketch="fixed") if attached else None
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for _ in range(2):
+            out = compiled(x, reentrant=False)
+            loss = out.square().mean() + (handle.loss() if handle else 0)
+            loss.backward()
+        counts[attached] = counter.frame_count
+        values[attached] = handle.layer_losses() if handle else None
+    assert counts[True] == counts[False] == 1
+    eager = sigreg.attach(Blocks(), "blocks.*", sketch="fixed")
+    eager._capture.model(x, reentrant=False)
+    eager.loss()
+    eager._capture.model(x, reentrant=False)
+    eager.loss()
+    assert values[True] == pytest.approx(eager.layer_losses(), rel=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_compiled_model_with_padding_masks_of_varying_length_does_not_recompile(pool):
+    frames = {}
+    for masked in (False, True):
+        torch.compiler.reset()
+        model, counter = Tokens(), CompileCounter()
+        handle = sigreg.attach(model, "layer", pool=pool)
+        compiled = torch.compile(model, backend=counter)
+        for length in range(3, 11):
+            x = torch.randn(8, length, 6)
+            if masked:
+                handle.set_padding_mask(torch.arange(length)[None] < torch.tensor([length - 1] * 8)[:, None])
+            handle.combine(compiled(x).square().mean()).backward()
+        frames[masked] = counter.frame_count
+    assert frames[True] == frames[False] <= 2
+
+
+def test_no_regularized_layer_in_the_first_step_trains_on_the_task_loss():
+    model, x = Blocks(), torch.randn(8, 32)
+    handle = sigreg.attach(model, "blocks.*")
+    task = model(x, skip=(0, 1, 2, 3)).square().mean()
+    with pytest.warns(UserWarning, match="no regularized layer ran"):
+        loss = handle.combine(task)
+    assert loss is task
+    model(x)
+    handle.loss()
+    assert len(handle.layer_losses()) == 4
+
+
+def test_a_forward_that_raised_is_not_a_pass():
+    class Flaky(Blocks):
+        def forward(self, x, fail=False):
+            x = torch.relu(self.blocks[0](x))
+            if fail:
+                raise torch.OutOfMemoryError("simulated")
+            return super().forward(x)
+
+    model, x = Flaky(), torch.randn(8, 32)
+    handle = sigreg.attach(model, "blocks.*", sketch="fixed")
+    model(x)
+    expected = handle.loss().item()
+    with pytest.raises(torch.OutOfMemoryError):
+        model(x, fail=True)
+    model(x)  # the next batch: one forward, not two
+    assert handle.loss().item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_attached_model_saves_and_loads_without_its_hooks(tmp_path):
+    model, x = Blocks(), torch.randn(8, 32)
+    handle = sigreg.attach(model, "blocks.*")
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x))  # the model's forward: one pass
+    handle.loss()  # the loaded copy's forward did not count
+
+
+def test_errors_name_their_cause():
+    model, x = Blocks(), torch.randn(8, 32, requires_grad=True)
+    handle = sigreg.attach(model, "blocks.*")
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.deepcopy(handle)
+    checkpoint(model, x, use_reentrant=True)  # the whole model under no_grad
+    with pytest.raises(RuntimeError, match="under torch.no_grad.*use_reentrant=False"):
+        handle.loss()
+    handle.remove()
+    model(x)
+    with pytest.raises(RuntimeError, match=r"removed \(handle.remove\(\)\)"):
         handle.loss()

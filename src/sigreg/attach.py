@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,7 +19,16 @@ from torch import nn
 
 from ._checks import check_choice, check_int
 from ._projections import LayerProjections, in_current_layout
-from .capture import POOLS, Call, LayerCapture, Pool, features_of, pool_output, takes_mask
+from .capture import (
+    POOLS,
+    Call,
+    LayerCapture,
+    Pool,
+    configure_dynamo,
+    features_of,
+    pool_output,
+    takes_mask,
+)
 from .distributed import all_gather_layouts, cpu_group, plan_layers, use_distributed
 from .functional import _check_weights, regularized_loss
 from .modules import Regularizer, WeakSIGReg, make_regularizer
@@ -116,10 +124,10 @@ def _same_shape_and_dtype(group: list[_Entry]) -> list[torch.Tensor]:
 
 
 def _entries(calls: list[Call]) -> list[_Entry]:
-    out = []
+    out, selected = [], {}
     for call in calls:
-        if call.mask is not None:  # pool="flatten" with a padding mask: its real tokens
-            call = Call(call.layer, features_of(call))
+        if call.mask is not None:  # a padding mask: the samples it keeps, as (N, C)
+            call = Call(call.layer, features_of(call, selected))
         rows = call.rows
         width = call.features.shape[-1] if rows == 0 else call.features.numel() // rows
         out.append(_Entry(call.layer, call.features, rows, width))
@@ -191,6 +199,7 @@ class SIGRegHandle:
         self._warned: set[str] = set()
         self._meta_group: Any = None
         self._features: dict[str, torch.Tensor] = {}
+        self._widths: dict[int, int] = {}  # each layer's feature width, to catch a bad layout
         for m in self._capture.modules:
             _HOOKED[m] = _HOOKED.get(m, 0) + 1
 
@@ -200,20 +209,25 @@ class SIGRegHandle:
         """Pooling of the next training forward ignores padding: ``mask`` (B, T), true (or 1)
         at real tokens, e.g. a tokenizer's ``attention_mask``.
 
-        ``pool="mean"`` averages each sequence's real tokens, ``"flatten"`` keeps only real
-        tokens as samples, a pool callable that takes a ``mask`` keyword receives it;
-        ``"cls"`` and outputs that are not (B, T, C) ignore it. It applies to that one
-        forward (the model's; ``None`` clears it), so the statistics of a padded batch equal
-        those of the same tokens unpadded.
+        ``pool="mean"`` averages each sequence's real tokens (a sequence with none is no
+        sample), ``"flatten"`` keeps only real tokens as samples, a pool callable that takes
+        a ``mask`` keyword receives it; ``"cls"`` and outputs that are not (B, T, C) ignore
+        it. It applies to the next forward of the model (an eval one uses it up too) or,
+        when the training step calls a submodule instead, to the calls until :meth:`loss`;
+        ``None`` clears it. The statistics of a padded batch equal those of the same tokens
+        unpadded.
+
+        The mask stays out of a compiled model's graph (the calls it applies to are pooled
+        when :meth:`loss` takes them), so padded lengths that vary do not recompile it.
 
         Raises:
-            TypeError if ``mask`` is not a (B, T) tensor; ValueError at the forward if a
+            TypeError if ``mask`` is not a (B, T) tensor; ValueError at :meth:`loss` if a
             regularized layer's output is (B', T', C) with (B', T') != (B, T).
         """
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise TypeError(f"the padding mask must be a (B, T) tensor or None, got {shape}")
-        self._capture.mask = mask
+        self._capture.set_mask(mask)
 
     # ---- the regularizer of all layers ----------------------------------------------------
 
@@ -237,14 +251,19 @@ class SIGRegHandle:
         return values.mean()
 
     def _take_entries(self) -> list[_Entry]:
+        if self._capture.removed:
+            raise RuntimeError("this handle was removed (handle.remove()): its hooks are gone; "
+                               "attach() again to regularize")
+        no_grad_forward = self._capture.no_grad_forward
         passes, forwards, no_grad = self._capture.take()
         if forwards > self.accumulate:
             raise RuntimeError(
                 f"{forwards} training forward passes ran since the last loss(), but loss() "
                 f"regularizes the latest {self.accumulate}: call loss() (or combine()) after "
-                f"every forward, attach(..., accumulate={forwards}) to average several "
-                "(gradient accumulation), or handle.clear() to drop a forward you do not "
-                "regularize. The recorded features were dropped."
+                "every forward (with gradient accumulation too: once per micro-batch), "
+                f"attach(..., accumulate={forwards}) to average forwards whose graphs are all "
+                "still alive (several views, one backward), or handle.clear() to drop a "
+                "forward you do not regularize. The recorded features were dropped."
             )
         if no_grad:
             raise RuntimeError(
@@ -254,26 +273,43 @@ class SIGRegHandle:
                 "use_reentrant=False) (Hugging Face: gradient_checkpointing_kwargs="
                 "{'use_reentrant': False}); or do not attach to layers run without autograd."
             )
-        if not passes or not self._capture.layer_seen:
-            raise RuntimeError(self._no_forward_message())
+        if not passes:
+            raise RuntimeError(self._no_forward_message(no_grad_forward))
         entries = _entries([c for p in passes for c in p])
         if not entries:
             self._warn_once("none-called", "SIGReg: no regularized layer ran in this forward "
                             "(all skipped?): the step trains on the task loss alone.")
+        self._check_widths(entries)
         if self.keep_features:
             for e in entries:
                 self._features[self.names[e.layer]] = e.features.detach().reshape(e.rows, -1)
         return entries
 
-    def _no_forward_message(self) -> str:
+    def _no_forward_message(self, no_grad_forward: bool) -> str:
         message = ("no training-mode forward pass with autograd since the last loss() call: "
                    "run the model (model.train(), outside torch.no_grad()) first")
-        if not self._capture.layer_seen and "torch._dynamo" in sys.modules:
+        if no_grad_forward:
+            message += (". The model did run in training mode under torch.no_grad(): reentrant "
+                        "activation checkpointing around the whole model does this; use "
+                        "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
+        elif not self._capture.layer_seen:
             message += (". The hooks have never seen a regularized layer run since attach(): "
-                        "if the model was compiled (torch.compile) and called before attach(), "
-                        "its compiled code does not call hooks added later; attach before the "
-                        "first call, or call torch.compiler.reset() once after attach()")
+                        "if this model (or another of its class) was compiled and called "
+                        "before sigreg was imported, its compiled code does not call hooks; "
+                        "call torch.compiler.reset() once after attach()")
         return message
+
+    def _check_widths(self, entries: list[_Entry]) -> None:
+        """A layer's feature width never changes; when it does, the output was read with
+        the wrong layout (channels or time steps taken for features)."""
+        for e in entries:
+            width = self._widths.setdefault(e.layer, e.width)
+            if width != e.width:
+                raise ValueError(
+                    f"layer {self.names[e.layer]}'s pooled features changed width from {width} "
+                    f"to {e.width}: its output is probably not laid out as pool={self.pool!r} "
+                    "reads it ((B, T, C) tokens batch-first, (B, C, H, W) maps, (N, C)); give "
+                    "pool=a callable that returns (N, C)")
 
     def clear(self) -> None:
         """Drop the features recorded since the last :meth:`loss` (e.g. a step trained
@@ -328,7 +364,8 @@ class SIGRegHandle:
         layout = [(e.layer, e.width, e.rows) for e in entries]
         plan = plan_layers(all_gather_layouts(layout, self._layout_group()), self._layer_parts)
         if plan.too_few:
-            self._warn_too_few(sorted({layer for layer, _ in plan.too_few}), 1, globally=True)
+            self._warn_too_few(sorted({layer for layer, _ in plan.too_few}),
+                               max(plan.too_few.values()), globally=True)
         mine: dict[tuple[int, int], _Entry] = {}  # (layer, its call number) -> entry
         for e in entries:
             mine[(e.layer, sum(key[0] == e.layer for key in mine))] = e
@@ -451,6 +488,10 @@ class SIGRegHandle:
         self._capture.modules = []
         self._features = {}
 
+    def __deepcopy__(self, memo: dict) -> SIGRegHandle:
+        raise TypeError("a SIGRegHandle cannot be copied: its hooks belong to one model. "
+                        "attach() to the copy of the model instead")
+
     def __enter__(self) -> SIGRegHandle:  # noqa: PYI034
         return self
 
@@ -463,12 +504,12 @@ class SIGRegHandle:
 
 
 def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
-    """``fn`` itself, or ``torch.compile(fn, **options)`` (``compile=True``: static
-    shapes, one graph per group shape)."""
+    """``fn`` itself, or ``torch.compile(fn, **options)`` (``compile=True``: torch's
+    defaults, so a number of samples that varies, as padding masks make it, compiles a
+    dynamic graph at its second value instead of one graph per value)."""
     if compile is False:
         return fn
-    options = {"dynamic": False} if compile is True else dict(compile)
-    return torch.compile(fn, **options)
+    return torch.compile(fn, **({} if compile is True else dict(compile)))
 
 
 def attach(
@@ -553,7 +594,7 @@ def attach(
     regularizers = [make_regularizer(variant, k, sketch=sketch, seed=seed,
                                      distributed=distributed, **variant_kwargs) for k in distinct]
     _warn_if_hooked(model, names)
-    _guard_hooks_when_compiled()
+    configure_dynamo()  # again: a user may have changed dynamo's settings since the import
     return SIGRegHandle(model, names, regularizers, [distinct.index(k) for k in dims],
                         pool=pool, alpha=alpha, lam=lam, keep_features=keep_features,
                         accumulate=accumulate, seed=int(seed), compile=compile,
@@ -584,16 +625,6 @@ def _sketch_dims(model: nn.Module, names: list[str],
 
 
 _MISSING = object()
-
-
-def _guard_hooks_when_compiled() -> None:
-    """Make torch.compile'd code check the modules' hooks. By default dynamo does not: code
-    compiled before attach() (or for another instance of the same model class, e.g. the
-    un-attached arm of a comparison) is then reused without calling the hooks. Checking
-    them costs a guard per hooked module per compiled call, and changing hooks recompiles."""
-    import torch._dynamo  # sigreg imports it already (torch.compiler.disable)
-
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 def _warn_if_hooked(model: nn.Module, names: list[str]) -> None:

@@ -12,15 +12,16 @@ Why the hooks look the way they do:
   graph (no graph break, ``fullgraph=True`` works) and, since the lists are emptied by
   every ``loss()``, every step sees the same state and nothing recompiles. A Python
   counter mutated in a hook would be guarded on and recompile every step.
-- They are closures over the capture and check ``module is <the module attached to>``:
-  ``copy.deepcopy`` of an attached model (an EMA teacher, ``AveragedModel``) copies the
-  closures but not the capture, so the copy's hooks find another module and do nothing.
+- They are small objects that check ``module is <the module attached to>``: ``copy.deepcopy``
+  of an attached model (an EMA teacher, ``AveragedModel``) shares them, so the copy's
+  hooks find another module and do nothing; pickling the model (``torch.save(model)``)
+  stores a hook that does nothing.
 - A pass opens at the model's forward pre-hook and closes at its forward hook (a call of
-  the model inside one, as Lightning's DDP wrapper makes, belongs to it). Activation
-  checkpointing recomputes layers inside backward, after the model's forward returned:
-  those calls find no open pass and are ignored. A layer called while no pass is open
-  (a training step that calls ``model.encoder`` rather than ``model``) opens one itself,
-  unless autograd is running a backward pass.
+  the model inside one, as Lightning's DDP wrapper makes, belongs to it; a forward that
+  raises drops its pass). Activation checkpointing recomputes layers inside backward,
+  after the model's forward returned: those calls find no open pass and are ignored. A
+  layer called while no pass is open (a training step that calls ``model.encoder`` rather
+  than ``model``) opens one itself, unless autograd is running a backward pass.
 - Reentrant checkpointing (``use_reentrant=True``) runs its region under ``no_grad``,
   where an output cannot be regularized: such calls are noted, and a layer that only ran
   that way makes ``loss()`` raise an error naming the fix.
@@ -29,10 +30,12 @@ Why the hooks look the way they do:
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch._dynamo  # sigreg imports it already (torch.compiler.disable)
 from torch import nn
 from torch.utils.module_tracker import ModuleTracker
 
@@ -43,6 +46,33 @@ POOLS = ("mean", "flatten", "cls")
 # question). Never entered as a context: it tracks nothing.
 _BACKWARD = ModuleTracker()
 
+# torch.nn layers whose (N, C, L) outputs put channels before positions, and those whose
+# 3-D outputs are sequence-first unless built with batch_first=True.
+_CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d,
+                   nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool1d)
+_MAY_BE_SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                          nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                          nn.TransformerDecoder)
+
+
+def configure_dynamo() -> None:
+    """Settings torch.compile needs to run the hooks as eager code does.
+
+    - ``skip_nnmodule_hook_guards = False``: dynamo checks modules' hooks, so code compiled
+      before ``attach`` (or for another instance of the same class, e.g. the un-attached
+      arm of a comparison) recompiles instead of running without them. A guard per hooked
+      module per compiled call; changing hooks recompiles.
+    - ``skip_fwd_side_effects_in_bwd_under_checkpoint = True``: a compiled model whose
+      attached layers sit inside ``checkpoint(..., use_reentrant=False)`` compiles (dynamo
+      otherwise refuses the hooks' appends there and runs the model eagerly), and the
+      recomputation in backward does not record again, as in eager mode.
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+configure_dynamo()  # at import: before the user compiles anything
+
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass outside compiled code (where activation
@@ -52,31 +82,53 @@ def in_backward() -> bool:
 
 class Call(NamedTuple):
     """One training call of a regularized layer: the layer's index, its pooled output
-    (``rows`` samples of C features once reshaped) and, for ``pool="flatten"`` with a
-    padding mask, the (B, T) mask that selects its real tokens (else None)."""
+    (``rows`` samples of C features once reshaped) and the (B, T) padding mask whose
+    samples are still to select (None without a mask); see :func:`features_of`. A call
+    recorded under a padding mask holds the raw output instead (``masked``): it is pooled
+    with the mask when the passes are taken, outside any compiled graph, so that a
+    compiled model does not specialise on the mask's length."""
 
     layer: int
-    features: torch.Tensor
+    features: Any
     mask: torch.Tensor | None = None
+    masked: bool = False
 
     @property
     def rows(self) -> int:
         """Samples N: B, or B * T for a (B, T, C) output taken token by token."""
         f = self.features
         if self.mask is not None:
-            raise RuntimeError("a masked call's rows are known once its tokens are selected")
+            raise RuntimeError("a masked call's rows are known once its samples are selected")
         return f.shape[0] * f.shape[1] if f.dim() == 3 else f.shape[0]
 
 
-def pool_output(output: Any, pool: Pool, mask: torch.Tensor | None = None,
-                pool_takes_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A layer's output pooled for the statistics, keeping the pooled dimensions, and the
-    mask still to apply (``"flatten"`` with a mask selects its tokens later, outside the
-    compiled graph, because their number depends on the data).
+def layout(module: nn.Module) -> str:
+    """How a module's 3-D output is laid out: ``"batch_first"`` (B, T, C), the convention;
+    ``"channels_first"`` (B, C, L) for 1-D convolutions, norms and pools; ``"sequence_first"``
+    (T, B, C) for recurrent and transformer layers built with ``batch_first=False``."""
+    if isinstance(module, _CHANNELS_FIRST):
+        return "channels_first"
+    if isinstance(module, _MAY_BE_SEQUENCE_FIRST):
+        inner = module
+        if isinstance(inner, (nn.TransformerEncoder, nn.TransformerDecoder)):
+            inner = inner.layers[0]
+        if isinstance(inner, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            inner = inner.self_attn
+        return "batch_first" if getattr(inner, "batch_first", True) else "sequence_first"
+    return "batch_first"
 
-    ``mask``: (B, T), true (or 1) at real tokens, applied to (B, T, C) outputs only.
-    Keeping the dimensions makes the pooling's backward one kernel fewer (no unsqueeze),
-    which counts on a GPU where the hooks of every layer are launch-bound.
+
+def pool_output(output: Any, pool: Pool, mask: torch.Tensor | None = None,
+                pool_takes_mask: bool = False, module: nn.Module | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's output pooled for the statistics, keeping the pooled dimensions, and the
+    padding mask still to apply (selecting samples: their number depends on the data, so
+    it happens later, outside a compiled graph).
+
+    ``mask``: (B, T), true (or nonzero) at real tokens, applied to batch-first (B, T, C)
+    outputs only. ``module``: the layer, whose type says how a 3-D output is laid out (see
+    :func:`layout`). Keeping the pooled dimensions makes the pooling's backward one kernel
+    fewer (no unsqueeze), which counts on a GPU where every layer's hooks are launch-bound.
     """
     if callable(pool):
         x = pool(output, mask=mask) if pool_takes_mask else pool(output)
@@ -87,21 +139,31 @@ def pool_output(output: Any, pool: Pool, mask: torch.Tensor | None = None,
     x = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"cannot regularize a layer output of type {type(x).__name__}")
-    if x.dim() == 2:
-        return x, None
-    if mask is not None and x.dim() == 3 and pool != "cls":
+    if x.dim() != 3:
+        if x.dim() == 2:
+            return x, None
+        if pool == "mean" and x.dim() == 4:
+            return x.mean((2, 3), keepdim=True), None
+        raise ValueError(f"pool={pool!r} cannot turn an output of shape {tuple(x.shape)} "
+                         "into (N, C)")
+    order = "batch_first" if module is None else layout(module)
+    if order != "batch_first":
+        if mask is not None:
+            raise ValueError(f"a padding mask needs batch-first (B, T, C) outputs; "
+                             f"{type(module).__name__} gives {order.replace('_', '-')} ones")
+        x = x.transpose(1, 2) if order == "channels_first" else x.transpose(0, 1)
+    if mask is not None and pool != "cls":
         _check_mask(mask, x)
         if pool == "flatten":
             return x, mask
         weights = mask.unsqueeze(-1).to(x.dtype)
-        return (x * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1), None
-    if pool == "mean" and x.dim() in (3, 4):
-        return x.mean(1 if x.dim() == 3 else (2, 3), keepdim=True), None
-    if pool == "flatten" and x.dim() == 3:
+        pooled = (x * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
+        return pooled, mask  # a sequence with no real token is no sample: see features_of
+    if pool == "mean":
+        return x.mean(1, keepdim=True), None
+    if pool == "flatten":
         return x, None
-    if pool == "cls" and x.dim() == 3:
-        return x[:, :1], None
-    raise ValueError(f"pool={pool!r} cannot turn an output of shape {tuple(x.shape)} into (N, C)")
+    return x[:, :1], None  # "cls"
 
 
 def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> None:
@@ -111,11 +173,21 @@ def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> None:
                          f"{tuple(x.shape[:2])}, true at real tokens")
 
 
-def features_of(call: Call) -> torch.Tensor:
-    """The call's features (N, C): masked tokens dropped, every sample a row."""
-    if call.mask is not None:
-        return call.features[call.mask.bool()]
-    return call.features.reshape(call.rows, -1)
+def features_of(call: Call, selected: dict[tuple, torch.Tensor] | None = None) -> torch.Tensor:
+    """The call's features (N, C), every sample a row; with a padding mask, only the real
+    tokens (``"flatten"``: (B, T, C) features) or the sequences that have one (``"mean"``:
+    (B, 1, C)). ``selected`` caches each mask's indices (by ``id``): one device sync per
+    mask and kind, not per layer."""
+    f, mask = call.features, call.mask
+    if mask is None:
+        return f.reshape(call.rows, -1)
+    tokens = f.shape[:2] == mask.shape
+    key = (id(mask), tokens)
+    selected = {} if selected is None else selected
+    if key not in selected:
+        keep = mask.reshape(-1) if tokens else mask.any(1)
+        selected[key] = keep.nonzero().squeeze(1)
+    return f.reshape(-1, f.shape[-1]).index_select(0, selected[key])
 
 
 def takes_mask(pool: Pool) -> bool:
@@ -126,6 +198,85 @@ def takes_mask(pool: Pool) -> bool:
         return "mask" in inspect.signature(pool).parameters
     except (TypeError, ValueError):  # builtins without a signature
         return False
+
+
+def _inert(*args: Any) -> None:
+    """What a hook becomes when the model is pickled: nothing."""
+
+
+MASKED = "masked"  # the first item of a pass made under a padding mask
+
+
+class _Hook:
+    """A hook of a capture. ``copy.deepcopy`` (of the model holding it) shares it, so a
+    copy's module is never the one attached to; pickling stores :func:`_inert`."""
+
+    def __init__(self, capture: LayerCapture) -> None:
+        self.capture = capture
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_inert_hook, ())
+
+
+def _inert_hook() -> Callable:
+    return _inert
+
+
+class _PassStart(_Hook):
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        c = self.capture
+        if module is not c.model or not module.training or in_backward():
+            return
+        if not torch.is_grad_enabled():
+            c.no_grad_forward = True  # for the error if nothing is recorded
+            return
+        if not c.depth:  # a call inside a call of the model is the same pass
+            c.new_pass()
+        c.depth += 1
+
+
+class _PassEnd(_Hook):
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        c = self.capture
+        if module is not c.model:
+            return
+        if c.depth:
+            c.depth -= 1
+            # Called with no output from torch's `except` when the forward raised (a
+            # skipped bad batch, an OOM): its partial pass is not a forward to regularize.
+            if not c.depth and output is None and sys.exc_info()[0] is not None and c.passes:
+                c.passes.pop()
+        if not c.depth:
+            c.masked = False  # the mask was this forward's (an eval one's too)
+
+
+class _LayerCall(_Hook):
+    def __init__(self, capture: LayerCapture, index: int) -> None:
+        super().__init__(capture)
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        c = self.capture
+        if module is not c.modules[self.index] or not module.training:
+            return
+        if not torch.is_grad_enabled():
+            if c.depth:  # inside the forward: reentrant checkpointing?
+                c.no_grad_layers.add(self.index)
+            return
+        if not c.depth:
+            if in_backward():
+                return  # recomputed by activation checkpointing
+            if not c.passes:
+                c.new_pass()
+        if c.masked:
+            c.passes[-1].append(Call(self.index, output, masked=True))
+        else:
+            c.passes[-1].append(Call(self.index, pool_output(output, c.pool, None,
+                                                             c.pool_takes_mask, module)[0]))
+        c.layer_seen = True
 
 
 class LayerCapture:
@@ -140,73 +291,60 @@ class LayerCapture:
         self.model = model
         self.modules = [modules[n] for n in names]
         self.pool = pool
+        self.pool_takes_mask = takes_mask(pool)
         self.accumulate = accumulate
         self.passes: list[list[Call]] = []
         self.no_grad_layers: set[int] = set()  # layers called under no_grad in a pass
+        self.no_grad_forward = False  # the model ran in training mode under no_grad
         self.dropped = 0  # passes dropped beyond `accumulate`
-        self.mask: torch.Tensor | None = None  # padding mask of the next forward
+        # Padding masks, kept out of the hooks (see Call): masks[i] is the i-th masked pass's
+        # (its list starts with MASKED); `masked` says whether the next forward has one.
+        self.masks: list[torch.Tensor] = []
+        self.masked = False
         self.depth = 0  # calls of the model running (a wrapper may re-enter it: Lightning)
-        self.forward_seen = False  # a pass ever opened (for the error when none did)
-        self.layer_seen = False  # a layer call was ever recorded (likewise)
-        capture, pool_takes_mask = self, takes_mask(pool)
-
-        def start(module: nn.Module, args: Any) -> None:
-            if module is capture.model and module.training and torch.is_grad_enabled() \
-                    and not in_backward():
-                if not capture.depth:  # a call inside a call of the model is the same pass
-                    capture.new_pass()
-                capture.depth += 1
-
-        def end(module: nn.Module, args: Any, output: Any) -> None:
-            if module is capture.model and capture.depth:
-                capture.depth -= 1
-                if not capture.depth:
-                    capture.mask = None  # it was the mask of this forward
-
-        def layer_hook(index: int) -> Callable:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                if module is not capture.modules[index] or not module.training:
-                    return
-                if not torch.is_grad_enabled():
-                    if capture.depth:  # inside the forward: reentrant checkpointing?
-                        capture.no_grad_layers.add(index)
-                    return
-                if not capture.depth:
-                    if in_backward():
-                        return  # recomputed by activation checkpointing
-                    if not capture.passes:
-                        capture.new_pass()
-                features, mask = pool_output(output, capture.pool, capture.mask, pool_takes_mask)
-                capture.passes[-1].append(Call(index, features, mask))
-                capture.layer_seen = True
-
-            return hook
-
-        self._handles = [model.register_forward_pre_hook(start),
-                         model.register_forward_hook(end, always_call=True)]
-        self._handles += [m.register_forward_hook(layer_hook(i)) for i, m in enumerate(self.modules)]
+        self.layer_seen = False  # a layer call was ever recorded (for the error if none)
+        self.removed = False
+        self._handles = [model.register_forward_pre_hook(_PassStart(self)),
+                         model.register_forward_hook(_PassEnd(self), always_call=True)]
+        self._handles += [m.register_forward_hook(_LayerCall(self, i))
+                          for i, m in enumerate(self.modules)]
 
     def new_pass(self) -> None:
         if len(self.passes) >= self.accumulate:
-            self.passes.pop(0)
+            if self.passes.pop(0)[:1] == [MASKED]:
+                self.masks = self.masks[1:]
             self.dropped += 1
-        self.passes.append([])
-        self.forward_seen = True
+        self.passes.append([MASKED] if self.masked else [])
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """The padding mask of the next forward; a mask no forward used is dropped."""
+        used = sum(p[:1] == [MASKED] for p in self.passes)
+        self.masks = [*self.masks[:used], *([] if mask is None else [mask])]
+        self.masked = mask is not None
 
     def take(self) -> tuple[list[list[Call]], int, set[int]]:
-        """The recorded passes, the number of forwards they came from (dropped ones
-        included) and the layers called only under no_grad in them; then empty."""
-        passes, forwards = self.passes, len(self.passes) + self.dropped
-        no_grad = self.no_grad_layers - {c.layer for p in passes for c in p}
+        """The recorded passes (calls made under a padding mask pooled with it now), the
+        number of forwards they came from (dropped ones included) and the layers called
+        only under no_grad in them; then empty."""
+        passes, forwards, masks = self.passes, len(self.passes) + self.dropped, iter(self.masks)
+        no_grad = self.no_grad_layers - {c.layer for p in passes for c in p if c is not MASKED}
         self.clear()
-        return passes, forwards, no_grad
+        return [self._pooled(p[1:], next(masks)) if p[:1] == [MASKED] else p
+                for p in passes], forwards, no_grad
+
+    def _pooled(self, calls: list[Call], mask: torch.Tensor) -> list[Call]:
+        return [Call(c.layer, *pool_output(c.features, self.pool, mask, self.pool_takes_mask,
+                                           self.modules[c.layer])) for c in calls]
 
     def clear(self) -> None:
-        # New lists rather than .clear(): a list taken by take() stays intact.
+        """Drop what was recorded, and the padding masks. New lists rather than .clear(): a
+        list taken by :meth:`take` stays intact."""
         self.passes, self.no_grad_layers, self.dropped = [], set(), 0
+        self.no_grad_forward, self.masks, self.masked, self.depth = False, [], False, 0
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
         self.clear()
+        self.removed = True

@@ -107,7 +107,7 @@ class PlannedGroup(NamedTuple):
 
 class LayerPlan(NamedTuple):
     groups: list[PlannedGroup]
-    too_few: list[tuple[int, int]]  # calls with fewer than 2 rows over all ranks: left out
+    too_few: dict[tuple[int, int], int]  # calls with < 2 rows over all ranks (left out): rows
 
 
 def plan_layers(layouts: list[Layout], layer_parts: Sequence[int]) -> LayerPlan:
@@ -129,7 +129,8 @@ def plan_layers(layouts: list[Layout], layer_parts: Sequence[int]) -> LayerPlan:
                                  f"{width} on rank {rank}")
             number = calls_so_far[layer] = calls_so_far.get(layer, -1) + 1
             rows.setdefault((layer, number), [None] * len(layouts))[rank] = n
-    too_few = [call for call in rows if sum(n or 0 for n in rows[call]) < 2]
+    totals = {call: sum(n or 0 for n in on_ranks) for call, on_ranks in rows.items()}
+    too_few = {call: total for call, total in totals.items() if total < 2}
     grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for call in rows:  # dicts keep the order of first appearance
         if call not in too_few:
