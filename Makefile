@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Our own environment is exact (constraints.txt); the package declares ranges (pyproject.toml).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[train,lightning,transformers,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,lightning,transformers,dev]"
 	@$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
 

@@ -36,6 +36,27 @@ def test_metadata_core_deps_extras_and_license():
     assert project["scripts"]["sigreg"] == "sigreg._console:main"
 
 
+def test_extras_declare_lower_bounds_and_constraints_pin_our_environment():
+    """Users install sigreg beside their own stack: every extra gives a lower bound, no exact
+    version and no cap; the exact versions of our own dev/CI environment are in
+    constraints.txt, which make setup uses, and they satisfy the ranges."""
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pinned[req.name.lower()] = spec.version
+    for extra, requirements in PYPROJECT["project"]["optional-dependencies"].items():
+        for text in requirements:
+            req = Requirement(text)
+            if req.name == "sigreg":
+                continue
+            assert {s.operator for s in req.specifier} == {">="}, (extra, text)
+            assert req.specifier.contains(pinned[req.name.lower()]), (extra, text)
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+
+
 def run(*cmd: str | Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], check=False, capture_output=True, text=True,
                           **kwargs)
