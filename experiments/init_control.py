@@ -12,8 +12,9 @@ seeds are 3-7: the demo's setting was chosen on seeds 0-2.
         'mkdir -p "$0" && python3 -m sigreg.train.cli "$@" >> "$0/train.log" 2>&1'
     # 2. gather: results.jsonl, init_control.md (tables), init_control.png
     PYTHONPATH=src python3 experiments/init_control.py --out runs/mlp-init --collect
-    # the tables and figure of a results file alone (the committed raw file):
-    PYTHONPATH=src python3 experiments/init_control.py --tables experiments/mlp-init-cpu.jsonl
+    # the tables (and figure) of a results file alone, e.g. the committed raw file:
+    PYTHONPATH=src python3 experiments/init_control.py --tables experiments/mlp-init-cpu.jsonl \
+        --figure docs/figures/init-control-cpu.png
 
 Tables: final test accuracy (%) per (depth, init) and arm, mean ± std; each SIGReg arm minus
 the baseline of the same init, paired over seeds with its 95 % interval; and the control a
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="print one `train` argument line per run, for xargs")
     mode.add_argument("--collect", action="store_true", help="gather finished runs")
     mode.add_argument("--tables", type=Path, metavar="RESULTS",
-                      help="the tables (and figure, beside the file) of a results file")
+                      help="print the tables of a results file (a committed raw file); nothing "
+                           "is gathered")
+    parser.add_argument("--figure", type=Path, help="with --tables: also draw the figure here")
     return parser.parse_args(argv)
 
 
@@ -162,11 +165,6 @@ def plot(results: list[dict[str, Any]], depths: list[int], inits: list[str],
     plt.close(fig)
 
 
-def report(results: list[dict[str, Any]], args: argparse.Namespace, folder: Path) -> str:
-    table = markdown(results, args.depths, args.inits, args.arms)
-    (folder / "init_control.md").write_text(table)
-    plot(results, args.depths, args.inits, args.arms, folder / "init_control.png")
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,12 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.commands:
             print("\n".join(command(*cell_, args) for cell_ in grid(args)))
         elif args.tables:
-            print(report(read_jsonl(args.tables), args, args.tables.parent))
+            results = read_jsonl(args.tables)
+            print(markdown(results, args.depths, args.inits, args.arms))
+            if args.figure:
+                plot(results, args.depths, args.inits, args.arms, args.figure)
         else:
             results = [{"depth": d, "init": i, "arm": a, "seed": s,
                         **outcome(run_dir(args.out, d, i, a, s))} for d, i, a, s in grid(args)]
             write_jsonl(args.out / "results.jsonl", results)
-            print(report(results, args, args.out))
+            table = markdown(results, args.depths, args.inits, args.arms)
+            (args.out / "init_control.md").write_text(table)
+            plot(results, args.depths, args.inits, args.arms, args.out / "init_control.png")
+            print(table)
     except ValueError as exc:
         print(f"init_control: error: {exc}", file=sys.stderr)
         return 2
