@@ -594,7 +594,7 @@ def attach(
     regularizers = [make_regularizer(variant, k, sketch=sketch, seed=seed,
                                      distributed=distributed, **variant_kwargs) for k in distinct]
     _warn_if_hooked(model, names)
-    configure_dynamo()  # again: a user may have changed dynamo's settings since the import
+    configure_dynamo()
     return SIGRegHandle(model, names, regularizers, [distinct.index(k) for k in dims],
                         pool=pool, alpha=alpha, lam=lam, keep_features=keep_features,
                         accumulate=accumulate, seed=int(seed), compile=compile,

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch._dynamo  # sigreg imports it already (torch.compiler.disable)
 from torch import nn
 from torch.utils.module_tracker import ModuleTracker
 
@@ -56,22 +55,27 @@ _MAY_BE_SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncod
 
 
 def configure_dynamo() -> None:
-    """Settings torch.compile needs to run the hooks as eager code does.
+    """Settings torch.compile needs to run the hooks as eager code does (called by
+    :func:`sigreg.attach`).
 
     - ``skip_nnmodule_hook_guards = False``: dynamo checks modules' hooks, so code compiled
       before ``attach`` (or for another instance of the same class, e.g. the un-attached
       arm of a comparison) recompiles instead of running without them. A guard per hooked
-      module per compiled call; changing hooks recompiles.
+      module per compiled call; changing hooks recompiles. Code compiled before the first
+      ``attach`` has no such guards: it is dropped then (``torch.compiler.reset()``), and
+      recompiles at its next call.
     - ``skip_fwd_side_effects_in_bwd_under_checkpoint = True``: a compiled model whose
       attached layers sit inside ``checkpoint(..., use_reentrant=False)`` compiles (dynamo
       otherwise refuses the hooks' appends there and runs the model eagerly), and the
       recomputation in backward does not record again, as in eager mode.
     """
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    import torch._dynamo  # here, not at import: it is slow to import
 
-
-configure_dynamo()  # at import: before the user compiles anything
+    config = torch._dynamo.config
+    if config.skip_nnmodule_hook_guards:
+        config.skip_nnmodule_hook_guards = False
+        torch.compiler.reset()
+    config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 def in_backward() -> bool:
