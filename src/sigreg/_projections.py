@@ -76,12 +76,9 @@ class LayerProjections:
         return {"step": self.step, "fixed": dict(self.fixed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output, or a sigreg 0.1 handle's per-layer state (its
-        fixed sketches carry over exactly; its resample counter cannot give the same
-        sketches, the stream having changed). Clear errors for anything else."""
+        """Restore :meth:`state_dict`'s output; clear errors for anything else."""
         if not isinstance(state, dict):
             raise TypeError(f"a handle state is a dict from state_dict(), got {type(state).__name__}")
-        state = in_current_layout(state, self.names)
         missing, unknown = {"step", "fixed"} - set(state), set(state) - {"step", "fixed"}
         if missing or unknown:
             raise ValueError(
@@ -109,18 +106,3 @@ class LayerProjections:
                 raise ValueError(f"state['fixed'][{name!r}] must be a (C, {k}) tensor, got {shape}")
         return {n: t.cpu() for n, t in fixed.items()}
 
-
-def in_current_layout(state: Any, names: list[str]) -> Any:
-    """A sigreg 0.1 handle state ({layer: module state_dict}, keyed by the handle's layer
-    ``names``) in today's layout; any other ``state`` as it is."""
-    if isinstance(state, dict) and state and set(state) <= set(names) and "step" not in state:
-        return _from_per_layer_state(state)
-    return state
-
-
-def _from_per_layer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A sigreg 0.1 handle state ({layer: module state_dict}) in today's layout."""
-    calls = [int(s.get("_extra_state", {}).get("calls", 0)) for s in state.values()]
-    fixed = {n: s["projection"] for n, s in state.items()
-             if isinstance(s.get("projection"), torch.Tensor) and s["projection"].numel()}
-    return {"step": max(calls, default=0), "fixed": fixed}

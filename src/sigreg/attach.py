@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_int
-from ._projections import LayerProjections, in_current_layout
+from ._projections import LayerProjections
 from .capture import (
     POOLS,
     Call,
@@ -458,13 +458,11 @@ class SIGRegHandle:
         return {"step": states[0]["step"], "fixed": fixed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (a sigreg 0.1 handle's per-layer state keeps its
-        fixed sketches). Missing, unknown or mismatched entries raise a ValueError."""
+        """Restore :meth:`state_dict`'s output. Missing, unknown or mismatched entries raise a
+        ValueError."""
         if len(self._parts) == 1:
             self._parts[0].projections.load_state_dict(state)
             return
-        # Split a sigreg 0.1 state's sketches by K too, not only today's.
-        state = in_current_layout(state, self.names)
         if not isinstance(state, dict) or not isinstance(state.get("fixed", {}), dict):
             raise TypeError("a handle state is a dict {'step': int, 'fixed': {layer: tensor}} "
                             "from state_dict()")
