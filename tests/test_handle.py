@@ -289,27 +289,6 @@ def test_state_dict_resumes_the_sketch_stream_exactly(variant, policy):
         assert torch.equal(resumed.loss(), value)
 
 
-@pytest.mark.parametrize("sketch_dim", [K, {"0": 4, "**": K}])
-def test_fixed_sketches_of_a_per_layer_state_carry_over(sketch_dim):
-    """A sigreg 0.1 handle state ({layer: module state}) keeps its fixed sketches, also in a
-    handle whose layers have different K (each sketch goes to the group of its K)."""
-    model, x = mixed_widths(), torch.randn(24, 12)
-    dims = {"0": 4 if isinstance(sketch_dim, dict) else K, "2": K, "4": K}
-    sketches = {name: torch.randn(w, dims[name]) for name, w in (("0", 32), ("2", 32), ("4", 16))}
-    old = {n: {"projection": s, "_extra_state": {"calls": 3}} for n, s in sketches.items()}
-    old["6"] = {"projection": torch.empty(0), "_extra_state": {"calls": 3}}
-    handle = sigreg.attach(model, nn.Linear, "weak", sketch_dim, sketch="fixed",
-                           keep_features=True)
-    handle.load_state_dict(old)
-    assert handle.state_dict()["step"] == 3
-    model(x)
-    handle.loss()
-    values = handle.layer_losses()
-    for name, s in sketches.items():
-        expected = sigreg.weak_sigreg(handle.features()[name], s).item()
-        assert values[name] == pytest.approx(expected, rel=1e-6)
-
-
 @pytest.mark.parametrize("state, error, message", [
     ({}, ValueError, r"missing keys \['fixed', 'step'\]"),
     ({"step": 0}, ValueError, "missing keys"),

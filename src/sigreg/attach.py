@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_int
-from ._projections import LayerProjections, in_current_layout
+from ._projections import LayerProjections
 from .capture import (
     POOLS,
     Call,
@@ -96,12 +96,16 @@ def pool_features(output: Any, pool: Pool, mask: torch.Tensor | None = None) -> 
 
 
 class _Part(NamedTuple):
-    """The regularizer of some of a handle's layers (one per distinct K), its projection
-    stream and its (possibly compiled) loss."""
+    """The regularizer of some of a handle's layers (one per distinct K) and its (possibly
+    compiled) loss."""
 
     regularizer: Regularizer
-    projections: LayerProjections
     compute: Callable
+
+    @property
+    def projections(self) -> LayerProjections:
+        """The regularizer's projection stream, the one its own forward draws from."""
+        return self.regularizer.projections
 
 
 class _Entry(NamedTuple):
@@ -174,22 +178,22 @@ class SIGRegHandle:
         lam: float | None,
         keep_features: bool = False,
         accumulate: int = 1,
-        seed: int = 0,
         compile: bool | dict[str, Any] = False,
         distributed: bool | None = None,
     ) -> None:
-        """One regularizer per distinct K, ``layer_parts[i]`` the index of layer i's (see
-        ``sketch_dim`` of :func:`attach`)."""
+        """Built by :func:`attach`: the ``model``'s layers ``names``, one regularizer per
+        distinct K (each with the projection settings and seed), ``layer_parts[i]`` the index
+        of layer i's (see ``sketch_dim`` of :func:`attach`); the keywords as there."""
         self.names = names
         self.regularizer = regularizers[0]  # the only one, unless K varies across layers
         self._layer_parts = list(layer_parts)
-        self._parts = [_Part(r, LayerProjections(r, names, seed), _compiled(r.compute, compile))
-                       for r in regularizers]
+        self._parts = [_Part(r, _compiled(r.compute, compile)) for r in regularizers]
+        for part in self._parts:  # layer i's fixed projection: from seed + i, saved by name
+            part.projections.names = names
         self.pool = pool
         self.alpha, self.lam = alpha, lam
         self.keep_features = keep_features
         self.accumulate = accumulate
-        self.seed = seed
         self.distributed = distributed
         self._capture = LayerCapture(model, names, pool, accumulate)
         self._averagings: dict[tuple, torch.Tensor] = {}
@@ -458,13 +462,8 @@ class SIGRegHandle:
         return {"step": states[0]["step"], "fixed": fixed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (a sigreg 0.1 handle's per-layer state keeps its
-        fixed sketches). Missing, unknown or mismatched entries raise a ValueError."""
-        if len(self._parts) == 1:
-            self._parts[0].projections.load_state_dict(state)
-            return
-        # Split a sigreg 0.1 state's sketches by K too, not only today's.
-        state = in_current_layout(state, self.names)
+        """Restore :meth:`state_dict`'s output. Missing, unknown or mismatched entries raise a
+        ValueError."""
         if not isinstance(state, dict) or not isinstance(state.get("fixed", {}), dict):
             raise TypeError("a handle state is a dict {'step': int, 'fixed': {layer: tensor}} "
                             "from state_dict()")
@@ -597,7 +596,7 @@ def attach(
     configure_dynamo()
     return SIGRegHandle(model, names, regularizers, [distinct.index(k) for k in dims],
                         pool=pool, alpha=alpha, lam=lam, keep_features=keep_features,
-                        accumulate=accumulate, seed=int(seed), compile=compile,
+                        accumulate=accumulate, compile=compile,
                         distributed=distributed)
 
 

@@ -1,23 +1,30 @@
 """``nn.Module`` wrappers that own the sketch (weak) or directions (strong).
 
 Each takes features (N, C) or a stack of layers (*, N, C) and returns one value per layer,
-shape (*). The loss itself is :meth:`compute`, a pure function of the features and the
-projection (what :func:`sigreg.attach` calls, possibly compiled); ``forward`` adds the
-projection stream:
+shape (*). The loss itself is :meth:`~Regularizer.compute`, a pure function of the features
+and the projection (what :func:`sigreg.attach` calls, possibly compiled). The projections
+come from the module's stream, ``regularizer.projections``
+(:class:`sigreg._projections.LayerProjections`), which an :func:`sigreg.attach` handle
+draws from too: a call on a stack (L, N, C) draws what a handle's step draws for one group
+of L layers (layer i of the stack is the handle's layer i), so a module on a layer's
+features gives the value a one-layer handle with the same seed gives, call after call.
 
-- ``"resample"`` (default): a fresh projection every call, drawn from a generator seeded
-  with (seed, call count) on the features' device, one per layer of a stack in one draw.
+- ``"resample"`` (default): a fresh projection every call, one per layer of the stack in
+  one draw, from a generator seeded with (seed, call count) on the features' device.
   A fixed K-dimensional sketch only constrains the K-dim subspace it spans
   (Cov(ZS) = S^T Cov(Z) S can equal I while Z collapses in the other C - K directions);
-  resampling covers every direction over training, as the paper's public code does. The
-  call count is saved in ``state_dict`` so a resumed run draws the same sequence.
-- ``"fixed"``: drawn once from ``seed`` (on the CPU, so identical on every device) and
-  kept as a buffer, saved in ``state_dict``: the paper text's choice.
-Both are identical on every rank of a distributed job because they depend on the seed only.
+  resampling covers every direction over training, as the paper's public code does.
+- ``"fixed"``: layer i's drawn once from ``seed + i`` (on the CPU, so identical on every
+  device) and kept: the paper text's choice.
+
+``state_dict`` holds the stream's state (the call count and the fixed projections), so a
+resumed run draws the same sequence. Both policies are identical on every rank of a
+distributed job because they depend on the seed only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,21 +32,28 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_int, check_optional_bool, check_positive
+from ._projections import LayerProjections
 from .functional import check_quadrature, strong_sigreg, vicreg_varcov, weak_sigreg
-from .sketch import draw_directions, draw_sketch, mix_seed, seeded_generator
+from .sketch import draw_directions, draw_sketch
 
 POLICIES = ("resample", "fixed")
 
 
 def _check_stack(z: torch.Tensor) -> None:
-    if not isinstance(z, torch.Tensor) or z.dim() < 2:
+    if not isinstance(z, torch.Tensor) or z.dim() < 2 or 0 in z.shape[:-2]:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"features must be 2-D (N, C) or a stack (*, N, C), got {shape}")
+        raise ValueError(f"features must be 2-D (N, C) or a stack (*, N, C) of at least one "
+                         f"layer, got {shape}")
 
 
 class Regularizer(nn.Module):
     """A regularizer of features (*, N, C): ``compute(z, projection)`` is the loss, a pure
-    function; ``draw`` makes the projection it needs (None: it needs none)."""
+    function; ``draw`` makes the projection it needs (None: it needs none); ``projections``
+    is the stream of draws that ``forward`` and :func:`sigreg.attach` share."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projections = LayerProjections(self)
 
     def draw(self, in_features: int, generator: torch.Generator, device,
              batch: Sequence[int] = ()) -> torch.Tensor | None:
@@ -50,16 +64,25 @@ class Regularizer(nn.Module):
         """The loss of z (*, N, C) with ``projection`` ((C, K), (*, C, K) or None), shape (*)."""
         raise NotImplementedError
 
-    def current_projection(self, z: torch.Tensor) -> torch.Tensor | None:
-        return None
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The loss of z (N, C) or (*, N, C), shape (*), with the stream's next projections:
+        the stack, flattened to (L, N, C), is one group of L layers of one step.
+
+        Raises:
+            ValueError if z is not a tensor of 2 dimensions or more, is an empty stack, or
+            if its width is not the one a fixed projection was drawn for.
+        """
         _check_stack(z)
-        return self.compute(z, self.current_projection(z))
+        batch = z.shape[:-2]
+        stack = z.reshape(math.prod(batch), *z.shape[-2:])
+        projection = self.projections.for_group(0, tuple(range(len(stack))), stack)
+        self.projections.advance()
+        return self.compute(stack, projection).view(batch)
 
 
 class _ProjectedSIGReg(Regularizer):
-    """Shared projection bookkeeping; subclasses define ``draw`` and ``compute``."""
+    """Checked projection settings, and the stream's state in ``state_dict``; subclasses
+    define ``draw`` and ``compute``."""
 
     def __init__(
         self, num_projections: int | None, sketch: str, seed: int, distributed: bool | None
@@ -74,50 +97,12 @@ class _ProjectedSIGReg(Regularizer):
         self.policy = sketch
         self.seed = int(seed)
         self.distributed = distributed
-        self.calls = 0
-        # Empty until the first forward tells us the feature width C.
-        self.register_buffer("projection", torch.empty(0))
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def current_projection(self, z: torch.Tensor) -> torch.Tensor | None:
-        """The projection used for features ``z`` (*, N, C), one per layer of the stack;
-        advances the resample counter."""
-        c, batch = z.shape[-1], z.shape[:-2]
-        if self.policy == "fixed":
-            return self._fixed(c, batch, z.device)
-        gen = self._generators.get(z.device)
-        if gen is None:
-            gen = self._generators[z.device] = torch.Generator(device=z.device)
-        gen.manual_seed(mix_seed(self.seed, self.calls))
-        self.calls += 1
-        return self.draw(c, gen, z.device, batch)
-
-    def _fixed(self, c: int, batch: Sequence[int], device) -> torch.Tensor | None:
-        if self.projection.numel() == 0:
-            drawn = self.draw(c, seeded_generator(self.seed), "cpu", batch)
-            if drawn is None:
-                return None
-            self.projection = drawn.to(device)
-        if self.projection.shape[:-1] != (*batch, c):
-            raise ValueError(
-                f"this regularizer's fixed sketch was drawn for width and stack "
-                f"{tuple(self.projection.shape[:-1])}, got features of width {c} and stack "
-                f"{tuple(batch)}"
-            )
-        return self.projection
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"calls": self.calls}
+        return self.projections.state_dict()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.calls = int(state["calls"])
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The buffer is lazily sized: adopt the saved shape before the strict copy.
-        saved = state_dict.get(prefix + "projection")
-        if saved is not None and saved.shape != self.projection.shape:
-            self.projection = torch.empty_like(saved, device=self.projection.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.projections.load_state_dict(state)
 
     def extra_repr(self) -> str:
         return f"num_projections={self.num_projections}, sketch={self.policy!r}, seed={self.seed}"
