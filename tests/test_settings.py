@@ -1,10 +1,11 @@
 """Each training setting is declared once (sigreg.train.config): validation, ``--set`` parsing,
-the resume rules, ``sigreg train --help`` and the README's table all come from that
-declaration."""
+the resume rules, ``sigreg train --help``, ``sigreg presets --show`` and the README's table
+all come from that declaration."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -18,8 +19,11 @@ from sigreg.train.config import (
     SETTINGS,
     TrainConfig,
     apply_overrides,
+    format_value,
     settings_markdown,
+    show,
 )
+from sigreg.train.presets import PRESETS, preset_config
 from sigreg.train.rundir import FIXED_ON_RESUME, FREE_ON_RESUME
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -84,3 +88,40 @@ def test_train_help_lists_every_setting_and_the_resume_rule(capsys):
     assert listed == list(SETTINGS)
     assert f"{', '.join(FREE_ON_RESUME)} always may" in " ".join(out.split())
     assert f"lr {SETTINGS['lr'].help} [0.001]; a finite number > 0" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("name", ["fmnist-mlp-weak", "fmnist-mlp-d14-orthogonal-strong",
+                                  "paper-vit-muon-mix-none", "fmnist-vit-5k-vicreg"])
+def test_presets_show_prints_every_setting(name, capsys):
+    assert cli.main(["presets", "--show", name]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"# {name}: {PRESETS[name].description}" + (
+        f" [paper: {PRESETS[name].paper:.2f}%]" if PRESETS[name].paper is not None else "")
+    shown = dict(line.split("=", 1) for line in lines[1:])
+    cfg = preset_config(name)
+    assert list(shown) == list(SETTINGS)
+    assert shown == {k: format_value(v) for k, v in cfg.to_dict().items()}
+    assert shown["preset"] == name and shown["sigreg"] == cfg.sigreg
+    # What it prints is what --set reads: the lines rebuild the preset's config.
+    items = [line for line in lines[1:] if not line.startswith("model_args=")]
+    items += [f"model.{k}={json.dumps(v)}" for k, v in json.loads(shown["model_args"]).items()]
+    assert apply_overrides(TrainConfig(), items) == cfg
+
+
+def test_presets_show_of_an_unknown_name_is_one_line(capsys):
+    assert cli.main(["presets", "--show", "fmnist-mlp-medium"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert err.startswith("sigreg: error: unknown preset 'fmnist-mlp-medium'; valid presets: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert all(name in err for name in PRESETS)
+
+
+def test_shown_settings_rebuild_every_preset():
+    for name in PRESETS:
+        cfg = preset_config(name)
+        lines = show(cfg).splitlines()
+        items = [line for line in lines if not line.startswith("model_args=")]
+        items += [f"model.{k}={json.dumps(v)}" for k, v in cfg.model_args.items()]
+        assert apply_overrides(TrainConfig(), items) == cfg, name

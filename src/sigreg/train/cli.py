@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import apply_overrides, settings_help
+from .config import apply_overrides, settings_help, show
 from .data import DATASETS, DataError, download_dataset
 from .presets import PRESETS, get_preset, preset_config
 from .report import markdown, write_report
@@ -17,6 +17,12 @@ from .trainer import TrainingDiverged, train
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
+    if args.show:
+        preset = get_preset(args.show)  # ValueError naming the valid presets
+        paper = f" [paper: {preset.paper:.2f}%]" if preset.paper is not None else ""
+        print(f"# {preset.name}: {preset.description}{paper}")
+        print(show(preset_config(args.show)))
+        return
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
         paper = f"  [paper: {preset.paper:.2f}%]" if preset.paper is not None else ""
@@ -109,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sigreg", description="Train, compare and inspect SIGReg-regularized models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("presets", help="list the named presets")
+    p = sub.add_parser("presets", help="list the named presets, or show one's settings")
+    p.add_argument("--show", metavar="NAME",
+                   help="print every setting of the preset NAME, one key=value a line")
     p.set_defaults(func=cmd_presets)
 
     def add_run_options(p: argparse.ArgumentParser) -> None:

@@ -323,10 +323,15 @@ def format_value(value: Any) -> str:
     return "none" if value is None else json.dumps(value, separators=(",", ":"))
 
 
+def show(cfg: TrainConfig) -> str:
+    """Every setting of ``cfg``, one ``key=value`` line each, in declaration order."""
+    return "\n".join(f"{k}={format_value(v)}" for k, v in cfg.to_dict().items())
+
+
 def settings_help() -> str:
     """The settings for ``sigreg train --help``: name, default, values, help; the resume rule."""
     width = max(map(len, SETTINGS))
-    lines = ["settings (--set KEY=VALUE):"]
+    lines = ["settings (--set KEY=VALUE; `sigreg presets --show NAME` gives a preset's):"]
     for s in SETTINGS.values():
         default = "" if s.kind is dict else f" [{format_value(s.default) or EMPTY}]"
         lines.append(f"  {s.name:{width}s}  {s.help}{default}; {s.rule()}")

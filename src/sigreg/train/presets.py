@@ -7,7 +7,7 @@ not be given twice (Python refuses the call), so an entry's settings are exactly
 plus its own. Names read ``<model>-<optimizer>-<mix|nomix>-<none|weak|strong>``; the
 Fashion-MNIST families also have ``-vicreg``: VICReg's variance + covariance terms, the
 baseline of docs/studies.md. ``paper`` holds the top-1 the paper reports for that row on
-CIFAR-100 (best epoch), for the report.
+CIFAR-100 (best epoch), for the report. ``sigreg presets --show NAME`` prints every setting.
 """
 
 from __future__ import annotations
