@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sigreg.train.models import build_model
-from sigreg.train.presets import PRESETS, preset_config
+from sigreg.train.presets import MLP_DEPTHS, MLP_PRIORS, PRESETS, VARIANTS, preset_config
 
 
 def _settings(name: str) -> dict:
@@ -71,3 +71,12 @@ def test_vit_5k_presets_are_the_stability_map_settings():
         preset = preset_config(f"fmnist-vit-5k-{arm}").to_dict()
         assert {k: v for k, v in ran.items() if k != "preset"} == \
             {k: v for k, v in preset.items() if k != "preset"}
+
+
+def test_the_experiments_names_are_presets():
+    for depth in MLP_DEPTHS:
+        for arm in (*VARIANTS, *MLP_PRIORS):
+            assert f"fmnist-mlp-d{depth}-{arm}" in PRESETS
+        for init in ("he", "orthogonal"):
+            for variant in VARIANTS:
+                assert f"fmnist-mlp-d{depth}-{init}-{variant}" in PRESETS

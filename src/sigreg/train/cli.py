@@ -7,16 +7,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import apply_overrides
+from .config import apply_overrides, settings_help, show
 from .data import DATASETS, DataError, download_dataset
 from .presets import PRESETS, get_preset, preset_config
 from .report import markdown, write_report
-from .rundir import plan
+from .rundir import FREE_ON_RESUME, plan
 from .runtime import launched_rank
 from .trainer import TrainingDiverged, train
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
+    if args.show:
+        preset = get_preset(args.show)  # ValueError naming the valid presets
+        paper = f" [paper: {preset.paper:.2f}%]" if preset.paper is not None else ""
+        print(f"# {preset.name}: {preset.description}{paper}")
+        print(show(preset_config(args.show)))
+        return
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
         paper = f"  [paper: {preset.paper:.2f}%]" if preset.paper is not None else ""
@@ -109,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sigreg", description="Train, compare and inspect SIGReg-regularized models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("presets", help="list the named presets")
+    p = sub.add_parser("presets", help="list the named presets, or show one's settings")
+    p.add_argument("--show", metavar="NAME",
+                   help="print every setting of the preset NAME, one key=value a line")
     p.set_defaults(func=cmd_presets)
 
     def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -117,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override settings, e.g. --set epochs=5 lr=3e-3 model.depth=4")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("train", help="train one preset")
+    p = sub.add_parser("train", help="train one preset", epilog=settings_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, help="a name from `sigreg presets`")
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode,
@@ -128,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run the directory holds (refused without this flag)")
     p.add_argument("--allow-change", type=_key_list, default=[], metavar="KEY[,KEY]",
                    help="on --resume, settings that may differ from the checkpoint's (e.g. "
-                        "lr,grad_clip); epochs, device, compile, eval_batch_size, "
-                        "monitor_every, collapse_threshold, data_dir and description "
-                        "always may")
+                        f"lr,grad_clip); {', '.join(FREE_ON_RESUME)} always may")
     add_run_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="train several presets and write a comparison report")
+    p = sub.add_parser("compare", help="train several presets and write a comparison report",
+                       epilog=settings_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", required=True, help="names from `sigreg presets`")
     p.add_argument("--out", type=Path, default=Path("runs/compare"),
                    help="report directory; finished runs there with the same settings are "

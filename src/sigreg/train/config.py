@@ -1,14 +1,95 @@
-"""One flat, typed description of a training run, and ``key=value`` overrides for it."""
+"""One flat, typed description of a training run, and ``key=value`` overrides for it.
+
+Each setting is declared once, as a :class:`TrainConfig` field made by :func:`setting`: its
+type (the annotation), default, range or choices, what ``none`` and ``0`` mean, whether it may
+change on resume, and a line of help. Validation, ``--set`` parsing, the resume rules
+(:data:`sigreg.train.rundir.FREE_ON_RESUME`), ``sigreg train --help`` and the README's settings
+table (:func:`settings_markdown`) are all derived from :data:`SETTINGS`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from .augment import NUM_BINS
+from .data import DATASETS
+
+INF = math.inf
+SEED_MAX = 2**63 - 1
+# On resume a setting may change freely (it does not change what the finished epochs
+# computed), only with --allow-change, or never (another value is another run).
+FREE, ASK, NEVER = "free", "allow-change", "never"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The declaration of one setting. ``name``, ``kind``, ``optional`` and ``default`` are
+    filled from the :class:`TrainConfig` field it is attached to."""
+
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None  # numbers: the lowest value allowed (inclusive unless above_low)
+    high: float = INF
+    above_low: bool = False
+    below_high: bool = False
+    none: str | None = None  # what none means, for settings that may be none
+    zero: str | None = None  # what 0 means, where it switches something off
+    resume: str = ASK  # FREE, ASK (--allow-change) or NEVER
+    name: str = ""
+    kind: type = str  # str, int, float, bool, tuple (two floats) or dict (model_args)
+    optional: bool = False
+    default: Any = None
+
+    def rule(self) -> str:
+        """The values accepted, in the words of the error messages."""
+        if self.choices:
+            text = "one of " + ", ".join(self.choices)
+        elif self.kind is bool:
+            text = "true or false"
+        elif self.kind is tuple:
+            text = f"two numbers in {self._interval()}"
+        elif self.kind is int:
+            if self.high < INF:
+                text = f"an integer in {self._interval()}"
+            else:
+                text = "a positive integer" if self.low == 1 else f"an integer >= {self.low}"
+        elif self.kind is float:
+            if self.high < INF:
+                text = f"a number in {self._interval()}"
+            else:
+                text = f"a finite number {'>' if self.above_low else '>='} {_show(self.low)}"
+        elif self.kind is dict:
+            text = "set one with model.<arg>=value"
+        else:
+            text = "text"
+        if self.zero:
+            text += f" (0 = {self.zero})"
+        if self.none:
+            text += f" or none ({self.none})"
+        return text
+
+    def _interval(self) -> str:
+        return (f"{'(' if self.above_low else '['}{_show(self.low)}, {_show(self.high)}"
+                f"{')' if self.below_high else ']'}")
+
+
+def _show(number: float) -> str:
+    return "2**63 - 1" if number == SEED_MAX else f"{number:g}"
+
+
+def setting(default: Any, help: str, **declaration: Any) -> Any:
+    """A :class:`TrainConfig` field holding its :class:`Setting` (see there for the keywords)."""
+    metadata = {"setting": Setting(help, **declaration)}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -16,69 +97,93 @@ class TrainConfig:
     """Everything a run needs. Presets fill it; ``--set key=value`` edits it."""
 
     # Data
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    num_train: int | None = None  # class-balanced subset; None = all
-    num_test: int | None = None
+    dataset: str = setting("synthetic", f"the dataset: {', '.join(DATASETS)} (checked when it "
+                           "loads)")
+    data_dir: str | None = setting(
+        None, "where the dataset lives", none="./data, $SIGREG_DATA or the system copy",
+        resume=FREE)
+    num_train: int | None = setting(None, "a class-balanced subset of the training images",
+                                    low=1, none="all")
+    num_test: int | None = setting(None, "a class-balanced subset of the test images",
+                                   low=1, none="all")
     # Model: a registry name plus keyword arguments (``--set model.dim=128``)
-    model: str = "mlp"
-    model_args: dict[str, Any] = field(default_factory=dict)
+    model: str = setting("mlp", "the model: a name registered in sigreg.train.models "
+                         "(checked when it is built)")
+    model_args: dict[str, Any] = setting(  # noqa: RUF009 (a field with a default_factory)
+        {}, "the model's keyword arguments (sizes, init, ...)")
     # Optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "adamw"  # sgd | adamw | muon (Muon on 2-D hidden weights + AdamW)
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    momentum: float = 0.0  # SGD
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
-    muon_lr: float = 1e-2
-    muon_adamw_betas: tuple[float, float] = (0.9, 0.95)
-    schedule: str = "cosine"  # cosine | constant
-    warmup_epochs: float = 0.0
-    eta_min: float = 0.0
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    epochs: int = setting(10, "passes over the training set (a resume extends or shortens the "
+                          "run; the schedule follows)", low=1, resume=FREE)
+    batch_size: int = setting(128, "images per step (the global batch under torchrun)", low=2)
+    optimizer: str = setting("adamw", "muon: Muon on the 2-D hidden weights, AdamW on the rest",
+                             choices=("sgd", "adamw", "muon"))
+    lr: float = setting(1e-3, "learning rate (AdamW's, under muon)", low=0.0, above_low=True)
+    weight_decay: float = setting(5e-4, "weight decay", low=0.0)
+    momentum: float = setting(0.0, "SGD momentum", low=0.0, high=1.0)
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas, as [b1,b2]",
+                                         low=0.0, high=1.0, below_high=True)
+    muon_lr: float = setting(1e-2, "Muon's learning rate (optimizer=muon)", low=0.0,
+                             above_low=True)
+    muon_adamw_betas: tuple[float, float] = setting(
+        (0.9, 0.95), "betas of the AdamW beside Muon (optimizer=muon)", low=0.0, high=1.0,
+        below_high=True)
+    schedule: str = setting("cosine", "learning-rate schedule after the warm-up",
+                            choices=("cosine", "constant"))
+    warmup_epochs: float = setting(0.0, "linear warm-up length, in epochs", low=0.0)
+    eta_min: float = setting(0.0, "the cosine schedule's final learning rate (at most lr)",
+                             low=0.0)
+    grad_clip: float = setting(0.0, "maximum gradient norm", low=0.0, zero="off")
     # Augmentation (see sigreg.train.augment.AugmentConfig)
-    crop_padding: int = 4
-    flip: bool = True
-    randaugment_ops: int = 0
-    randaugment_magnitude: int = 9
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    crop_padding: int = setting(4, "random-crop padding in pixels", low=0, zero="off")
+    flip: bool = setting(True, "random horizontal flips")
+    randaugment_ops: int = setting(0, "RandAugment operations per image", low=0, zero="off")
+    randaugment_magnitude: int = setting(9, "RandAugment magnitude", low=0, high=NUM_BINS - 1)
+    mixup_alpha: float = setting(0.0, "MixUp's Beta(alpha, alpha)", low=0.0, zero="off")
+    cutmix_alpha: float = setting(0.0, "CutMix's Beta(alpha, alpha)", low=0.0, zero="off")
     # Regularizer
-    sigreg: str = "none"  # none | weak | strong | vicreg (baseline: VICReg's var + cov terms)
-    alpha: float = 0.1  # total = (1 - alpha) * task + alpha * reg
-    sketch_dim: int | None = 64
-    # K of each regularized layer in order, "16,16,64,none,..." (none: full covariance);
-    # overrides sketch_dim when set
-    sketch_dim_per_layer: str | None = None
-    sketch: str = "resample"  # resample | fixed
-    t_max: float = 3.0
-    num_points: int = 17
-    vicreg_var_weight: float = 25.0  # VICReg's mu; sigreg=vicreg only
-    vicreg_cov_weight: float = 1.0  # VICReg's nu; sigreg=vicreg only
+    sigreg: str = setting("none", "the regularizer (vicreg: VICReg's variance + covariance "
+                          "terms, the baseline)", choices=("none", "weak", "strong", "vicreg"))
+    alpha: float = setting(0.1, "its weight: total = (1 - alpha) * task + alpha * reg",
+                           low=0.0, high=1.0)
+    sketch_dim: int | None = setting(64, "K, the sketch's directions", low=1,
+                                     none="full covariance")
+    sketch_dim_per_layer: str | None = setting(
+        None, "K of each regularized layer in order, e.g. 16,16,64,none (none: full "
+        "covariance); overrides sketch_dim", none="sketch_dim for every layer")
+    sketch: str = setting("resample", "sketch policy: a fresh sketch every step, or one fixed",
+                          choices=("resample", "fixed"))
+    t_max: float = setting(3.0, "strong: the quadrature interval [0, t_max]", low=0.0,
+                           above_low=True)
+    num_points: int = setting(17, "strong: trapezoid nodes on [0, t_max]", low=2)
+    vicreg_var_weight: float = setting(25.0, "VICReg's mu (sigreg=vicreg)", low=0.0)
+    vicreg_cov_weight: float = setting(1.0, "VICReg's nu (sigreg=vicreg)", low=0.0)
     # Run
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    amp: bool = True  # bf16 autocast on CUDA
-    compile: bool = False
-    eval_batch_size: int = 1000
-    monitor_every: int = 50  # steps between effective-dimension logs; 0 = off
-    collapse_threshold: float = 0.99  # warn when a layer's mean cosine stays above this
-    description: str = ""
-    preset: str = ""  # the preset the run started from ("" when built by hand)
+    seed: int = setting(0, "the seed of every random stream", low=0, high=SEED_MAX)
+    device: str = setting("auto", "auto: CUDA, else MPS, else CPU",
+                          choices=("auto", "cpu", "cuda", "mps"), resume=FREE)
+    amp: bool = setting(True, "bf16 autocast on CUDA")
+    compile: bool = setting(False, "torch.compile the model and the regularizer", resume=FREE)
+    eval_batch_size: int = setting(1000, "test images per forward pass", low=1, resume=FREE)
+    monitor_every: int = setting(50, "steps between effective-dimension logs", low=0,
+                                 zero="off", resume=FREE)
+    collapse_threshold: float = setting(0.99, "warn when a layer's mean cosine stays above this",
+                                        low=0.0, high=1.0, resume=FREE)
+    description: str = setting("", "free text kept with the run", resume=FREE)
+    preset: str = setting("", "the preset the run started from (empty when built by hand)",
+                          resume=NEVER)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(SETTINGS))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
         cfg = cls(**data)
-        cfg.betas = tuple(cfg.betas)
-        cfg.muon_adamw_betas = tuple(cfg.muon_adamw_betas)
+        for s in SETTINGS.values():
+            if s.kind is tuple:  # JSON gives lists back
+                setattr(cfg, s.name, tuple(getattr(cfg, s.name)))
         return cfg
 
     def validate(self) -> TrainConfig:
@@ -86,19 +191,14 @@ class TrainConfig:
 
         Runs before any file is touched, so a bad setting never costs a run directory.
         """
-        for key, choices in CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise ValueError(f"{key} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, key)!r}")
-        for key, (low, high, rule) in RANGES.items():
-            value = getattr(self, key)
-            if value is None and key in OPTIONAL:
+        for s in SETTINGS.values():
+            value = getattr(self, s.name)
+            if s.choices and value not in s.choices:
+                raise ValueError(f"{s.name} must be one of {', '.join(s.choices)}, got {value!r}")
+            if s.low is None or (value is None and s.optional):
                 continue
-            if not _in_range(value, low, high, key in ABOVE_LOW):
-                raise ValueError(f"{key} must be {rule}, got {value!r}")
-        for key in ("betas", "muon_adamw_betas"):
-            if not all(_in_range(b, 0.0, 1.0) and b < 1 for b in getattr(self, key)):
-                raise ValueError(f"{key} must be two numbers in [0, 1), got {getattr(self, key)!r}")
+            if not all(_in_range(v, s) for v in (value if s.kind is tuple else (value,))):
+                raise ValueError(f"{s.name} must be {s.rule()}, got {value!r}")
         if self.eta_min > self.lr:
             raise ValueError(f"eta_min must not exceed lr ({self.lr}), got {self.eta_min}")
         if self.data_dir is not None and not self.data_dir.strip():
@@ -119,56 +219,37 @@ class TrainConfig:
         return [None if i == "none" else int(i) for i in items]
 
 
-CHOICES = {
-    "optimizer": ("sgd", "adamw", "muon"),
-    "schedule": ("cosine", "constant"),
-    "sigreg": ("none", "weak", "strong", "vicreg"),
-    "sketch": ("resample", "fixed"),
-    "device": ("auto", "cpu", "cuda", "mps"),
-}
+def _declared(f: dataclasses.Field, annotation: Any) -> Setting:
+    """A field's Setting completed from its annotation (``int | None``: int, optional)."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    optional = type(None) in args
+    kind = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    kind = typing.get_origin(kind) or kind  # tuple[float, float] -> tuple, dict[...] -> dict
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return dataclasses.replace(f.metadata["setting"], name=f.name, kind=kind,
+                               optional=optional, default=default)
 
-INF = math.inf
-# key: (lowest, highest, the rule as the error message states it). Bounds are inclusive, but
-# for the keys in ABOVE_LOW the value must exceed the lowest; an int lowest asks for an integer.
+
+_HINTS = typing.get_type_hints(TrainConfig)
+SETTINGS: dict[str, Setting] = {f.name: _declared(f, _HINTS[f.name])
+                                for f in dataclasses.fields(TrainConfig)}
+# Views of SETTINGS: the choice settings, and the numeric ranges as
+# key: (lowest, highest, the rule as the error message states it).
+CHOICES = {k: s.choices for k, s in SETTINGS.items() if s.choices}
 RANGES: dict[str, tuple[float, float, str]] = {
-    "num_train": (1, INF, "a positive integer or none (all)"),
-    "num_test": (1, INF, "a positive integer or none (all)"),
-    "epochs": (1, INF, "a positive integer"),
-    "batch_size": (2, INF, "an integer >= 2"),
-    "lr": (0.0, INF, "a finite number > 0"),
-    "weight_decay": (0.0, INF, "a finite number >= 0"),
-    "momentum": (0.0, 1.0, "a number in [0, 1]"),
-    "muon_lr": (0.0, INF, "a finite number > 0"),
-    "warmup_epochs": (0.0, INF, "a finite number >= 0"),
-    "eta_min": (0.0, INF, "a finite number >= 0"),
-    "grad_clip": (0.0, INF, "a finite number >= 0 (0 = off)"),
-    "crop_padding": (0, INF, "an integer >= 0 (0 = off)"),
-    "randaugment_ops": (0, INF, "an integer >= 0 (0 = off)"),
-    "randaugment_magnitude": (0, NUM_BINS - 1, f"an integer in [0, {NUM_BINS - 1}]"),
-    "mixup_alpha": (0.0, INF, "a finite number >= 0 (0 = off)"),
-    "cutmix_alpha": (0.0, INF, "a finite number >= 0 (0 = off)"),
-    "alpha": (0.0, 1.0, "a number in [0, 1]"),
-    "sketch_dim": (1, INF, "a positive integer or none (full covariance)"),
-    "t_max": (0.0, INF, "a finite number > 0"),
-    "num_points": (2, INF, "an integer >= 2"),
-    "vicreg_var_weight": (0.0, INF, "a finite number >= 0"),
-    "vicreg_cov_weight": (0.0, INF, "a finite number >= 0"),
-    "seed": (0, 2**63 - 1, "an integer in [0, 2**63 - 1]"),
-    "eval_batch_size": (1, INF, "a positive integer"),
-    "monitor_every": (0, INF, "an integer >= 0 (0 = off)"),
-    "collapse_threshold": (0.0, 1.0, "a number in [0, 1]"),
-}
-ABOVE_LOW = {"lr", "muon_lr", "t_max"}
-OPTIONAL = {"num_train", "num_test", "sketch_dim"}
+    k: (s.kind(s.low), s.high, s.rule()) for k, s in SETTINGS.items()
+    if s.low is not None and s.kind in (int, float)}
 
 
-def _in_range(value: Any, low: float, high: float, above_low: bool = False) -> bool:
-    """A real, finite number (bools excluded) in [low, high]; an integer where low is one."""
+def _in_range(value: Any, s: Setting) -> bool:
+    """A real, finite number (bools excluded) within ``s``'s bounds; an integer for int ones."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
-    if isinstance(low, int) and value != int(value):
+    if s.kind is int and value != int(value):
         return False
-    return (low < value if above_low else low <= value) and value <= high
+    above = s.low < value if s.above_low else s.low <= value
+    below = value < s.high if s.below_high else value <= s.high
+    return above and below
 
 
 def _parse_value(text: str) -> Any:
@@ -180,54 +261,96 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _coerce(key: str, value: Any, annotation: str) -> Any:
+def parse_setting(s: Setting, text: str) -> Any:
+    """The value of ``--set NAME=text`` for the setting ``s``, of its kind; ValueError else.
+
+    Text settings take the text as is ("none" is a sigreg choice, not null; a data_dir may
+    look like a number); optional ones read none/null as None.
+    """
+    text = text.strip()
+    value = _parse_value(text)
+    if s.kind is str:
+        return None if value is None and s.optional else text
     if value is None:
-        if "None" not in annotation:
-            raise ValueError(f"{key} cannot be none")
+        if not s.optional:
+            raise ValueError(f"{s.name} cannot be none")
         return None
-    if "bool" in annotation:
+    if s.kind is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key} expects true or false, got {value!r}")
+            raise ValueError(f"{s.name} expects true or false, got {value!r}")
         return value
-    if "tuple" in annotation:
+    if s.kind is tuple:
         if not (isinstance(value, list) and len(value) == 2):
-            raise ValueError(f"{key} expects two numbers like [0.9,0.999], got {value!r}")
+            raise ValueError(f"{s.name} expects two numbers like [0.9,0.999], got {value!r}")
         return tuple(float(v) for v in value)
-    if "int" in annotation and "float" not in annotation:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise ValueError(f"{key} expects an integer, got {value!r}")
-        return int(value)
-    if "float" in annotation:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} expects a number, got {value!r}")
-        return float(value)
-    return str(value)
+    integer = s.kind is int
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (integer and not (math.isfinite(value) and value == int(value))):
+        raise ValueError(f"{s.name} expects {'an integer' if integer else 'a number'}, "
+                         f"got {value!r}")
+    return int(value) if integer else float(value)
 
 
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     """A copy of ``cfg`` with ``key=value`` items applied (``model.KEY=V`` for model args)."""
     cfg = dataclasses.replace(cfg, model_args=dict(cfg.model_args))
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        value = _parse_value(text.strip())
         if key.startswith("model."):
-            cfg.model_args[key[len("model."):]] = value
+            cfg.model_args[key[len("model."):]] = _parse_value(text.strip())
             continue
-        if key not in fields or key == "model_args":
-            valid = ", ".join(n for n in fields if n != "model_args")
+        if key not in SETTINGS or SETTINGS[key].kind is dict:
+            valid = ", ".join(k for k, s in SETTINGS.items() if s.kind is not dict)
             raise ValueError(f"unknown setting {key!r}; valid: {valid}, model.<arg>")
-        annotation = str(fields[key].type)
-        # String settings take the text as is ("none" is a sigreg choice, not null; a
-        # data_dir may look like a number); optional ones read none/null as None.
-        if annotation == "str":
-            value = text.strip()
-        elif annotation == "str | None":
-            value = None if value is None else text.strip()
-        else:
-            value = _coerce(key, value, annotation)
-        setattr(cfg, key, value)
+        setattr(cfg, key, parse_setting(SETTINGS[key], text))
     return cfg.validate()
+
+
+EMPTY = '""'
+RESUME_WORDS = {FREE: "may change", ASK: "--allow-change", NEVER: "never changes"}
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as ``--set`` reads it: none, true/false, text as is, lists as
+    compact JSON (``model_args`` too, though ``--set`` takes it one ``model.<arg>`` at a time)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    return "none" if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def show(cfg: TrainConfig) -> str:
+    """Every setting of ``cfg``, one ``key=value`` line each, in declaration order."""
+    return "\n".join(f"{k}={format_value(v)}" for k, v in cfg.to_dict().items())
+
+
+def settings_help() -> str:
+    """The settings for ``sigreg train --help``: name, default, values, help; the resume rule."""
+    width = max(map(len, SETTINGS))
+    lines = ["settings (--set KEY=VALUE; `sigreg presets --show NAME` gives a preset's):"]
+    for s in SETTINGS.values():
+        default = "" if s.kind is dict else f" [{format_value(s.default) or EMPTY}]"
+        lines.append(f"  {s.name:{width}s}  {s.help}{default}; {s.rule()}")
+    free, never = (", ".join(k for k, s in SETTINGS.items() if s.resume == r) for r in (FREE, NEVER))
+    lines.append(f"on --resume, {free} may change; {never} never does; any other setting only "
+                 "with --allow-change")
+    return "\n".join(lines)
+
+
+def settings_markdown() -> str:
+    """The README's settings table (tests/test_settings.py checks that the README holds it)."""
+    lines = ["| setting | default | values | on resume | what it is |", "|---|---|---|---|---|"]
+    for s in SETTINGS.values():
+        default = "" if s.kind is dict else f"`{format_value(s.default) or EMPTY}`"
+        lines.append(f"| `{s.name}` | {default} | {_markdown(s.rule())} | "
+                     f"{RESUME_WORDS[s.resume]} | {_markdown(s.help)} |")
+    return "\n".join(lines)
+
+
+def _markdown(text: str) -> str:
+    """Plain text for a Markdown table cell: ``*``, ``<`` and ``|`` escaped."""
+    return re.sub(r"([*<|])", r"\\\1", text)

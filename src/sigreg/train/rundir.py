@@ -37,17 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import FREE, NEVER, SETTINGS, TrainConfig
 
 CHECKPOINT, METRICS, CONFIG, SUMMARY = "checkpoint.pt", "metrics.jsonl", "config.json", "summary.json"
 PROVENANCE = "provenance.json"
 TENSORBOARD = "tensorboard"
-# Settings that do not change what the finished epochs computed: they may differ on resume
-# (``epochs`` extends or shortens what is left; the cosine schedule follows the new length).
-FREE_ON_RESUME = ("epochs", "device", "compile", "eval_batch_size", "monitor_every",
-                  "collapse_threshold", "data_dir", "description")
-# Never changeable on resume: another preset is another run.
-FIXED_ON_RESUME = ("preset",)
+# Each setting declares its rule (``resume=`` in sigreg.train.config). Free: settings that do
+# not change what the finished epochs computed may differ on resume (``epochs`` extends or
+# shortens what is left; the cosine schedule follows the new length). Fixed: never changeable
+# on resume, another preset is another run. Any other setting changes only with --allow-change.
+FREE_ON_RESUME = tuple(k for k, s in SETTINGS.items() if s.resume == FREE)
+FIXED_ON_RESUME = tuple(k for k, s in SETTINGS.items() if s.resume == NEVER)
 RESUME_MODES = (False, True, "auto")
 
 
