@@ -6,6 +6,7 @@ absent there, as for a user who installs ``sigreg`` beside their torch.
 """
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,12 @@ def test_wheel_and_sdist_build_and_the_wheel_works_core_only(tmp_path):
     assert script.stderr.splitlines()[-1] == (
         "sigreg: the command line needs the [train] extra (missing numpy, matplotlib, tqdm): "
         "pip install 'sigreg[train]'")
+
+
+def test_import_sigreg_does_not_import_dynamo():
+    """torch._dynamo takes ~2 s to import: `import sigreg` leaves it to the first attach or
+    distributed loss, and costs about what its own modules do."""
+    check = run(sys.executable, "-c", "import sys, sigreg; print('torch._dynamo' in sys.modules)",
+                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == "False"

@@ -9,7 +9,8 @@ averaging divides back out, so parameter gradients equal single-process ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -44,9 +45,22 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-# Collectives stay outside compiled graphs: torch.compile runs them eagerly between the
-# compiled pieces of a regularizer.
-@torch.compiler.disable
+def _outside_compiled_graphs(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, made at the first call rather than at import (it
+    imports torch._dynamo, ~2 s): torch.compile runs collectives eagerly between the
+    compiled pieces of a regularizer."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
+@_outside_compiled_graphs
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Differentiable sum of ``x`` over all ranks."""
     return _AllReduceSum.apply(x)
@@ -64,7 +78,7 @@ def all_reduce_with_count(x: torch.Tensor, count: int) -> tuple[torch.Tensor, to
     return total[:-1].view(x.shape), total[-1]
 
 
-@torch.compiler.disable
+@_outside_compiled_graphs
 def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
     """Make a (non-differentiable) tensor identical on every rank, e.g. random directions."""
     x = x.contiguous()
