@@ -6,21 +6,21 @@ import pytest
 import torch
 
 import sigreg
+import sigreg.distributed
+import sigreg.functional
 from sigreg.functional import trapezoid_weights
+from sigreg.reference import epps_pulley_integrand, strong_sigreg_reference, weak_sigreg_reference
 
 
 def reference_weak(z, sketch=None):
-    y = z.double() if sketch is None else z.double() @ sketch.double()
-    cov = torch.cov(y.T)  # unbiased, (K, K)
-    return torch.sqrt(((cov - torch.eye(cov.shape[0], dtype=torch.float64)) ** 2).sum())
+    return weak_sigreg_reference(z.double(), None if sketch is None else sketch.double())
 
 
 def reference_strong(z, directions, t):
-    """Dense complex-valued Epps-Pulley on the nodes t (any grid over [-t_max, t_max])."""
-    p = z.double() @ directions.double()  # (N, K)
-    ecf = torch.exp(1j * p[:, :, None] * t[None, None, :]).mean(0)  # (K, T) complex
-    integrand = (ecf - torch.exp(-t**2 / 2)).abs() ** 2 * torch.exp(-t**2 / 2)
-    return (z.shape[0] * torch.trapezoid(integrand, t, dim=-1)).mean()
+    """The package's Epps-Pulley integrand on the nodes t (any grid over [-t_max, t_max]),
+    integrated by torch's own trapezoid rule."""
+    integrand = epps_pulley_integrand(z.double() @ directions.double(), t)  # (K, T)
+    return torch.trapezoid(integrand, t, dim=-1).mean()
 
 
 @pytest.fixture
@@ -33,6 +33,12 @@ def test_weak_matches_float64_reference_with_and_without_sketch(gen):
     s = sigreg.draw_sketch(48, 16, gen)
     assert sigreg.weak_sigreg(z).item() == pytest.approx(reference_weak(z).item(), rel=1e-4)
     assert sigreg.weak_sigreg(z, s).item() == pytest.approx(reference_weak(z, s).item(), rel=1e-4)
+
+
+def test_weak_reference_is_torch_cov_minus_identity(gen):
+    z = torch.randn(50, 6, generator=gen, dtype=torch.float64) * 2 + 1
+    expected = torch.linalg.matrix_norm(torch.cov(z.T) - torch.eye(6, dtype=torch.float64))
+    assert weak_sigreg_reference(z).item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_weak_is_zero_for_whitened_batch():
@@ -343,3 +349,111 @@ def test_stack_rejects_projections_of_another_shape(proj_shape, gen):
 def test_argument_errors_name_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# ---- the fast paths against the package's reference (sigreg.reference), float64 -------------
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """The distributed path in this process, as on a world of one rank: the collectives are
+    identities (so global statistics are the local ones); returns the list of all-reduces."""
+    calls = []
+
+    def identity(x):
+        calls.append(x.shape)
+        return x
+
+    monkeypatch.setattr(sigreg.functional, "use_distributed", lambda flag: bool(flag))
+    monkeypatch.setattr(sigreg.distributed, "all_reduce_sum", identity)  # all_reduce_with_count
+    monkeypatch.setattr(sigreg.functional, "all_reduce_sum", identity)
+    monkeypatch.setattr(sigreg.functional, "broadcast_from_rank0", lambda x: x)
+    return calls
+
+
+def fast_and_reference(variant, z, proj, distributed, quadrature=(3.0, 17)):
+    """The fast loss and the reference loss of z with proj: a tensor, or 'drawn' (strong's
+    own draw of 5 directions from a seeded generator, reproduced for the reference)."""
+    if variant == "weak":
+        return sigreg.weak_sigreg(z, proj, distributed=distributed), weak_sigreg_reference(z, proj)
+    if isinstance(proj, str):
+        fast = sigreg.strong_sigreg(z, None, *quadrature, num_directions=5,
+                                    generator=sigreg.seeded_generator(4), distributed=distributed)
+        proj = sigreg.draw_directions(z.shape[-1], 5, sigreg.seeded_generator(4),
+                                      batch=z.shape[:-2])
+        return fast, strong_sigreg_reference(z, proj, *quadrature)
+    fast = sigreg.strong_sigreg(z, proj, *quadrature, distributed=distributed)
+    return fast, strong_sigreg_reference(z, proj, *quadrature)
+
+
+def projection(variant, kind, z, gen):
+    """None, 'drawn' (strong draws its own), or a sketch / directions shared by every layer
+    (C, K) or one per layer (*, C, K), with a gradient."""
+    if kind in ("none", "drawn"):
+        return None if kind == "none" else kind
+    draw = sigreg.draw_sketch if variant == "weak" else sigreg.draw_directions
+    batch = z.shape[:-2] if kind == "per-layer" else ()
+    return draw(z.shape[-1], 5, gen, batch=batch).double().requires_grad_()
+
+
+EQUIVALENCE_CASES = [  # (variant, projection, layers): layers None is one layer (N, C)
+    (variant, kind, layers)
+    for variant, kinds in (("weak", ("none", "shared", "per-layer")),
+                           ("strong", ("drawn", "shared", "per-layer")))
+    for kind in kinds for layers in (None, 3) if layers or kind != "per-layer"
+]
+
+
+@pytest.mark.parametrize("path", ["local", "distributed"])
+@pytest.mark.parametrize("variant, kind, layers", EQUIVALENCE_CASES)
+def test_fast_path_equals_reference_values_and_gradients(variant, kind, layers, path, request,
+                                                         gen):
+    calls = request.getfixturevalue("one_rank") if path == "distributed" else None
+    z = layer_stack(gen, torch.float64, layers=layers or 1, n=40, c=12)
+    z = (z if layers else z[0]).requires_grad_()
+    proj = projection(variant, kind, z, gen)
+    inputs = [z] + [proj] * isinstance(proj, torch.Tensor)
+    for quadrature in ((3.0, 17), (5.0, 9)) if variant == "strong" else ((3.0, 17),):
+        fast, ref = fast_and_reference(variant, z, proj, path == "distributed", quadrature)
+        assert fast.shape == ref.shape == z.shape[:-2] and fast.dtype == torch.float64
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+        # Distinct weights per layer, so that a gradient routed to the wrong layer shows.
+        weights = torch.linspace(1, 2, fast.numel(), dtype=torch.float64).view(fast.shape)
+        grads = torch.autograd.grad((fast * weights).sum(), inputs)
+        expected = torch.autograd.grad((ref * weights).sum(), inputs)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if calls is not None:
+        assert calls, "the distributed path was not taken"
+
+
+def simpson_weights(t_max, num_points, device=None, dtype=torch.float32):
+    """Simpson's rule on trapezoid_weights's nodes (num_points odd), doubled."""
+    t = torch.linspace(0.0, t_max, num_points, device=device, dtype=dtype)
+    q = torch.ones(num_points, device=device, dtype=dtype)
+    q[1:-1:2], q[2:-1:2] = 4, 2
+    return t, 2 * q * t_max / (num_points - 1) / 3
+
+
+@pytest.mark.parametrize("name, replacement", [
+    ("epps_pulley_weight", lambda t: 1 / (1 + t * t)),
+    ("trapezoid_weights", simpson_weights),
+])
+def test_one_edit_to_the_definition_changes_every_path(name, replacement, monkeypatch, one_rank,
+                                                       gen):
+    """The weight function and the quadrature are read from sigreg.reference only: replacing
+    one there changes the reference, the local fast path and the distributed one alike."""
+    z = layer_stack(gen, torch.float64, layers=2, n=30, c=6)
+    a = sigreg.draw_directions(6, 4, gen).double()
+    before = strong_sigreg_reference(z, a)
+    monkeypatch.setattr(sigreg.reference, name, replacement)
+    sigreg.functional._quadrature.cache_clear()
+    sigreg.functional._local_constants.cache_clear()
+    try:
+        ref = strong_sigreg_reference(z, a)
+        assert not torch.allclose(ref, before)
+        for distributed in (False, True):
+            torch.testing.assert_close(sigreg.strong_sigreg(z, a, distributed=distributed), ref,
+                                       rtol=1e-10, atol=1e-12)
+    finally:  # the caches hold the replaced definition's constants
+        sigreg.functional._quadrature.cache_clear()
+        sigreg.functional._local_constants.cache_clear()

@@ -11,6 +11,10 @@ All compute in float32 with autocast switched off, whatever Z's dtype (float64 i
 float64), because the statistics (covariances, characteristic functions) are too imprecise
 in bf16/fp16. Under ``torch.distributed`` they are computed over the global batch by
 default, with one all-reduce per statistic for the whole stack.
+
+The definitions, a few readable lines each, are in :mod:`sigreg.reference`; the functions
+here compute the same numbers (tested in float64, values and gradients) with hand-written
+gradients and cached constants, because the regularizer's cost is its number of kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import reference  # the definition's pieces: read from there, written once
 from ._checks import check_int, check_number, check_positive
 from .distributed import (
     all_reduce_sum,
@@ -27,6 +32,7 @@ from .distributed import (
     broadcast_from_rank0,
     use_distributed,
 )
+from .reference import trapezoid_weights  # noqa: F401 (public here too)
 from .sketch import draw_directions
 
 
@@ -86,6 +92,7 @@ def weak_sigreg(
         (divides by N - 1).
 
     Reference: Weak-SIGReg, arXiv 2603.05924, eq. L = L_CE + lambda ||Cov(ZS) - I||_F.
+    The definition, in a few lines: :func:`sigreg.reference.weak_sigreg_reference`.
     """
     distributed = use_distributed(distributed)
     _check_features(z, min_rows=0 if distributed else 2)
@@ -196,49 +203,6 @@ def vicreg_varcov(
         return var_weight * variance + cov_weight * covariance
 
 
-def trapezoid_weights(
-    t_max: float, num_points: int, device=None, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes t on [0, t_max] and weights w with sum_t w f(t) ~= int_{-t_max}^{t_max} f for even f."""
-    t = torch.linspace(0.0, t_max, num_points, device=device, dtype=dtype)
-    w = torch.full((num_points,), t_max / (num_points - 1), device=device, dtype=dtype)
-    w[0] = w[-1] = w[0] / 2
-    return t, 2 * w  # doubled: the integrand is even in t
-
-
-@functools.lru_cache(maxsize=32)
-def _quadrature(t_max: float, num_points: int, device: torch.device, dtype: torch.dtype) -> tuple:
-    """For the nodes t > 0 of the trapezoid rule (t = 0 adds nothing: there the empirical
-    characteristic function is 1, its target): the target (Re, Im) = (exp(-t^2/2), 0) of
-    the ECF (T - 1, 2), the weights w * exp(-t^2/2) of the strong loss (T - 1,), and the
-    nodes as a column (T - 1, 1).
-
-    Cached per device: building them costs a handful of tiny kernel launches, as much as
-    the loss itself on a GPU. The cached tensors are never modified in place, and are built
-    outside inference mode so that a first call under ``torch.inference_mode()`` does not
-    leave tensors that autograd refuses to save.
-    """
-    with torch.inference_mode(False):
-        t, w = trapezoid_weights(t_max, num_points, device=device, dtype=dtype)
-        t, w = t[1:], w[1:]
-        gauss = torch.exp(-0.5 * t * t)
-        return torch.stack((gauss, torch.zeros_like(gauss)), dim=-1), w * gauss, t.unsqueeze(-1)
-
-
-@functools.lru_cache(maxsize=32)
-def _local_constants(t_max: float, num_points: int, n: int, k: int, device: torch.device,
-                     dtype: torch.dtype) -> tuple:
-    """:func:`_quadrature`'s constants folded for K directions on a batch of n, so that the
-    local strong loss is ``(S - n target)^2 @ w_flat`` for the sums S (L, K * (T - 1) * 2):
-    n * target (T - 1, 2), w_flat = w / (n K) repeated (K * (T - 1) * 2,), and for the
-    backward 2 t w / (n K) (T - 1, 1). Cached like :func:`_quadrature`."""
-    target, weights, nodes = _constant(_quadrature, t_max, num_points, device, dtype)
-    with torch.inference_mode(False):
-        scaled = weights / (n * k)
-        flat = scaled.view(1, -1, 1).expand(k, -1, 2).reshape(-1)
-        return n * target, flat, 2 * nodes * scaled.unsqueeze(-1)
-
-
 def check_quadrature(t_max: object, num_points: object) -> tuple[float, int]:
     """Validated ``(t_max, num_points)`` of the strong loss: a finite t_max > 0 and an
     integer num_points >= 2; TypeError / ValueError naming the argument otherwise."""
@@ -260,7 +224,8 @@ def strong_sigreg(
     For each unit direction a, with projections p = Z a and ECF(t) = mean_n exp(i t p_n):
     ``N * int_{-t_max}^{t_max} |ECF(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt``, averaged over
     directions. Integrated with the trapezoid rule on the ``num_points`` equally spaced
-    nodes of [0, t_max], weights doubled (the integrand is even in t).
+    nodes of [0, t_max], weights doubled (the integrand is even in t). The definition, in
+    a few lines: :func:`sigreg.reference.strong_sigreg_reference`.
 
     ``num_points`` counts nodes on [0, t_max] only, not on [-t_max, t_max]: the paper's
     code's "17 points on [-5, 5]" (trapezoid, nodes 0.625 apart) is ``t_max=5,
@@ -294,16 +259,66 @@ def strong_sigreg(
     with torch.autocast(device_type=z.device.type, enabled=False):
         p = _project(z, directions)  # (*, N, K)
         flat = p.reshape(p.shape[:-2].numel(), *p.shape[-2:])  # no -1: N may be 0 here
-        step = t_max / (num_points - 1)  # the trapezoid nodes are 0, step, 2 step, ...
+        step = t_max / (num_points - 1)  # trapezoid_weights's node spacing
+        n, k = p.shape[-2:]
         if not distributed:
-            constants = _constant(_local_constants, t_max, num_points, *p.shape[-2:],
-                                  z.device, p.dtype)
+            constants = _constant(_local_constants, t_max, num_points, n, k, z.device, p.dtype)
             return _EppsPulley.apply(flat, step, *constants).view(p.shape[:-2])
         target, weights, nodes = _constant(_quadrature, t_max, num_points, z.device, p.dtype)
-        sums = _CharacteristicSums.apply(flat, step, nodes)
-        sums, n = all_reduce_with_count(sums.view(*p.shape[:-2], -1, num_points - 1, 2), z.shape[-2])
-        err = (sums / n - target).square().sum(-1)  # |ECF - target|^2, (*, K, T - 1)
-        return n * (err @ weights).mean(-1)
+        sums, n = all_reduce_with_count(_CharacteristicSums.apply(flat, step, nodes), n)
+        loss, _ = _loss_of_sums(sums, *_fold(target, weights, n, k))
+        return loss.view(p.shape[:-2])
+
+
+# ---- strong SIGReg, fast: the steps of reference.strong_sigreg_reference ------------------
+# Per layer, with projections p (N, K), the quadrature's nodes t_j and weights q_j and the
+# weight function w (sigreg.reference), W_j = q_j w(t_j) (see _quadrature):
+#   1. sums:     S_kj = sum_n exp(i t_j p_nk) = N ECF_k(t_j) at the nodes t_j = j h > 0
+#                (t = 0 adds nothing: S = N there, and N phi(0) = N)        _characteristic_sums
+#   2. loss:     L = sum_kj W_j |S_kj - N phi(t_j)|^2 / (N K)               _loss_of_sums
+#   3. gradient: dL/dS_kj = 2 W_j (S_kj - N phi(t_j)) / (N K) (Re and Im parts), and through
+#                step 1 dL/dp_nk = sum_j t_j Re((dL/dIm S_kj + i dL/dRe S_kj) exp(i t_j p_nk))
+#                                                                            _sums_backward
+# On the local batch the three run in one autograd Function (_EppsPulley), with the
+# constants of steps 2 and 3 (N phi, W / (N K), 2 t W / (N K)) folded once and cached.
+# Distributed, step 1 is its own Function (_CharacteristicSums), its sums are all-reduced
+# over the ranks, step 2 runs on the global sums and autograd differentiates it.
+
+
+@functools.lru_cache(maxsize=32)
+def _quadrature(t_max: float, num_points: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The definition's pieces at the nodes t > 0 of :func:`trapezoid_weights`: the target
+    phi(t) as (Re, Im) (T - 1, 2), the weights W = q w(t) (T - 1,) and the nodes as a column
+    (T - 1, 1).
+
+    Cached per device: building them costs a handful of tiny kernel launches, as much as
+    the loss itself on a GPU. The cached tensors are never modified in place, and are built
+    outside inference mode so that a first call under ``torch.inference_mode()`` does not
+    leave tensors that autograd refuses to save.
+    """
+    with torch.inference_mode(False):
+        t, q = reference.trapezoid_weights(t_max, num_points, device=device, dtype=dtype)
+        t, q = t[1:], q[1:]
+        target = reference.standard_normal_cf(t)
+        return (torch.stack((target, torch.zeros_like(target)), dim=-1),
+                q * reference.epps_pulley_weight(t), t.unsqueeze(-1))
+
+
+def _fold(target: torch.Tensor, weights: torch.Tensor, n, k: int) -> tuple:
+    """Step 2's constants for K directions on a batch of n: n phi (T - 1, 2) and
+    W / (n K) repeated for every (direction, node, Re / Im) (K * (T - 1) * 2,)."""
+    scaled = weights / (n * k)
+    return n * target, scaled.view(1, -1, 1).expand(k, -1, 2).reshape(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _local_constants(t_max: float, num_points: int, n: int, k: int, device: torch.device,
+                     dtype: torch.dtype) -> tuple:
+    """:func:`_fold`'s constants and step 3's factor t dL/dS / (S - n phi) = 2 t W / (n K)
+    (T - 1, 1), for the local batch of n: cached like :func:`_quadrature`."""
+    target, weights, nodes = _constant(_quadrature, t_max, num_points, device, dtype)
+    with torch.inference_mode(False):
+        return *_fold(target, weights, n, k), 2 * nodes * (weights / (n * k)).unsqueeze(-1)
 
 
 def _characteristic_powers(p: torch.Tensor, step: float, count: int) -> torch.Tensor:
@@ -330,10 +345,25 @@ def _characteristic_powers(p: torch.Tensor, step: float, count: int) -> torch.Te
     return powers
 
 
-def _powers_backward(powers: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-    """Gradient wrt p (L, N, K) of a loss whose gradient wrt the batch sums of
-    (cos, sin)(t p) is coeff / t, coeff (L, K, T, 2) = (a, b) holding the factor t: with
-    d/dp cos(t p) = -t sin(t p) and d/dp sin(t p) = t cos(t p),
+def _characteristic_sums(p: torch.Tensor, step: float, count: int) -> tuple:
+    """Step 1: the powers exp(i t_j p_n) (L, K, T - 1, N) and their sums over the batch as
+    (Re, Im), (L, K, T - 1, 2), for projections p (L, N, K) and the nodes t_j = j step."""
+    powers = _characteristic_powers(p, step, count)
+    return powers, torch.view_as_real(powers.sum(-1))
+
+
+def _loss_of_sums(sums: torch.Tensor, scaled_target: torch.Tensor,
+                  flat_weights: torch.Tensor) -> tuple:
+    """Step 2, with :func:`_fold`'s constants: the loss of each layer (L,) and the gap
+    S - n phi (L, K, T - 1, 2)."""
+    gap = sums - scaled_target
+    return gap.square().view(gap.shape[0], -1) @ flat_weights, gap
+
+
+def _sums_backward(powers: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """Step 3's chain rule through step 1: the gradient wrt p (L, N, K) from
+    coeff = t dL/dS (L, K, T - 1, 2), the gradient wrt the sums (Re, Im) times the node t.
+    With d/dp cos(t p) = -t sin(t p) and d/dp sin(t p) = t cos(t p), for coeff = (a, b):
     ``dL/dp_n = sum_t Re(exp(i t p_n) (b + i a))``. One batched complex matmul."""
     l, k, count, n = powers.shape
     c = torch.view_as_complex(coeff.flip(-1)).view(l * k, 1, count)
@@ -344,47 +374,44 @@ def _powers_backward(powers: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
 
 
 class _EppsPulley(torch.autograd.Function):
-    """The strong loss of each layer of p (L, N, K) on the local batch, (L,), with its
-    gradient written out from the saved powers (see :func:`_characteristic_powers`):
-    ``dL_l/dS_t = 2 w_t (S_t - n target_t) / (n K)`` for the sums S, then
-    :func:`_powers_backward`, where autograd would evaluate the powers again and run ~20
-    more kernels for the reduction.
-    """
+    """Steps 1-3 on the local batch: the loss of each layer of p (L, N, K), (L,), its
+    gradient from the saved powers, where autograd would evaluate them again and run ~20
+    more kernels for step 2."""
 
     @staticmethod
     def forward(ctx, p: torch.Tensor, step: float, scaled_target: torch.Tensor,
                 flat_weights: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
-        powers = _characteristic_powers(p, step, scaled_target.shape[0])
-        gap = torch.view_as_real(powers.sum(-1)) - scaled_target  # n (ECF - target)
+        powers, sums = _characteristic_sums(p, step, scaled_target.shape[0])
+        loss, gap = _loss_of_sums(sums, scaled_target, flat_weights)
         ctx.save_for_backward(powers, gap, grad_factor)
-        return gap.square().view(gap.shape[0], -1) @ flat_weights
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple:
         powers, gap, grad_factor = ctx.saved_tensors
         with torch.autocast(device_type=powers.device.type, enabled=False):
+            # t dL/dS = (S - n phi) 2 t W / (n K), times the incoming gradient of each layer.
             coeff = gap * (grad.view(-1, 1, 1, 1) * grad_factor)
-            return _powers_backward(powers, coeff), None, None, None, None
+            return _sums_backward(powers, coeff), None, None, None, None
 
 
 class _CharacteristicSums(torch.autograd.Function):
-    """Sums over the batch of cos(t p) and sin(t p) at the nodes t = j step, j = 1..T:
-    (L, K, T, 2) from projections p (L, N, K), i.e. N times the empirical characteristic
-    function; the distributed path, where the sums are all-reduced before the loss."""
+    """Step 1 alone, for the distributed path (its sums are all-reduced before step 2):
+    sums (L, K, T - 1, 2) of projections p (L, N, K)."""
 
     @staticmethod
     def forward(ctx, p: torch.Tensor, step: float, nodes: torch.Tensor) -> torch.Tensor:
-        powers = _characteristic_powers(p, step, nodes.shape[0])
+        powers, sums = _characteristic_sums(p, step, nodes.shape[0])
         ctx.save_for_backward(powers, nodes)
-        return torch.view_as_real(powers.sum(-1))
+        return sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         powers, nodes = ctx.saved_tensors
         with torch.autocast(device_type=powers.device.type, enabled=False):
-            return _powers_backward(powers, grad * nodes), None, None
+            return _sums_backward(powers, grad * nodes), None, None
 
 
 def regularized_loss(
