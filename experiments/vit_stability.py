@@ -11,7 +11,7 @@ each trains into ``<out>/lr<lr>-<arm>-s<seed>/``. Two steps, so a GPU can run ma
         --set device=cuda | xargs -P 8 -L 1 sh -c \\
         'mkdir -p "$0" && python3 -m sigreg.train.cli "$@" >> "$0/train.log" 2>&1'
     # 2. gather: results.jsonl, vit_full.md (mean ± std per lr and arm, and each arm minus
-    #    --baseline paired over seeds), stability.png
+    #    --baseline paired over seeds), stability.png, curves.png (test accuracy per epoch)
     PYTHONPATH=src python3 experiments/vit_stability.py --out runs/vit-full --collect
     # the tables of a results file alone (the committed raw file), nothing gathered:
     PYTHONPATH=src python3 experiments/vit_stability.py --tables experiments/vit-stability-cpu.jsonl \\
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def outcome(path: Path) -> dict[str, Any]:
     log = path / "train.log"
     text = log.read_text() if log.exists() else None
     where = {"provenance": run_provenance(path),
-             "collapse_warnings": None if text is None else text.count("collapse warning:")}
+             "collapse_warnings": None if text is None else text.count("collapse warning:"),
+             "first_warning_step": first_warning_step(text)}
     if (path / "summary.json").exists():
         summary = json.loads((path / "summary.json").read_text())
         rows = read_jsonl(path / "metrics.jsonl")
@@ -114,6 +116,47 @@ def outcome(path: Path) -> dict[str, Any]:
     diverged = text is not None and "non-finite" in text
     return {"state": "diverged" if diverged else "missing",
             "final_test_acc": CHANCE if diverged else None, **where}
+
+
+def first_warning_step(log: str | None) -> int | None:
+    """The training step at which the live collapse monitor first warned in a run's log
+    (``collapse warning: ... (steps a-b)`` fires at step b); None if it never did."""
+    steps = [int(m) for m in re.findall(r"collapse warning: .*\(steps \d+-(\d+)\)", log or "")]
+    return min(steps, default=None)
+
+
+def plot_curves(results: list[dict[str, Any]], lrs: list[float], arms: list[str],
+                path: Path, title: str) -> None:
+    """Test accuracy per epoch, mean ± std over seeds, one panel per lr, one line per arm;
+    a marker where the collapse monitor first warned in each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, lr in zip(axes[0], lrs, strict=True):
+        for arm in arms:
+            curves = [r["test_acc"] for r in results if r["lr"] == lr and r["arm"] == arm
+                      and r.get("test_acc")]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            stats = [mean_std([100 * c[e] for c in curves]) for e in range(length)]
+            epochs = range(1, length + 1)
+            line = ax.plot(epochs, [m for m, _ in stats], label=f"{arm} (n={len(curves)})")[0]
+            ax.fill_between(epochs, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
+                            color=line.get_color(), alpha=0.2)
+        ax.axhline(100 * CHANCE, color="grey", linestyle=":")
+        ax.set_title(f"lr {lr:g}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def accuracies(results: list[dict[str, Any]], lr: float, arm: str) -> dict[int, float]:
@@ -177,8 +220,9 @@ def collect(args: argparse.Namespace) -> str:
     write_jsonl(args.out / "results.jsonl", results)
     table = markdown(results, args.lrs, args.arms, args.baseline)
     (args.out / "vit_full.md").write_text(table)
-    plot(results, args.lrs, args.arms, args.out / "stability.png",
-         f"{args.stem}-*" + (f" ({' '.join(args.set)})" if args.set else ""))
+    title = f"{args.stem}-*" + (f" ({' '.join(args.set)})" if args.set else "")
+    plot(results, args.lrs, args.arms, args.out / "stability.png", title)
+    plot_curves(results, args.lrs, args.arms, args.out / "curves.png", title)
     return table
 
 

@@ -85,6 +85,12 @@ def test_vit_stability_commands_then_collect(tmp_path, one_thread, capsys):
     assert results[2]["provenance"] == [] and results[2]["collapse_warnings"] is None
     table = (out / "vit_full.md").read_text()
     assert "1 missing" in table and (out / "stability.png").stat().st_size > 0
+    assert (out / "curves.png").stat().st_size > 0
+    assert [r["first_warning_step"] for r in results] == [None] * 4
+    log = ("collapse warning: layer blocks.5 mean_cosine 1 > 0.99 in 8 measurements in a row "
+           "(steps 1050-1225)\ncollapse warning: layer blocks.1 mean_cosine 1 > 0.99 in 8 "
+           "measurements in a row (steps 875-1050)\n")
+    assert vit_stability.first_warning_step(log) == 1050
     assert "| 0.001 | +" in table and "weak - none" in table  # the paired table, lr 1e-3
 
 

@@ -102,11 +102,20 @@ def cpu_group() -> Any:
 
 
 def all_gather_layouts(layout: Layout, group: Any = None) -> list[Layout]:
-    """Every rank's layout, in rank order (one collective on ``group``, CPU only: no
-    device sync)."""
-    layouts: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(layouts, layout, group=group)
-    return layouts
+    """Every rank's layout, in rank order: two all-reduces of small CPU tensors on
+    ``group`` (the longest layout's length, then a (ranks, length, 3) table that each rank
+    fills in its own row), no device sync. Plain all-reduces, like every other collective
+    here: ``all_gather_object`` left Gloo work behind that could abort a process at exit."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    longest = torch.tensor([len(layout)], dtype=torch.int64)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    table = torch.zeros(world, int(longest), 3, dtype=torch.int64)
+    if layout:  # layer + 1: a row of zeros is no call
+        table[rank, :len(layout)] = torch.tensor([(layer + 1, width, rows)
+                                                  for layer, width, rows in layout])
+    dist.all_reduce(table, group=group)
+    return [[(layer - 1, width, rows) for layer, width, rows in calls if layer > 0]
+            for calls in table.tolist()]
 
 
 class PlannedGroup(NamedTuple):
