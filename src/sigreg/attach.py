@@ -196,6 +196,7 @@ class SIGRegHandle:
         self.accumulate = accumulate
         self.distributed = distributed
         self._capture = LayerCapture(model, names, pool, accumulate)
+        self._dynamo_configured = configure_dynamo()
         self._averagings: dict[tuple, torch.Tensor] = {}
         self._last_names: list[str] = []
         self._last_values: torch.Tensor | None = None
@@ -243,6 +244,8 @@ class SIGRegHandle:
         does calling it after more than ``accumulate`` forward passes. 0 (and
         :meth:`combine` returns the task loss) when no layer has samples enough.
         """
+        if not self._dynamo_configured:
+            self._dynamo_configured = configure_dynamo()
         entries = self._take_entries()
         if use_distributed(self.distributed):
             names, values = self._distributed_values(entries)
@@ -593,7 +596,6 @@ def attach(
     regularizers = [make_regularizer(variant, k, sketch=sketch, seed=seed,
                                      distributed=distributed, **variant_kwargs) for k in distinct]
     _warn_if_hooked(model, names)
-    configure_dynamo()
     return SIGRegHandle(model, names, regularizers, [distinct.index(k) for k in dims],
                         pool=pool, alpha=alpha, lam=lam, keep_features=keep_features,
                         accumulate=accumulate, compile=compile,

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.module_tracker import ModuleTracker
 
@@ -54,21 +55,28 @@ _MAY_BE_SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncod
                           nn.TransformerDecoder)
 
 
-def configure_dynamo() -> None:
-    """Settings torch.compile needs to run the hooks as eager code does (called by
-    :func:`sigreg.attach`).
+def configure_dynamo() -> bool:
+    """Settings torch.compile needs to run the hooks as eager code does; whether they are
+    set (called by :func:`sigreg.attach` and, until then, by every ``loss()``).
 
     - ``skip_nnmodule_hook_guards = False``: dynamo checks modules' hooks, so code compiled
       before ``attach`` (or for another instance of the same class, e.g. the un-attached
       arm of a comparison) recompiles instead of running without them. A guard per hooked
-      module per compiled call; changing hooks recompiles. Code compiled before the first
-      ``attach`` has no such guards: it is dropped then (``torch.compiler.reset()``), and
+      module per compiled call; changing hooks recompiles. Code compiled before these
+      settings has no such guards: it is dropped then (``torch.compiler.reset()``), and
       recompiles at its next call.
     - ``skip_fwd_side_effects_in_bwd_under_checkpoint = True``: a compiled model whose
       attached layers sit inside ``checkpoint(..., use_reentrant=False)`` compiles (dynamo
       otherwise refuses the hooks' appends there and runs the model eagerly), and the
       recomputation in backward does not record again, as in eager mode.
+
+    Not while a process group exists and torch._dynamo is not imported yet: importing it
+    then makes torch keep the group alive past ``destroy_process_group()``, and a rank can
+    abort at exit ("terminate called without an active exception", torch 2.13). Then the
+    settings wait until something else imports dynamo (``torch.compile`` does).
     """
+    if "torch._dynamo" not in sys.modules and dist.is_available() and dist.is_initialized():
+        return False
     import torch._dynamo  # here, not at import: it is slow to import
 
     config = torch._dynamo.config
@@ -76,6 +84,7 @@ def configure_dynamo() -> None:
         config.skip_nnmodule_hook_guards = False
         torch.compiler.reset()
     config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return True
 
 
 def in_backward() -> bool:

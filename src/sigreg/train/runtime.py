@@ -11,6 +11,7 @@ down aborts the process ("terminate called without an active exception"). Withou
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -77,6 +78,11 @@ def distributed_runtime(device: str) -> Iterator[Runtime]:
     if owned:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        # torch imports dynamo lazily (the optimizer's first add_param_group does); imported
+        # after the group exists, it keeps the group alive past destroy_process_group() and
+        # a rank can abort at exit ("terminate called without an active exception", torch
+        # 2.13, about one run in ten here). Imported before, it does not.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         yield Runtime(dev, dist.get_rank(), dist.get_world_size())
