@@ -92,6 +92,8 @@ def test_vit_stability_commands_then_collect(tmp_path, one_thread, capsys):
            "measurements in a row (steps 875-1050)\n")
     assert vit_stability.first_warning_step(log) == 1050
     assert "| 0.001 | +" in table and "weak - none" in table  # the paired table, lr 1e-3
+    assert "weak - tuned" in table  # against the baseline at its best lr (none here: missing)
+    assert vit_stability.best_per_seed([{0: 50.0, 1: 60.0}, {0: 55.0, 2: 1.0}]) == {0: 55.0}
 
 
 def test_vit_stability_refuses_a_bad_setting_before_any_run(tmp_path, capsys):
