@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
+import signal
 import string
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sigreg.train import checkpoint, cli, rundir
-from sigreg.train.config import RANGES, TrainConfig
+from sigreg.train.config import RANGES, TrainConfig, apply_overrides
 from sigreg.train.rundir import RunDirError
 from sigreg.train.trainer import train
 
@@ -358,6 +360,105 @@ def test_bad_out_paths_exit_2(where, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sigreg: error: --out") and err.count("\n") == 1, err
     assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- one writer
+def _train_and_hold(out: Path, cfg: TrainConfig, epoch: int) -> tuple[int, int]:
+    """Fork a child that trains ``cfg`` into ``out`` and stops right after committing
+    ``epoch``, still holding the run (as a run in progress does). Returns once it is there:
+    its PID and the pipe that lets it go on (a byte; or EOF, or 120 s)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            real_commit = rundir.RunDir.commit_epoch
+
+            def commit_epoch(self, state, row):
+                real_commit(self, state, row)
+                if state["epoch"] == epoch:
+                    os.write(ready_w, b"x")
+                    select.select([go_r], [], [], 120)
+
+            rundir.RunDir.commit_epoch = commit_epoch
+            train(cfg, out, progress=False, log=quiet)
+        except BaseException:  # noqa: BLE001 - any other way out is a failure of the test
+            os._exit(3)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    reached = os.read(ready_r, 1)  # blocks until the child is there (or dead: b"")
+    os.close(ready_r)
+    assert reached == b"x", "the child died before it committed the epoch"
+    return pid, go_w
+
+
+def _let_go(pid: int, go: int) -> int:
+    os.write(go, b"g")
+    os.close(go)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(
+        tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tiny(preset="fmnist-mlp-weak")
+    pid, go = _train_and_hold(out, cfg, epoch=1)  # epoch 1 of 3 committed, still training
+    try:
+        before = snapshot(tmp_path)
+        args = ["train", "--preset", "fmnist-mlp-weak", "--out", str(out), "--no-progress",
+                "--set", *settings_for(cfg)]
+        for extra in ([], ["--resume"], ["--overwrite"], ["--resume", "auto"]):
+            assert cli.main([*args, *extra]) == 2, extra
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"is being written by PID {pid}" in err, err
+            assert snapshot(tmp_path) == before, extra
+        assert (out / "run.lock").read_text() == f"{pid}\n"
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the holder dies without any cleanup: a stale lock
+        os.close(go)
+        os.waitpid(pid, 0)
+    assert (out / "run.lock").read_text() == f"{pid}\n"
+    # The lock died with its holder: the next writer takes it over and resumes the run.
+    assert cli.main([*args, "--resume"]) == 0
+    assert [r["epoch"] for r in rows_without_timing(out) if r["kind"] == "epoch"] == [1, 2, 3]
+    assert not (out / "run.lock").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_sweep_waits_for_a_run_another_process_writes_and_never_writes_it_twice(tmp_path):
+    from sigreg.train import sweep
+
+    out, tiny_sets = tmp_path / "sweep", [
+        "dataset=synthetic", "num_train=32", "num_test=40", "epochs=2", "batch_size=8",
+        "model.depth=3", "model.width=16", "monitor_every=0", "device=cpu"]
+    cfg = apply_overrides(sweep.base_config("fmnist-mlp-weak", tiny_sets),
+                          ["alpha=0.1", "sketch_dim=8", "seed=0"])
+    # Another process (an orphaned worker, a concurrent sweep) has committed the last epoch
+    # of the run and is about to write its summary.
+    pid, go = _train_and_hold(out / "a0.1-k8-s0", cfg, epoch=2)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "waiting" in line:  # the sweep waits for it: let it finish now
+            lines.append(f"exit {_let_go(pid, go)}")
+
+    try:
+        result = sweep.run_sweep("fmnist-mlp-weak", [0.1], [8], 1, out, tiny_sets, log=log)
+    finally:
+        if "exit 0" not in lines:
+            _let_go(pid, go)
+    assert f"  a0.1-k8-s0: PID {pid} is writing it; waiting for it to finish" in lines
+    assert lines[lines.index("exit 0") + 1] == "  a0.1-k8-s0: done already, skipped"
+    run = out / "a0.1-k8-s0"
+    # Written once, by the other process: a resume would have added a start record.
+    assert len(json.loads((run / "summary.json").read_text())["provenance"]) == 1
+    assert [r["epoch"] for r in rows_without_timing(run) if r["kind"] == "epoch"] == [1, 2]
+    assert result["runs"][0]["final_test_acc"] == rows_without_timing(run)[-1]["test_acc"]
 
 
 def test_cli_resume_flag_values(capsys):

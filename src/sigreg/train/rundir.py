@@ -22,8 +22,11 @@ checkpoint of epoch e-1 or that of epoch e. Resume repairs by construction: it r
 a row the crash kept from being appended), deletes left-over temporary files and, when the
 checkpoint already holds the last epoch, only writes ``summary.json``.
 
-Everything a start can refuse (paths, mode, changed settings) is checked by :func:`plan`,
-which writes nothing; :meth:`RunDir.begin` is the first write.
+One writer at a time: whoever writes a run directory holds its lock (:func:`claim`,
+:mod:`sigreg.train.lock`) from before it reads the checkpoint until it ends, so a second
+``train``, ``--resume`` or ``--overwrite`` is refused (``compare`` and ``sweep`` wait) instead
+of mixing two runs' rows. Everything a start can refuse (paths, mode, changed settings) is
+checked by :func:`plan`, which writes nothing; :meth:`RunDir.begin` is the first write.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, lock
 from .config import FREE, NEVER, SETTINGS, TrainConfig
 
 CHECKPOINT, METRICS, CONFIG, SUMMARY = "checkpoint.pt", "metrics.jsonl", "config.json", "summary.json"
@@ -95,6 +99,15 @@ def _check_location(out: Path) -> None:
             pass
     except OSError as exc:
         raise RunDirError(f"--out {out}: cannot write in {parent} ({exc.strerror})") from None
+
+
+def claim(out: str | Path, *, wait: bool = False,
+          log: Callable[[str], Any] | None = None) -> AbstractContextManager[None]:
+    """The lock of the run directory ``out`` (see :func:`sigreg.train.lock.hold`), taken
+    once the path is known to be usable. Raises RunLocked (a ValueError) naming the holder's
+    PID where another process holds it, unless ``wait``."""
+    _check_location(Path(out))
+    return lock.hold(out, wait=wait, log=log)
 
 
 def _setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, list[Any]]:

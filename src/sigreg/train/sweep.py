@@ -21,7 +21,7 @@ from typing import Any
 
 from .config import TrainConfig, apply_overrides
 from .presets import preset_config
-from .rundir import FREE_ON_RESUME, SettingsChanged
+from .rundir import FREE_ON_RESUME, SettingsChanged, claim
 from .trainer import train
 
 # Settings the sweep itself sets for every run; --set may not fight over them.
@@ -106,21 +106,26 @@ def train_or_skip(cfg: TrainConfig, run_dir: Path, progress: bool,
     """Train ``cfg`` into ``run_dir``, or return its summary if it already finished there.
 
     A run with a checkpoint but no summary (interrupted) is resumed. A finished run whose
-    config differs from ``cfg`` (device aside) is an error, not silently reused.
+    config differs from ``cfg`` (device aside) is an error, not silently reused. A run that
+    another process is writing (a concurrent sweep, an orphaned worker) is waited for, then
+    looked at again: it is never written by two processes.
     """
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if _comparable(summary["config"]) != _comparable(cfg.to_dict()):
-            raise ValueError(f"{run_dir} holds a finished run with a different config; "
-                             "use another --out or delete that directory")
-        log(f"  {run_dir.name}: done already, skipped")
-        return summary
-    try:
-        return train(cfg, run_dir, resume="auto", progress=progress, log=log)
-    except SettingsChanged as exc:  # its advice (--allow-change) is for `sigreg train`
-        raise ValueError(f"{run_dir} holds an interrupted run with other settings; use another "
-                         "--out or delete that directory") from exc
+    # Held from the look at summary.json to the end of training: a run found unfinished is
+    # ours until we are done with it.
+    with claim(run_dir, wait=True, log=log):
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            if _comparable(summary["config"]) != _comparable(cfg.to_dict()):
+                raise ValueError(f"{run_dir} holds a finished run with a different config; "
+                                 "use another --out or delete that directory")
+            log(f"  {run_dir.name}: done already, skipped")
+            return summary
+        try:
+            return train(cfg, run_dir, resume="auto", progress=progress, log=log)
+        except SettingsChanged as exc:  # its advice (--allow-change) is for `sigreg train`
+            raise ValueError(f"{run_dir} holds an interrupted run with other settings; use "
+                             "another --out or delete that directory") from exc
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -29,7 +29,7 @@ from .models import build_model
 from .monitor import CollapseMonitor
 from .optim import Schedule, build_optimizer
 from .provenance import provenance
-from .rundir import RunDir, plan
+from .rundir import RunDir, Start, claim, plan
 from .runtime import (
     Runtime,
     average_buffers,
@@ -37,6 +37,7 @@ from .runtime import (
     broadcast_state,
     distributed_runtime,
     gather_from_ranks,
+    launched_rank,
     sum_over_ranks,
 )
 
@@ -146,8 +147,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
     ``resume``, ``overwrite`` and ``allow_changes`` are explained in :func:`rundir.plan`,
     which checks everything before the first file is written. Under torchrun every rank
     calls this and gets the same summary; rank 0 writes the files.
+
+    The run directory's lock is held throughout (rank 0's under torchrun, the writer's):
+    RunLocked (a ValueError) naming the holder's PID where another process writes it.
     """
-    start = plan(cfg, out_dir, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
+    cfg.validate()  # a bad setting is reported as such, before the lock is taken
+    with claim(out_dir) if launched_rank() == 0 else nullcontext():
+        start = plan(cfg, out_dir, resume=resume, overwrite=overwrite,
+                     allow_changes=allow_changes)
+        return _train(start, Path(out_dir), progress, log)
+
+
+def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
+    """:func:`train` once the run directory is claimed and the start planned."""
     cfg = start.cfg
     with distributed_runtime(cfg.device) as rt:
         log = log if rt.is_main else _silent  # one voice under torchrun
@@ -186,7 +198,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str = False,
         use_amp = cfg.amp and rt.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
         if start.state is not None:
-            _restore(start.state, Path(out_dir) / "checkpoint.pt", model, optimizer, handle,
+            _restore(start.state, out_dir / "checkpoint.pt", model, optimizer, handle,
                      augmenter, rt, log)
         broadcast_state(model, rt)  # every rank starts from rank 0's weights
 
