@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +170,102 @@ def test_parallel_sweep_equals_sequential(tmp_path: Path,
     assert out.count("done already, skipped") == 4 and "runs to train" not in out
     assert main([*grid, "--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+SWEEP_PARENT = """
+import os, sys, time
+from pathlib import Path
+from sigreg.train import cli, rundir, sweep
+
+REAL_WORKER = sweep._train_in_worker
+
+
+def worker_stopped_after_epoch_1(config, run_dir, threads):
+    # The sweep's own worker, held right after its run committed epoch 1 (still training,
+    # as far as anyone can tell); it says so with a file naming its PID.
+    commit = rundir.RunDir.commit_epoch
+
+    def commit_and_stop(self, state, row):
+        commit(self, state, row)
+        Path(run_dir, "worker.pid").write_text(str(os.getpid()))
+        time.sleep(600)
+
+    rundir.RunDir.commit_epoch = commit_and_stop
+    return REAL_WORKER(config, run_dir, threads)
+
+
+if __name__ == "__main__":
+    sweep._train_in_worker = worker_stopped_after_epoch_1
+    sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _children(parent: int) -> set[int]:
+    """PIDs of the processes whose parent is ``parent`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sweep_workers_end_when_the_parent_is_killed(tmp_path: Path) -> None:
+    script, out = tmp_path / "parent.py", tmp_path / "sweep"
+    script.write_text(SWEEP_PARENT)
+    argv = ["sweep", "--preset", "fmnist-mlp-weak", "--alpha", "0.1,0.3", "--sketch-dim", "8",
+            "--seeds", "1", "--out", str(out), "--no-progress", "--set", *TINY, "epochs=2"]
+    parallel = [*argv, "--jobs", "2"]
+    runs = [out / "a0.1-k8-s0", out / "a0.3-k8-s0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "parent.log").open("w") as log:
+        parent = subprocess.Popen([sys.executable, str(script), *parallel], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    children: set[int] = set()
+    try:
+        # Both workers have committed epoch 1 of 2 and hold their runs.
+        assert _wait_for(lambda: all((r / "worker.pid").exists() for r in runs)
+                         or parent.poll() is not None, 300), "the workers never got there"
+        assert parent.poll() is None, (tmp_path / "parent.log").read_text()[-3000:]
+        workers = {int((r / "worker.pid").read_text()) for r in runs}
+        children = _children(parent.pid)
+        assert workers < children  # and multiprocessing's resource tracker
+        parent.kill()
+        parent.wait()
+        assert _wait_for(lambda: not any(map(_alive, children)), 5), \
+            f"still running 5 s after the sweep was killed: {[p for p in children if _alive(p)]}"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    # A rerun continues the runs from their checkpoints, with nobody else writing them.
+    assert main([*argv, "--jobs", "1"]) == 0
+    for run in runs:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
 
 
 @pytest.mark.parametrize(("args", "message"), [

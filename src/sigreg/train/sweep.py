@@ -133,6 +133,36 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def die_with_parent(parent: int) -> None:
+    """End this process as soon as ``parent`` dies, however it dies (``kill -9`` included).
+
+    The initializer of every worker process the toolkit starts: a worker left training after
+    its sweep died would go on writing run directories that a rerun resumes beside it. On
+    Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``; the parent's
+    thread that started the worker is its main thread); elsewhere a thread looks for a new
+    parent process every 0.2 s. A parent gone before this runs is caught by the first look.
+    """
+    import ctypes
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.2)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="sigreg-die-with-parent", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
 def _train_in_worker(config: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
     """One run in a worker process; its log lines go to ``run_dir/train.log``, not stdout."""
     import torch
@@ -152,7 +182,8 @@ def train_parallel(configs: dict[str, TrainConfig], out: Path, jobs: int,
                    log: Callable[[str], Any] = print) -> dict[str, dict[str, Any]]:
     """Train each config into ``out/<name>``, ``jobs`` at a time in spawned worker processes
     (safe with CUDA); return the summaries by name. Finished runs are checked here, with
-    :func:`train_or_skip`, so no process starts for them. Stops at the first failure.
+    :func:`train_or_skip`, so no process starts for them. Stops at the first failure. The
+    workers end with this process, however it ends (:func:`die_with_parent`).
 
     Small runs are bound by Python and kernel launches, so several processes fill a GPU, or
     several CPU cores, that one run leaves idle.
@@ -168,7 +199,8 @@ def train_parallel(configs: dict[str, TrainConfig], out: Path, jobs: int,
         return summaries
     log(f"{len(todo)} runs to train, {jobs} at a time (logs in <run>/train.log)")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_train_in_worker, cfg.to_dict(), str(out / name), threads): name
                    for name, cfg in todo.items()}
         try:
