@@ -7,6 +7,7 @@ Crashes are injected at named points of the epoch end in a forked child that die
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -360,6 +361,66 @@ def test_bad_out_paths_exit_2(where, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sigreg: error: --out") and err.count("\n") == 1, err
     assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    class FullDisk:
+        """A file on a disk with 100 bytes left: a write that does not fit is cut there."""
+
+        def __init__(self, f) -> None:
+            self.f, self.room = f, 100
+
+        def write(self, data) -> int:
+            if len(data) > self.room:
+                self.f.write(bytes(data)[:self.room])
+                self.room = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:  # the disk fills up in epoch 2
+            f = FullDisk(f)
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = ["train", "--preset", "fmnist-mlp-weak", "--out", str(out), "--no-progress",
+            "--set", *settings_for(tiny())]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"sigreg: error: cannot write {out / 'checkpoint.pt'} (No space left on "
+                   "device); the file there is unchanged: free some space, then rerun with "
+                   "--resume\n")
+    assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1
+    assert not list(out.glob("*.tmp")) and not (out / "run.lock").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cli.main([*args, "--resume"]) == 0
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_an_interrupted_compare_or_sweep_advises_its_own_rerun(command, tmp_path, capsys,
+                                                                monkeypatch):
+    from sigreg.train import sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "train", interrupted)
+    tiny_sets = ["dataset=synthetic", "num_train=32", "num_test=40", "epochs=1",
+                 "model.depth=3", "model.width=16"]
+    args = {"compare": ["compare", "--presets", "fmnist-mlp-weak"],
+            "sweep": ["sweep", "--preset", "fmnist-mlp-weak", "--alpha", "0.1",
+                      "--sketch-dim", "8", "--seeds", "1"]}[command]
+    assert cli.main([*args, "--out", str(tmp_path), "--no-progress", "--set", *tiny_sets]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("sigreg: interrupted;") and "rerun the same command" in err
+    assert "--resume" not in err  # an option they do not take
 
 
 # --------------------------------------------------------------------------- one writer

@@ -24,10 +24,37 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        # torch.save turns a full disk into "unexpected pos ..." raised while handling the
+        # OSError; the OSError is what the user can act on.
+        error = WriteError(f"cannot write {path} ({cause.strerror or cause}); the file there "
+                           "is unchanged")
+        error.errno, error.path = cause.errno, path
+        raise error from exc
     _fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, ...); the file at ``path`` is unchanged."""
+
+    path: Path
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first OSError of the chain that ended in ``exc`` (None for an interrupt, or a
+    chain without one)."""
+    if not isinstance(exc, Exception):
+        return None
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return next((e for e in reversed(chain) if isinstance(e, OSError)), None)
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checkpoint import WriteError
 from .config import apply_overrides, settings_help, show
 from .data import DATASETS, DataError, download_dataset
 from .presets import PRESETS, get_preset, preset_config
@@ -199,18 +201,30 @@ def _key_list(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip()]
 
 
+# How each training command goes on where it stopped (after Ctrl-C, or a write that failed).
+CONTINUE = {
+    "train": "rerun with --resume",
+    "compare": "rerun the same command (finished runs are reused, the interrupted one resumed)",
+    "sweep": "rerun the same command (finished runs are reused, interrupted ones resumed)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    goes_on = CONTINUE.get(args.command)
     try:
         args.func(args)
     except (ValueError, DataError, TrainingDiverged, OSError) as exc:
         text = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, WriteError) and goes_on:
+            fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+            text += f": {fix}, then {goes_on}"
         print(f"sigreg: error: {' '.join(text.split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
-        print("sigreg: interrupted; the last finished epoch is saved: rerun with --resume",
-              file=sys.stderr)
+        print("sigreg: interrupted" + (f"; the last finished epoch is saved: {goes_on}"
+                                       if goes_on else ""), file=sys.stderr)
         return 130
     return 0
 
