@@ -283,6 +283,47 @@ def test_damaged_checkpoints_are_one_line_errors(one_epoch, capsys):
         assert snapshot(one_epoch) == before
 
 
+def _no_epoch(state):
+    del state["epoch"]
+
+
+def _short_random_state(state):
+    state["rng_ranks"]["cpu"][0] = torch.zeros(3, dtype=torch.uint8)
+
+
+DOCTORED = {
+    "no epoch": (_no_epoch, "its 'epoch' is None, not a finished epoch of the 1"),
+    "epoch two": (lambda s: s.update(epoch="two"), "its 'epoch' is 'two'"),
+    "epoch -1": (lambda s: s.update(epoch=-1), "its 'epoch' is -1"),
+    "epoch 5 of 1": (lambda s: s.update(epoch=5), "its 'epoch' is 5"),
+    "rows 7": (lambda s: s.update(rows=7), "its 'rows' are not a list of metrics rows"),
+    "rows of no epoch": (lambda s: s.update(rows=[r for r in s["rows"] if r["kind"] != "epoch"]),
+                         "its 'rows' hold epochs [], not 1 to 1"),
+    "3-byte random state": (_short_random_state, "a random state in it is not one"),
+    "provenance 1": (lambda s: s.update(provenance=1), "its 'provenance' is not a list"),
+    "config a list": (lambda s: s.update(config=[]), "its 'config' is not a trainer's settings"),
+}
+
+
+@pytest.mark.parametrize("resume", [True, False])
+@pytest.mark.parametrize("doctored", list(DOCTORED))
+def test_doctored_checkpoint_fields_are_one_line_errors_before_any_write(
+        doctored, resume, one_epoch, capsys):
+    state = torch.load(one_epoch / "checkpoint.pt", weights_only=True)
+    state["config"]["preset"] = "fmnist-mlp-weak"
+    change, expected = DOCTORED[doctored]
+    change(state)
+    torch.save(state, one_epoch / "checkpoint.pt")
+    before = snapshot(one_epoch)
+    args = ["train", "--preset", "fmnist-mlp-weak", "--out", str(one_epoch), "--no-progress",
+            *(["--resume"] if resume else []), "--set", *settings_for(tiny(epochs=3))]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sigreg: error: {one_epoch / 'checkpoint.pt'}: ") and expected in err
+    assert err.count("\n") == 1, err
+    assert snapshot(one_epoch) == before
+
+
 # --------------------------------------------------------------------------- bad input
 def settings_for(cfg: TrainConfig) -> list[str]:
     """``--set`` items that turn the fmnist-mlp-weak preset into ``cfg``."""

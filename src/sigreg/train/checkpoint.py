@@ -91,6 +91,59 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     return state
 
 
+def check_fields(state: dict[str, Any], path: Path, epochs: int) -> None:
+    """Check the entries of a trainer's checkpoint other than those :func:`restore` loads
+    into the run's objects: ``epoch`` (an epoch of the ``epochs`` its config runs), ``rows``
+    (the rows of those epochs), ``provenance`` and the random states. CheckpointError naming
+    the entry; run before anything is written, so a doctored checkpoint costs nothing."""
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; it was not written by this trainer or is "
+                               "damaged (resume from another copy, or --overwrite)")
+
+    epoch = state.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= epochs:
+        raise damaged(f"its 'epoch' is {epoch!r}, not a finished epoch of the {epochs} its "
+                      "config runs")
+    if "rows" in state:  # checkpoints of older versions have none
+        rows = state["rows"]
+        if not (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("kind"), str)
+                                               and isinstance(r.get("epoch"), int) for r in rows)):
+            raise damaged("its 'rows' are not a list of metrics rows")
+        numbered = [r["epoch"] for r in rows if r["kind"] == "epoch"]
+        if numbered != list(range(1, epoch + 1)):
+            raise damaged(f"its 'rows' hold epochs {numbered}, not 1 to {epoch}")
+    provenance = state.get("provenance", [])
+    if not (isinstance(provenance, list) and all(isinstance(p, dict) for p in provenance)):
+        raise damaged("its 'provenance' is not a list of records")
+    _check_random_states(state, damaged)
+
+
+def _check_random_states(state: dict[str, Any], damaged: Callable[[str], Exception]) -> None:
+    """Every rank's augmenter and CPU streams (or the single ones of older checkpoints) are
+    states a CPU generator takes; the CUDA ones are byte tensors (checked where restored)."""
+    if "rng_ranks" in state:
+        ranks = state["rng_ranks"]
+        if not (isinstance(ranks, dict) and {"augmenter", "cpu"} <= set(ranks)
+                and all(isinstance(v, list) and v for v in ranks.values())
+                and len({len(v) for v in ranks.values()}) == 1):
+            raise damaged("its 'rng_ranks' do not hold one augmenter and one CPU state per rank")
+        cpu_states, others = [*ranks["augmenter"], *ranks["cpu"]], ranks.get("cuda", [])
+    else:
+        augmenter = state.get("augmenter")
+        if not isinstance(augmenter, dict) or "rng_cpu" not in state:
+            raise damaged("it holds no random states")
+        cpu_states, others = [augmenter.get("generator"), state["rng_cpu"]], [state.get("rng_cuda")]
+    for value in cpu_states:
+        try:
+            torch.Generator().set_state(value)
+        except (RuntimeError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise damaged(f"a random state in it is not one ({first})") from None
+    if not all(v is None or (isinstance(v, torch.Tensor) and v.dtype == torch.uint8)
+               for v in others):
+        raise damaged("a CUDA random state in it is not a byte tensor")
+
+
 def restore(target: Any, state: dict[str, Any], key: str, path: Path) -> None:
     """``target.load_state_dict(state[key])``, with a CheckpointError naming what is wrong
     (a missing entry, other tensor shapes) instead of a KeyError or a size-mismatch dump."""

@@ -171,7 +171,8 @@ def plan(cfg: TrainConfig, out: str | Path, *, resume: bool | str = False,
     if overwrite:
         return Start(cfg, replace=True)
     state = checkpoint.load(ckpt_path)
-    saved = TrainConfig.from_dict(state["config"])
+    saved = _saved_config(state, ckpt_path)
+    checkpoint.check_fields(state, ckpt_path, saved.epochs)
     if not resume:
         done = f"finished ({state['epoch']} epochs)" if state["epoch"] >= saved.epochs else \
             f"at epoch {state['epoch']}/{saved.epochs}"
@@ -180,6 +181,21 @@ def plan(cfg: TrainConfig, out: str | Path, *, resume: bool | str = False,
     changes = _setting_changes(saved, cfg)
     _check_changes(out, changes, allow_changes, state["epoch"], cfg.epochs)
     return Start(cfg, state, changes)
+
+
+def _saved_config(state: dict[str, Any], path: Path) -> TrainConfig:
+    """The settings a checkpoint was trained with; CheckpointError for ones this version
+    cannot read (at least their number of epochs, which the resume rules compare)."""
+    config = state["config"]
+    try:
+        saved = TrainConfig.from_dict(config) if isinstance(config, dict) else None
+    except (TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"{path}: its 'config' cannot be read ({exc})") from None
+    if saved is None or isinstance(saved.epochs, bool) or not isinstance(saved.epochs, int) \
+            or saved.epochs < 1:
+        raise checkpoint.CheckpointError(f"{path}: its 'config' is not a trainer's settings; "
+                                         "it was not written by this trainer or is damaged")
+    return saved
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

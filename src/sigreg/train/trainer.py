@@ -336,11 +336,12 @@ def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer, han
     checkpoint.restore(optimizer, state, "optimizer", path)
     if handle is not None:
         checkpoint.restore(handle, state, "sigreg", path)
-    try:
+    try:  # checked by checkpoint.check_fields, but for the CUDA state's size
         rng = _own_rng_state(state, rt, log)
-    except (KeyError, IndexError, TypeError) as exc:
-        raise checkpoint.CheckpointError(f"{path} has no usable random states ({exc!r})") from exc
-    augmenter.load_state_dict({"generator": rng["augmenter"]})
-    torch.set_rng_state(rng["cpu"])
-    if rt.device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], rt.device)
+        augmenter.load_state_dict({"generator": rng["augmenter"]})
+        torch.set_rng_state(rng["cpu"])
+        if rt.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], rt.device)
+    except (KeyError, IndexError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise checkpoint.CheckpointError(f"{path} has no usable random states ({first})") from exc
