@@ -231,3 +231,22 @@ def test_padding_mask_leaves_the_regularizer_as_without_padding(tmp_path):
         trainer.fit(Tagger(), DataLoader(padded_tags(length), batch_size=4))
         logged.append(next(r["sigreg/loss"] for r in logger.rows if "sigreg/loss" in r))
     assert logged[1] == pytest.approx(logged[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("damage", [{"step": -3, "fixed": {}}, "not a state"])
+def test_a_damaged_sketch_state_in_a_checkpoint_is_named_not_masked(damage, tmp_path):
+    trainer, _, _ = fit(Classifier(), [SIGRegCallback(**SETTINGS)], steps=1)
+    trainer.save_checkpoint(tmp_path / "step1.ckpt")
+    saved = torch.load(tmp_path / "step1.ckpt", weights_only=False)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("SIGRegCallback")]
+    saved["callbacks"][key]["sketch_state"] = damage
+    torch.save(saved, tmp_path / "damaged.ckpt")
+    module = Classifier()
+    resumed = L.Trainer(
+        max_steps=2, callbacks=[SIGRegCallback(**SETTINGS)], logger=False, accelerator="cpu",
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"SIGReg: the sketch state in the checkpoint "
+                       r"\(SIGRegCallback's sketch_state\) does not fit these settings .*: resume "
+                       "with the SIGRegCallback settings it was saved with"):
+        resumed.fit(module, DataLoader(data(), batch_size=32), ckpt_path=tmp_path / "damaged.ckpt")
+    assert all(not m._forward_hooks for m in module.modules())  # cleaned up all the same

@@ -347,3 +347,36 @@ def test_padding_does_not_change_the_regularizer(pool, tmp_path):
     # A tiny GPT-2's hidden states are small, so the loss is near its constant part and the
     # pads move it by ~1e-4 relative (1.1e-4 flatten, 1e-5 mean): compare tightly.
     assert logged[1] == pytest.approx(logged[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "loadable"])
+def test_a_damaged_sigreg_state_file_is_named_before_training(damage, tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"  # only the file that matters: read before training
+    checkpoint.mkdir()
+    if damage == "unreadable":
+        (checkpoint / "sigreg_state.pt").write_bytes(b"\x80\x02 cut short")
+        message = "cannot be read"
+    else:
+        torch.save({"step": -3, "fixed": {}}, checkpoint / "sigreg_state.pt")
+        message = "does not fit these settings .state\\['step'\\] must be an integer >= 0"
+    trainer = SIGRegTrainer(model=gpt2(), args=lm_args(tmp_path), train_dataset=lm_data(),
+                            sigreg=dict(layers="transformer.h.*", pool="flatten", sketch_dim=8))
+    with pytest.raises(ValueError, match=re.escape(f"SIGReg: {checkpoint / 'sigreg_state.pt'}")
+                       if damage == "unreadable" else
+                       re.escape(f"in {checkpoint / 'sigreg_state.pt'} ")) as info:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert re.search(message, str(info.value))
+    assert "delete sigreg_state.pt to resume with the sketch stream starting over" in str(info.value)
+    assert trainer.state.global_step == 0
+    assert all(not m._forward_hooks for m in trainer.model.modules())
+
+
+def test_the_cleanup_after_a_failed_attach_does_not_mask_its_error(tmp_path):
+    # A sketch state that does not fit, handed over without the early check: attaching at the
+    # first training forward fails, and the cleanup must leave that error as it is.
+    trainer = SIGRegTrainer(model=gpt2(), args=lm_args(tmp_path), train_dataset=lm_data(),
+                            sigreg=dict(layers="transformer.h.*", pool="flatten", sketch_dim=8))
+    trainer.sigreg.load_state_dict({"step": -3, "fixed": {}})
+    with pytest.raises(ValueError, match="sketch state in the checkpoint does not fit"):
+        trainer.train()
+    assert all(not m._forward_hooks for m in trainer.model.modules())

@@ -4,6 +4,7 @@ training forward, and turn the per-layer values and effective dimensions into lo
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ class SIGRegSession:
         self._recorder: FeatureRecorder | None = None
         self._recording = contextlib.ExitStack()
         self._state: dict[str, Any] | None = None
+        self._state_from = ("the checkpoint", "resume from another checkpoint")  # for errors
 
     @property
     def attached(self) -> bool:
@@ -41,20 +43,35 @@ class SIGRegSession:
         """
         if self.handle is not None:
             raise RuntimeError("SIGReg is already attached; detach() it first")
-        self.handle = attach(model, **self.options)
-        if self._state is not None:
-            self.handle.load_state_dict(self._state)
-        self._recorder = FeatureRecorder(model, self.handle.names, self.options["pool"])
-        return self.handle
+        handle = attach(model, **self.options)
+        try:
+            self._restore(handle)
+            recorder = FeatureRecorder(model, handle.names, self.options["pool"])
+        except BaseException:
+            handle.remove()  # nothing half-attached for detach() to trip over
+            raise
+        self.handle, self._recorder = handle, recorder
+        return handle
 
     def detach(self) -> None:
         """Remove every hook; the model is as before :meth:`attach`. Safe to call twice."""
         self._recording.close()
-        if self.handle is not None:
-            self._state = self.handle.state_dict()
-            self.handle.remove()
-            self._recorder.remove()
+        handle, recorder = self.handle, self._recorder
         self.handle, self._recorder = None, None
+        if handle is not None:
+            self._state = handle.state_dict()
+            handle.remove()
+        if recorder is not None:
+            recorder.remove()
+
+    def detach_after_error(self) -> None:
+        """:meth:`detach` on the way out of a run that failed: a failure of the cleanup itself
+        becomes a warning, so the error that stopped the run is the one raised."""
+        try:
+            self.detach()
+        except Exception as exc:  # noqa: BLE001 - reported, the original error goes on
+            warnings.warn(f"SIGReg: removing the hooks after the error failed too ({exc!r})",
+                          stacklevel=2)
 
     def combine(self, task_loss: torch.Tensor, reg_scale: float = 1.0) -> torch.Tensor:
         """``handle.combine(task_loss)``, with the regularizer's share multiplied by ``reg_scale``.
@@ -99,11 +116,35 @@ class SIGRegSession:
         """Sketch state for a checkpoint (None before the first attach)."""
         return self.handle.state_dict() if self.handle is not None else self._state
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore sketch state now if attached, else at the next :meth:`attach`."""
-        self._state = state
-        if self.handle is not None and state is not None:
-            self.handle.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any] | None, source: str = "the checkpoint",
+                        advice: str = "resume from another checkpoint") -> None:
+        """Restore sketch state now if attached, else at the next :meth:`attach`. A state
+        that does not fit raises a ValueError naming ``source`` (where it was read) and
+        ``advice`` (what to do)."""
+        self._state, self._state_from = state, (source, advice)
+        if self.handle is not None:
+            self._restore(self.handle)
+
+    def check_state(self, model: nn.Module) -> None:
+        """Raise now, not at the first training step, if the sketch state given to
+        :meth:`load_state_dict` does not fit these settings on ``model``."""
+        if self._state is not None:
+            handle = attach(model, **self.options)
+            try:
+                self._restore(handle)
+            finally:
+                handle.remove()
+
+    def _restore(self, handle: SIGRegHandle) -> None:
+        if self._state is None:
+            return
+        try:
+            handle.load_state_dict(self._state)
+        except (TypeError, ValueError) as exc:
+            source, advice = self._state_from
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"SIGReg: the sketch state in {source} does not fit these settings "
+                             f"({first}): {advice}") from exc
 
 
 def log_entries(prefix: str, layer_values: dict[str, Any], eff_dims: dict[str, float]) -> dict:

@@ -126,15 +126,21 @@ class SIGRegCallback(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._detach(pl_module)
+        self._detach(pl_module, after_error=True)
 
-    def _detach(self, pl_module: pl.LightningModule) -> None:
-        self.session.detach()
+    def _detach(self, pl_module: pl.LightningModule, after_error: bool = False) -> None:
         if _ACTIVE.get(pl_module) is self:
             del _ACTIVE[pl_module]
+        if after_error:  # the error that stopped fit is the one to see
+            self.session.detach_after_error()
+        else:
+            self.session.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {"sketch_state": self.session.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.session.load_state_dict(state_dict["sketch_state"])
+        self.session.load_state_dict(
+            state_dict.get("sketch_state"), "the checkpoint (SIGRegCallback's sketch_state)",
+            "resume with the SIGRegCallback settings it was saved with, or from another "
+            "checkpoint")

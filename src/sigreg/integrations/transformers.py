@@ -38,13 +38,15 @@ inputs' length; an encoder-decoder's decoder layers do not).
 Every checkpoint folder the Trainer saves gets ``sigreg_state.pt``, the sketch stream's
 state, and ``train(resume_from_checkpoint=...)`` restores it: a resumed run draws the
 sketches an uninterrupted one would (a checkpoint without the file resumes with a warning,
-the stream starting over).
+the stream starting over; a file that cannot be read, or does not fit the ``sigreg``
+settings, is a ValueError naming it, before training starts).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -185,18 +187,32 @@ class SIGRegMixin:
         if isinstance(checkpoint, (str, os.PathLike)):
             self._load_sketch_state(Path(checkpoint))
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            self.sigreg.detach()
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+        except BaseException:
+            self.sigreg.detach_after_error()  # the error that stopped training is the one raised
             self._reset_window()
+            raise
+        self.sigreg.detach()
+        self._reset_window()
+        return result
 
     def _load_sketch_state(self, checkpoint: Path) -> None:
+        """The checkpoint's sketch state, checked against these settings before training."""
         path = checkpoint / SKETCH_STATE
         if not path.is_file():
             warnings.warn(f"SIGReg: {checkpoint} has no {SKETCH_STATE} (saved without SIGReg, "
                           "or by an older sigreg): the sketch stream starts over", stacklevel=3)
             return
-        self.sigreg.load_state_dict(torch.load(path, weights_only=True))
+        advice = (f"delete {SKETCH_STATE} to resume with the sketch stream starting over, or "
+                  "resume from another checkpoint")
+        try:
+            state = torch.load(path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"SIGReg: {path} cannot be read ({type(exc).__name__}: {first}); "
+                             f"{advice}") from exc
+        self.sigreg.load_state_dict(state, str(path), advice)
+        self.sigreg.check_state(self.model)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
