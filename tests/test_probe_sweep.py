@@ -82,6 +82,21 @@ def test_probe_errors(trained_run: Path, tmp_path: Path,
     assert "trained on synthetic; it does not fit fashion-mnist (1x28x28 images" in err
 
 
+@pytest.mark.parametrize(("device", "message"), [
+    ("foo", "--device foo: not a device; use cpu, cuda, cuda:N or mps"),
+    ("meta", "--device meta: probing runs on cpu, cuda, cuda:N or mps"),
+    pytest.param("cuda", "--device cuda: no CUDA device is available here; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+])
+def test_probe_on_a_device_it_cannot_use_says_so(device: str, message: str, trained_run: Path,
+                                                 tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "probe"
+    assert main(["probe", "--run", str(trained_run), "--device", device, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"sigreg: error: {message}\n"
+    assert not out.exists()
+
+
 def test_probe_a_moved_checkpoint_on_its_moved_dataset(tmp_path: Path) -> None:
     # Trained on Fashion-MNIST in one place; the checkpoint and the data then live elsewhere.
     first, moved = tmp_path / "first", tmp_path / "moved"

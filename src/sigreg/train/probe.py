@@ -69,6 +69,7 @@ def probe_run(run: str | Path, *, batch_size: int = 1000, max_samples: int | Non
     Returns:
         ``{layer name: diagnose-style metrics}``, layers in ``model.sigreg_layers`` order.
     """
+    device = check_device(device)
     path = checkpoint_path(run)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -113,6 +114,25 @@ def probe_run(run: str | Path, *, batch_size: int = 1000, max_samples: int | Non
     finally:
         recorder.remove()
     return {name: s.compute() for name, s in stats.items()}
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has; ValueError naming ``--device`` and
+    what to use instead (not a checkpoint error when the checkpoint is loaded onto it)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: probing runs on cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def find_run_dirs(paths: Sequence[str | Path]) -> dict[str, Path]:
