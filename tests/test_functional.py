@@ -351,6 +351,31 @@ def test_argument_errors_name_the_argument(call, error, message):
         call()
 
 
+@pytest.mark.parametrize("kwargs", [{"var_weight": -1}, {"cov_weight": math.nan},
+                                    {"var_weight": 0, "cov_weight": 0}, {"gamma": 0.0},
+                                    {"eps": -1e-4}, {"var_weight": "25"}])
+def test_vicreg_varcov_refuses_what_varcovreg_refuses(kwargs):
+    for build in (lambda: sigreg.vicreg_varcov(torch.randn(8, 4), **kwargs),
+                  lambda: sigreg.VarCovReg(**kwargs)):
+        with pytest.raises((TypeError, ValueError), match="|".join(kwargs)):
+            build()
+
+
+def test_features_on_the_meta_device_are_named():
+    """A model built under torch.device("meta") outputs shapes without values."""
+    z = torch.randn(8, 4, device="meta")
+    for loss in (sigreg.weak_sigreg, sigreg.strong_sigreg, sigreg.vicreg_varcov,
+                 sigreg.WeakSIGReg(2), sigreg.StrongSIGReg(2), sigreg.VarCovReg()):
+        with pytest.raises(ValueError, match="features are on the meta device.* materialise "
+                           r"the model first \(model.to_empty"):
+            loss(z)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8)).to("meta")
+    handle = sigreg.attach(model, "0")
+    model(torch.randn(8, 4, device="meta"))
+    with pytest.raises(ValueError, match="layer 0's features are on the meta device"):
+        handle.loss()
+
+
 # ---- the fast paths against the package's reference (sigreg.reference), float64 -------------
 
 @pytest.fixture

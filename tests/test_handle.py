@@ -350,6 +350,11 @@ def test_fixed_sketches_do_not_load_into_a_resampling_handle():
     ({"sketch_dim": {"**": 4, "9": 2}}, ValueError, "match none of the regularized layers"),
     ({"sketch_dim": {}}, ValueError, "empty mapping"),
     ({"sketch_dim": {"0": 4, "**": 0}}, ValueError, "sketch_dim"),
+    ({"sketch_dim": {42: 16}}, TypeError, r"sketch_dim's keys are layer specs .*got the key 42"),
+    ({"sketch_dim": {"0": 4, None: 16}}, TypeError, "got the key None"),
+    ({"sketch_dim": {"**": 4, "2": 8}}, ValueError,
+     (r"sketch_dim key '2' matches \['2'\], but each layer takes the first key that matches "
+      r"it, and '\*\*' comes first: put '2' before '\*\*'")),
 ])
 def test_bad_arguments_raise_when_attaching(kwargs, error, message):
     kwargs = {"layers": nn.Linear, **kwargs}

@@ -42,3 +42,12 @@ def check_choice(value: object, name: str, allowed: Sequence[object]) -> None:
 def check_optional_bool(value: object, name: str) -> None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{name} must be True, False or None, got {value!r}")
+
+
+def check_has_values(tensor: object, what: str) -> None:
+    """Refuse a tensor on the ``meta`` device (a shape without values, as a model built
+    under ``torch.device("meta")`` outputs): there is nothing to regularize or measure."""
+    if getattr(getattr(tensor, "device", None), "type", None) == "meta":
+        raise ValueError(f"{what} are on the meta device, which holds shapes but no values: "
+                         "materialise the model first (model.to_empty(device=...) and load or "
+                         "initialise its weights)")

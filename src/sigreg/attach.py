@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_has_values, check_int
 from ._projections import LayerProjections
 from .capture import (
     POOLS,
@@ -283,6 +283,8 @@ class SIGRegHandle:
         if not passes:
             raise RuntimeError(self._no_forward_message(no_grad_forward))
         entries = _entries([c for p in passes for c in p])
+        for e in entries:
+            check_has_values(e.features, f"layer {self.names[e.layer]}'s features")
         if not entries:
             self._warn_once("none-called", "SIGReg: no regularized layer ran in this forward "
                             "(all skipped?): the step trains on the task loss alone.")
@@ -610,19 +612,29 @@ def _sketch_dims(model: nn.Module, names: list[str],
         return [sketch_dim] * len(names)
     if not sketch_dim:
         raise ValueError("sketch_dim is an empty mapping: give K, or {layer spec: K}")
+    for key in sketch_dim:
+        if not isinstance(key, (str, type)) and not callable(key):
+            raise TypeError(f"sketch_dim's keys are layer specs (a name, glob, module type or "
+                            f"predicate), as in {{'blocks.0': 16, '**': 64}}; got the key {key!r}")
     modules = dict(model.named_modules())
-    dims, used = [], set()
+    taken: dict[str, Any] = {}  # layer name: the key whose K it takes (the first that matches)
     for name in names:
         key = next((k for k in sketch_dim if _matches(k, name, modules[name])), _MISSING)
         if key is _MISSING:
             raise ValueError(f"regularized layer {name!r} matches no key of sketch_dim "
                              f"{list(sketch_dim)}; add a '**' entry for the rest")
-        dims.append(sketch_dim[key])
-        used.add(key)
-    unused = [k for k in sketch_dim if k not in used]
+        taken[name] = key
+    unused = [k for k in sketch_dim if k not in taken.values()]
+    for key in unused:  # one that matches layers is shadowed by an earlier key
+        shadowed = [n for n in names if _matches(key, n, modules[n])]
+        if shadowed:
+            earlier = ", ".join(map(repr, dict.fromkeys(taken[n] for n in shadowed)))
+            raise ValueError(
+                f"sketch_dim key {key!r} matches {shadowed}, but each layer takes the first key "
+                f"that matches it, and {earlier} comes first: put {key!r} before {earlier}")
     if unused:
         raise ValueError(f"sketch_dim keys {unused} match none of the regularized layers {names}")
-    return dims
+    return [sketch_dim[taken[name]] for name in names]
 
 
 _MISSING = object()

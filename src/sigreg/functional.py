@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from . import reference  # the definition's pieces: read from there, written once
-from ._checks import check_int, check_number, check_positive
+from ._checks import check_has_values, check_int, check_number, check_positive
 from .distributed import (
     all_reduce_sum,
     all_reduce_with_count,
@@ -39,6 +39,7 @@ from .sketch import draw_directions
 def _check_features(z: torch.Tensor, min_rows: int) -> None:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(z).__name__}")
+    check_has_values(z, "features")
     if z.dim() < 2:
         raise ValueError(f"features must be 2-D (N, C) or a stack (*, N, C), got shape {tuple(z.shape)}")
     if z.shape[-2] < min_rows:
@@ -192,6 +193,7 @@ def vicreg_varcov(
 
     Reference: Bardes, Ponce, LeCun, VICReg, arXiv 2105.04906, eqs. 1-4.
     """
+    _check_varcov_weights(gamma, var_weight, cov_weight, eps)
     distributed = use_distributed(distributed)
     _check_features(z, min_rows=0 if distributed else 2)
     with torch.autocast(device_type=z.device.type, enabled=False):
@@ -201,6 +203,17 @@ def vicreg_varcov(
         off_diagonal = cov - torch.diag_embed(var)
         covariance = off_diagonal.square().sum((-2, -1)) / cov.shape[-1]
         return var_weight * variance + cov_weight * covariance
+
+
+def _check_varcov_weights(gamma: object, var_weight: object, cov_weight: object,
+                          eps: object) -> None:
+    """vicreg_varcov's numbers, refused as :class:`sigreg.VarCovReg` refuses them."""
+    check_positive(gamma, "gamma")
+    weights = (check_positive(var_weight, "var_weight", allow_zero=True)
+               + check_positive(cov_weight, "cov_weight", allow_zero=True))
+    if weights == 0:
+        raise ValueError("var_weight and cov_weight must not both be 0")
+    check_positive(eps, "eps")
 
 
 def check_quadrature(t_max: object, num_points: object) -> tuple[float, int]:

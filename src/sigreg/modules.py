@@ -31,7 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_int, check_optional_bool, check_positive
+from ._checks import (
+    check_choice,
+    check_has_values,
+    check_int,
+    check_optional_bool,
+    check_positive,
+)
 from ._projections import LayerProjections
 from .functional import check_quadrature, strong_sigreg, vicreg_varcov, weak_sigreg
 from .sketch import draw_directions, draw_sketch
@@ -40,6 +46,7 @@ POLICIES = ("resample", "fixed")
 
 
 def _check_stack(z: torch.Tensor) -> None:
+    check_has_values(z, "features")
     if not isinstance(z, torch.Tensor) or z.dim() < 2 or 0 in z.shape[:-2]:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"features must be 2-D (N, C) or a stack (*, N, C) of at least one "
