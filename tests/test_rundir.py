@@ -200,6 +200,20 @@ def test_resume_of_a_finished_run_writes_nothing_new(uninterrupted, tmp_path):
     assert rows_without_timing(out) == rows_without_timing(uninterrupted)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_honour_the_umask(umask, tmp_path):
+    before = os.umask(umask)
+    try:
+        train(tiny(epochs=1), tmp_path / "run", progress=False, log=quiet)
+    finally:
+        os.umask(before)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"checkpoint.pt", "metrics.jsonl", "config.json",
+                                       "summary.json", "provenance.json"}
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == \
+        {str(p.relative_to(tmp_path)): oct(0o666 & ~umask) for p in files}
+
+
 # --------------------------------------------------------------------------- resume semantics
 @pytest.fixture()
 def one_epoch(tmp_path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,9 +15,10 @@ import torch
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Replace ``path`` all at once: ``write`` fills a temporary file in the same directory,
     which is fsynced and renamed over ``path``, then the directory is fsynced. A crash
-    leaves the old file or the new one, at worst plus a ``*.tmp`` (a resume deletes those)."""
+    leaves the old file or the new one, at worst plus a ``*.tmp`` (a resume deletes those).
+    The file gets the permissions of any new file (0666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -25,7 +26,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         cause = _os_error(exc)
         if cause is None:
             raise
@@ -36,6 +37,19 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         error.errno, error.path = cause.errno, path
         raise error from exc
     _fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty ``<name>.<random>.tmp`` beside ``path``, open for writing. Created with
+    mode 0666 so that the umask decides, as for any file a program creates (mkstemp's 0600
+    would keep a team's other users out of the run)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another name, then
+            continue
 
 
 class WriteError(OSError):
