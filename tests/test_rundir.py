@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import select
 import signal
@@ -223,8 +224,17 @@ def one_epoch(tmp_path) -> Path:
 
 
 def test_resume_extends_a_run(one_epoch):
-    summary = train(tiny(epochs=2), one_epoch, resume=True, progress=False, log=quiet)
+    lines: list[str] = []
+    summary = train(tiny(epochs=2), one_epoch, resume=True, progress=False, log=lines.append)
     assert summary["epochs"] == 2
+    # 4 steps an epoch: the 1-epoch cosine ended at step 3 of 4; the 2-epoch one is halfway
+    # at step 4 of 8. The jump is said, with both learning rates.
+    before = 3e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    after = 3e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8))
+    assert (f"note: epochs 1 -> 2 changes the cosine schedule: the learning rate was "
+            f"{before:.3g} at the end of epoch 1 and is {after:.3g} at the start of epoch 2: the "
+            "schedule restarts from there over the new length, down to eta_min=0 at epoch 2") \
+        in lines
     assert [r["epoch"] for r in rows_without_timing(one_epoch) if r["kind"] == "epoch"] == [1, 2]
     assert json.loads((one_epoch / "config.json").read_text())["epochs"] == 2
 

@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .monitor import CollapseMonitor
-from .optim import Schedule, build_optimizer
+from .optim import Schedule, build_optimizer, lr_factor
 from .provenance import provenance
 from .rundir import RunDir, Start, claim, plan
 from .runtime import (
@@ -209,6 +209,9 @@ def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
             changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             log(f"resumed {out_dir} at epoch {start.epoch}/{cfg.epochs}"
                 + (f"; changed: {changed}" if changed else ""))
+            note = _schedule_note(start, steps_per_epoch)
+            if note:
+                log(note)
 
         writer = _open_tensorboard(run) if rt.is_main else None
         for epoch in range(start.epoch + 1, cfg.epochs + 1):
@@ -323,6 +326,27 @@ def _sketch_dim(cfg: TrainConfig, model: nn.Module) -> int | None | dict[str, in
         raise ValueError(f"sketch_dim_per_layer must give one K per regularized layer: "
                          f"{len(layers)} for this model ({', '.join(layers)}), got {len(dims)}")
     return dict(zip(layers, dims, strict=True))
+
+
+def _schedule_note(start: Start, steps_per_epoch: int) -> str | None:
+    """What a resume that changes the number of epochs does to a cosine schedule, which
+    follows the new length: the learning rate jumps (from about eta_min back up, when a
+    finished run is extended) and the schedule goes on from that point of the new curve."""
+    old, new = TrainConfig.from_dict(start.state["config"]), start.cfg
+    if "epochs" not in start.changes or new.schedule != "cosine" or start.epoch >= new.epochs:
+        return None
+
+    def lr(cfg: TrainConfig, step: int) -> float:
+        return cfg.lr * lr_factor(step, cfg.epochs * steps_per_epoch,
+                                  round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule,
+                                  cfg.eta_min / cfg.lr)
+
+    step = start.epoch * steps_per_epoch
+    return (f"note: epochs {old.epochs} -> {new.epochs} changes the cosine schedule: the "
+            f"learning rate was {lr(old, step - 1):.3g} at the end of epoch {start.epoch} and "
+            f"is {lr(new, step):.3g} at the start of epoch {start.epoch + 1}: the schedule "
+            f"restarts from there over the new length, down to eta_min={new.eta_min:g} at "
+            f"epoch {new.epochs}")
 
 
 def _silent(_line: str) -> None:
