@@ -69,7 +69,11 @@ def hold(out: str | Path, *, wait: bool = False,
             _release_count(key)
         return
     created = _missing_parents(out)
-    fd = _lock(out, wait, log)
+    try:
+        fd = _lock(out, wait, log)
+    except BaseException:
+        _remove_empty(created)
+        raise
     _held[key] = 1
     try:
         yield
@@ -78,17 +82,22 @@ def hold(out: str | Path, *, wait: bool = False,
         # Unlink while holding the lock: whoever locks the file next finds it gone (_lock).
         (out / LOCK).unlink(missing_ok=True)
         os.close(fd)
-        for directory in created:  # innermost first; a directory holding anything stays
-            try:
-                directory.rmdir()
-            except OSError:
-                break
+        _remove_empty(created)
 
 
 def _release_count(key: tuple[int, Path]) -> None:
     _held[key] -= 1
     if not _held[key]:
         del _held[key]
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a start created, innermost first, unless it wrote in them."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or not ours to remove): it stays, and so do its parents
+            break
 
 
 def _missing_parents(out: Path) -> list[Path]:

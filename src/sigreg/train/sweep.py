@@ -12,9 +12,15 @@ are written into ``out``.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
+import signal
 import statistics
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,20 +145,14 @@ def die_with_parent(parent: int) -> None:
     The initializer of every worker process the toolkit starts: a worker left training after
     its sweep died would go on writing run directories that a rerun resumes beside it. On
     Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``; the parent's
-    thread that started the worker is its main thread); elsewhere a thread looks for a new
-    parent process every 0.2 s. A parent gone before this runs is caught by the first look.
+    thread that started the worker is its main thread); elsewhere (or if that fails) a thread
+    looks for a new parent process every 0.2 s. A parent gone before this runs is caught by
+    the first look.
     """
-    import ctypes
-    import os
-    import signal
-    import sys
-    import threading
-    import time
-
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    else:
+    pr_set_pdeathsig = 1
+    asked = sys.platform.startswith("linux") and ctypes.CDLL(None, use_errno=True).prctl(
+        pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0
+    if not asked:
         def watch() -> None:
             while os.getppid() == parent:
                 time.sleep(0.2)
@@ -189,7 +189,6 @@ def train_parallel(configs: dict[str, TrainConfig], out: Path, jobs: int,
     several CPU cores, that one run leaves idle.
     """
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     summaries = {name: train_or_skip(cfg, out / name, False, log)
