@@ -257,7 +257,8 @@ class RunDir:
         if not self.write:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        for tmp in self.out.glob("*.tmp"):  # left by a save that was killed
+        # Left by a save that was killed: no other process is writing here (the lock).
+        for tmp in self.out.glob("*.tmp"):
             tmp.unlink()
         if start.replace:
             for name in (CHECKPOINT, SUMMARY):
