@@ -51,6 +51,10 @@ from sigreg.train.presets import preset_config
 ARMS = ("none", "weak", "strong", "vicreg")
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 CHANCE = 0.1  # ten classes
+# What the raw file keeps of each live-monitor measurement (per layer): enough to draw the
+# signals against test accuracy without the run directories.
+MONITOR_KEYS = ("step", "epoch", "eff_dim", "mean_cosine")
+DROP = 5.0  # points below a run's best so far that count as "test accuracy shows a collapse"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--tables", type=Path, metavar="RESULTS",
                       help="print the tables of a results file (results.jsonl or a committed "
                            "raw file); nothing is gathered")
-    return parser.parse_args(argv)
+    parser.add_argument("--figure", type=Path,
+                        help="with --tables: also draw the test accuracy per epoch (and the "
+                             "live monitor's signal, when the file has it) here")
+    args = parser.parse_args(argv)
+    if args.figure and not args.tables:
+        parser.error("--figure goes with --tables")
+    return args
 
 
 def grid(args: argparse.Namespace) -> list[tuple[float, str, int]]:
@@ -112,7 +122,9 @@ def outcome(path: Path) -> dict[str, Any]:
         rows = read_jsonl(path / "metrics.jsonl")
         return {"state": "finished", "final_test_acc": summary["final_test_acc"],
                 "best_test_acc": summary["best_test_acc"],
-                "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"], **where}
+                "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"],
+                "monitor": [{key: r[key] for key in MONITOR_KEYS if key in r}
+                            for r in rows if r.get("kind") == "monitor"], **where}
     diverged = text is not None and "non-finite" in text
     return {"state": "diverged" if diverged else "missing",
             "final_test_acc": CHANCE if diverged else None, **where}
@@ -134,8 +146,11 @@ def plot_curves(results: list[dict[str, Any]], lrs: list[float], arms: list[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 3.6), sharey=True,
-                             squeeze=False)
+    traced = any(r.get("monitor") for r in results)
+    fig, axes = plt.subplots(1 + traced, len(lrs), figsize=(4.5 * len(lrs), 3.6 * (1 + traced)),
+                             sharey="row", squeeze=False)
+    if traced:
+        plot_monitor(results, lrs, arms, axes[1])
     for ax, lr in zip(axes[0], lrs, strict=True):
         for arm in arms:
             curves = [r["test_acc"] for r in results if r["lr"] == lr and r["arm"] == arm
@@ -157,6 +172,24 @@ def plot_curves(results: list[dict[str, Any]], lrs: list[float], arms: list[str]
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_monitor(results: list[dict[str, Any]], lrs: list[float], arms: list[str],
+                 axes: Any) -> None:
+    """The live monitor's effective dimension of the last regularizable layer against the
+    training step, one thin line per run (colour: arm), one panel per lr."""
+    colours = dict(zip(arms, ("C0", "C1", "C2", "C3"), strict=False))
+    for ax, lr in zip(axes, lrs, strict=True):
+        for r in results:
+            trace = r.get("monitor")
+            if r["lr"] != lr or r["arm"] not in colours or not trace:
+                continue
+            last = list(trace[0]["eff_dim"])[-1]
+            ax.plot([m["step"] for m in trace], [m["eff_dim"][last] for m in trace],
+                    color=colours[r["arm"]], linewidth=0.8, alpha=0.7)
+        ax.set_xlabel("training step")
+        ax.set_yscale("log")
+    axes[0].set_ylabel("eff_dim of the last block\n(live monitor, one line per run)")
 
 
 def accuracies(results: list[dict[str, Any]], lr: float, arm: str) -> dict[int, float]:
@@ -192,6 +225,42 @@ def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str],
                  f"the same seed (chosen per seed on these test accuracies: this favours the "
                  f"baseline):\n\n{against_tuned}")
     return text
+
+
+def drop_epoch(test_acc: list[float], points: float = DROP) -> int | None:
+    """The first epoch (1-based) whose test accuracy is ``points`` or more below the best of
+    the epochs before it; None if there is none."""
+    best = -1.0
+    for epoch, acc in enumerate(test_acc, 1):
+        if best >= 0 and 100 * (best - acc) >= points:
+            return epoch
+        best = max(best, acc)
+    return None
+
+
+def monitor_table(results: list[dict[str, Any]]) -> str:
+    """One row per finished run: when the live collapse monitor first warned, against when test
+    accuracy first showed a drop of ``DROP`` points, and the last layer's effective dimension
+    at the first and last measurement."""
+    header = (f"| run | best (epoch) | final | first drop of {DROP:g} points | first monitor "
+              "warning | last layer eff_dim, first -> last |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for r in sorted((r for r in results if r.get("test_acc")),
+                    key=lambda r: (r["lr"], r["arm"], r["seed"])):
+        accs = r["test_acc"]
+        best = max(range(len(accs)), key=accs.__getitem__)
+        drop = drop_epoch(accs)
+        steps = r["first_warning_step"]
+        trace = r.get("monitor") or []
+        warned = "never" if steps is None else f"step {steps}" + next(
+            (f" (epoch {m['epoch']})" for m in trace if m["step"] >= steps), "")
+        last = list(trace[0]["eff_dim"])[-1] if trace else None
+        dims = "-" if last is None else (f"{trace[0]['eff_dim'][last]:.2f} -> "
+                                         f"{trace[-1]['eff_dim'][last]:.2f}")
+        lines.append(f"| lr {r['lr']:g} {r['arm']} s{r['seed']} | {100 * accs[best]:.1f} "
+                     f"({best + 1}) | {100 * accs[-1]:.1f} | "
+                     f"{'never' if drop is None else f'epoch {drop}'} | {warned} | {dims} |")
+    return "\n".join(lines) + "\n"
 
 
 def best_per_seed(cells: list[dict[int, float]]) -> dict[int, float]:
@@ -236,6 +305,7 @@ def collect(args: argparse.Namespace) -> str:
                 **outcome(run_dir(args.out, lr, arm, seed))} for lr, arm, seed in grid(args)]
     write_jsonl(args.out / "results.jsonl", results)
     table = markdown(results, args.lrs, args.arms, args.baseline)
+    table += f"\nThe live collapse monitor against test accuracy, per run:\n\n{monitor_table(results)}"
     (args.out / "vit_full.md").write_text(table)
     title = f"{args.stem}-*" + (f" ({' '.join(args.set)})" if args.set else "")
     plot(results, args.lrs, args.arms, args.out / "stability.png", title)
@@ -249,7 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.commands:
             print("\n".join(command(lr, arm, seed, args) for lr, arm, seed in grid(args)))
         elif args.tables:
-            print(markdown(read_jsonl(args.tables), args.lrs, args.arms, args.baseline))
+            results = read_jsonl(args.tables)
+            print(markdown(results, args.lrs, args.arms, args.baseline))
+            if any(r.get("monitor") for r in results):
+                print(f"\nThe live collapse monitor against test accuracy, per run:\n\n"
+                      f"{monitor_table(results)}")
+            if args.figure:
+                plot_curves(results, args.lrs, args.arms, args.figure, str(args.tables))
         else:
             print(collect(args))
     except ValueError as exc:

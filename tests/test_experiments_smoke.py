@@ -94,6 +94,21 @@ def test_vit_stability_commands_then_collect(tmp_path, one_thread, capsys):
     assert "| 0.001 | +" in table and "weak - none" in table  # the paired table, lr 1e-3
     assert "weak - tuned" in table  # against the baseline at its best lr (none here: missing)
     assert vit_stability.best_per_seed([{0: 50.0, 1: 60.0}, {0: 55.0, 2: 1.0}]) == {0: 55.0}
+    # The live monitor's trace travels in the raw rows, so the per-run monitor table and the
+    # figure come from the raw file alone.
+    trace = results[0]["monitor"]
+    assert trace and set(trace[0]) == {"step", "epoch", "eff_dim", "mean_cosine"}
+    assert "first monitor warning" in table and "| lr 0.001 none s0 |" in table
+    figure = tmp_path / "again.png"
+    assert vit_stability.main(["--tables", str(out / "results.jsonl"), "--lrs", "1e-3", "3e-3",
+                               "--arms", "none", "weak", "--figure", str(figure)]) == 0
+    assert figure.stat().st_size > 0 and "| lr 0.001 weak s0 |" in capsys.readouterr().out
+
+
+def test_drop_epoch_is_the_first_epoch_5_points_under_the_best_before_it():
+    assert vit_stability.drop_epoch([0.30, 0.50, 0.46, 0.44, 0.60]) == 4
+    assert vit_stability.drop_epoch([0.30, 0.50, 0.46, 0.47]) is None
+    assert vit_stability.drop_epoch([]) is None
 
 
 def test_vit_stability_refuses_a_bad_setting_before_any_run(tmp_path, capsys):
