@@ -5,7 +5,7 @@ VIT_MIN_S, QUEUE_COMMAND).
 
     python benchmarks/gpu_queue.py pending           # items with no result in DONE_DIR, in order
     python benchmarks/gpu_queue.py check-data        # one line and exit 2 if Fashion-MNIST is missing
-    python benchmarks/gpu_queue.py pack-cost DIR     # gpu_issue9.sh's files in DIR -> OUT/gpu-cost-<hash>.json
+    python benchmarks/gpu_queue.py pack-cost DIR     # gpu_cost.sh's files in DIR -> OUT/gpu-cost-<hash>.json
     python benchmarks/gpu_queue.py vit ITEM --left S # ITEM's four arms at once -> OUT/ITEM.jsonl
 
 A ViT item trains the ``fmnist-vit-full-<arm>`` presets (the paper's recipe on all of
@@ -54,7 +54,7 @@ VIT_ITEMS = {"vit-full-lr1e-3": (1e-3, 0), "vit-full-lr1e-3-s1": (1e-3, 1),
              "vit-full-lr3e-3": (3e-3, 0)}
 ITEMS = ("gpu-cost", *VIT_ITEMS)
 FIRST_VIT = "vit-full-lr1e-3"  # its epoch count is every later ViT item's
-# gpu_issue9.sh's parts and the files they leave (epochs and compiled share epochs.jsonl).
+# gpu_cost.sh's parts and the files they leave (epochs and compiled share epochs.jsonl).
 COST_PARTS = {"cost": "cost.json", "overhead": "overhead_amp.json", "epochs": "epochs.jsonl",
               "compiled": "epochs.jsonl", "cost-compiled": "cost_compiled.json"}
 PLAN_MARGIN = 1.1  # on every per-epoch time a plan uses
@@ -107,7 +107,7 @@ def read_result(item: str, folders: list[Path]) -> tuple[Path, Any] | None:
 
 
 def is_done(item: str, result: Any) -> bool:
-    """Complete results: every gpu_issue9 part measured or failed (not one left out for
+    """Complete results: every gpu_cost part measured or failed (not one left out for
     time); every ViT run finished, diverged or failed (a cut one is run again)."""
     if item == "gpu-cost":
         return result.get("status") == "complete"
@@ -176,7 +176,7 @@ def data_record(folder: Path) -> dict[str, Any]:
 
 
 def cmd_pack_cost(run_out: Path) -> int:
-    """gpu_issue9.sh's files in ``run_out`` as one results file, each part's fate read from
+    """gpu_cost.sh's files in ``run_out`` as one results file, each part's fate read from
     its log: measured, failed, or left out for time (then the item runs again next slot)."""
     log = (run_out / "log.txt").read_text() if (run_out / "log.txt").exists() else ""
     parts = env("PARTS", " ".join(COST_PARTS)).split()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU evidence queue (issue 18, item 5): one device call runs the most valuable GPU
+# The GPU evidence queue: one device call runs the most valuable GPU
 # measurements not yet committed, in order, within BUDGET_S seconds of its own start, and
 # leaves one results file per item in OUT (with provenance: sigreg version, git commit, the
 # library's hash, torch, device, threads, date, the command). What is committed decides what
@@ -7,7 +7,7 @@
 # skipped, so the next slot continues where this one stopped.
 #
 # Items, in order (benchmarks/gpu_queue.py has the details):
-#   gpu-cost            benchmarks/gpu_issue9.sh's parts (issue 9's GPU cost targets) for the
+#   gpu-cost            benchmarks/gpu_cost.sh's parts (the GPU cost targets) for the
 #                       CURRENT library: gpu-cost-<hash of src/sigreg/*.py>.json; a change to
 #                       those modules makes it due again. Parts left out for time: due again.
 #   vit-full-lr1e-3     (b) the paper's ViT recipe on all of Fashion-MNIST (fmnist-vit-full-*),
@@ -37,9 +37,9 @@
 # OUT receives at most 7 files (the tool returns 8): queue-log.txt (everything printed) and one
 # results file per item; run directories go to SCRATCH. Settings (environment):
 #   BUDGET_S 500   DEVICE cuda   DATA_DIR .gpu-data   DONE_DIR experiments/gpu-queue
-#   SCRATCH /tmp/gpu-queue   EXTRA ""  (--set items for every training run, gpu_issue9's too)
+#   SCRATCH /tmp/gpu-queue   EXTRA ""  (--set items for every training run, gpu_cost's too)
 #   EPOCHS (fixes the ViT epoch count)   MAX_EPOCHS 100   MIN_EPOCHS 3   VIT_MIN_S 400
-#   MAX_ITEMS (run at most this many items)   PARTS, IMAGES, QUICK (gpu_issue9.sh's)
+#   MAX_ITEMS (run at most this many items)   PARTS, IMAGES, QUICK (gpu_cost.sh's)
 # Smoke test on a CPU: tests/test_gpu_queue.py (tiny sizes, a fake Fashion-MNIST).
 set -uo pipefail  # not -e: an item that fails must not stop the next one
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -62,13 +62,13 @@ cd "$ROOT" || exit 1
 
 left() { echo $((BUDGET_S - (SECONDS - START))); }
 
-# gpu-cost: gpu_issue9.sh with the time left, into SCRATCH; then its files as one results file.
+# gpu-cost: gpu_cost.sh with the time left, into SCRATCH; then its files as one results file.
 run_gpu_cost() {
   local dir="$SCRATCH/gpu-cost" budget=$(($(left) - 10))
   rm -rf "$dir"
-  export COST_COMMAND="BUDGET_S=$budget bash benchmarks/gpu_issue9.sh $dir"
-  BUDGET_S=$budget SCRATCH="$SCRATCH/gpu-issue9" timeout $((budget + 30)) \
-    bash benchmarks/gpu_issue9.sh "$dir"
+  export COST_COMMAND="BUDGET_S=$budget bash benchmarks/gpu_cost.sh $dir"
+  BUDGET_S=$budget SCRATCH="$SCRATCH/gpu-cost" timeout $((budget + 30)) \
+    bash benchmarks/gpu_cost.sh "$dir"
   $PY benchmarks/gpu_queue.py pack-cost "$dir"
 }
 

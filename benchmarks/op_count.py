@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sigreg
 
 WIDTH, HEADS, BATCH, TOKENS = 64, 4, 16, 8
-# Issue 9's targets: extra ops per step <= per_layer * depth + constant.
+# The targets: extra ops per step <= per_layer * depth + constant.
 TARGETS = {"weak": (5, 40), "strong": (6, 60)}
 VARIANTS = ("weak", "strong", "vicreg")
 

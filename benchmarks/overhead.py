@@ -49,7 +49,7 @@ from torch import nn
 
 import sigreg
 
-TARGETS = {"weak": 1.01, "strong": 1.02}  # issue 9
+TARGETS = {"weak": 1.01, "strong": 1.02}  # the cost targets: at most 1 % and 2 % slower than no regularizer
 HEADS = 8
 CLASSES = 10
 # Settings that --quick changes; everything else is shared. (full, quick)

@@ -1,4 +1,4 @@
-"""Issue 12, item 5: a small byte-level transformer language model on Debian's ``fortunes``
+"""A small byte-level transformer language model on Debian's ``fortunes``
 (about 2.5 MB of English text, ``apt-get install fortunes``), with no regularizer, weak or
 strong SIGReg on every block's output (``pool="flatten"``: every token a sample, the paper's
 nanoGPT setting, alpha 0.01), at learning rates from where the baseline trains to where it

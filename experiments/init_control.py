@@ -1,4 +1,4 @@
-"""Issue 18, item 1: does SIGReg's rescue of deep vanilla MLPs survive a proper initialisation?
+"""The initialisation control: does SIGReg's rescue of deep vanilla MLPs survive a proper initialisation?
 
 The ``fmnist-mlp-d<depth>-<arm>`` presets (Fashion-MNIST, width 256, plain SGD lr 0.1, clip 1,
 5 epochs; SIGReg alpha 0.1, K 64) with ``model.init`` set: PyTorch's default ``nn.Linear``

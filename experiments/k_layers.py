@@ -1,4 +1,4 @@
-"""Issue 12, item 3: K across layers. Is the best K a fraction of the width, and does it
+"""K across layers. Is the best K a fraction of the width, and does it
 differ between early and late layers? On the demo's 10-layer vanilla MLP (Fashion-MNIST,
 plain SGD, 5 epochs, alpha 0.1), two parts:
 

@@ -1,4 +1,4 @@
-"""Issue 12, item 4: which live signal tells a failing run from a healthy one?
+"""Which live signal tells a failing run from a healthy one?
 
 Reads the runs of ``experiments/soft_bn.py`` (every ``monitor`` row: per-layer effective
 dimension ratio, mean cosine, feature variance, weak distance every 25 steps; every epoch's
@@ -178,7 +178,7 @@ def choose(rules: list[Rule], runs: list[dict[str, Any]]) -> Rule:
     return min(rules, key=key)
 
 
-CURRENT = Rule("eff_dim_ratio", "<", 0.02, 1)  # the monitor's default before issue 12
+CURRENT = Rule("eff_dim_ratio", "<", 0.02, 1)  # the monitor's first default
 DEFAULT = Rule(monitor.DEFAULT_SIGNAL, "<" if monitor.BELOW[monitor.DEFAULT_SIGNAL] else ">",
                monitor.DEFAULT_THRESHOLD, monitor.DEFAULT_PATIENCE)  # the monitor's default now
 

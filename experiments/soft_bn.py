@@ -1,4 +1,4 @@
-"""Issue 12, item 2 ("soft BatchNorm"): deep vanilla MLPs + SIGReg vs the same nets with
+"""Is SIGReg a "soft BatchNorm"? Deep vanilla MLPs + SIGReg vs the same nets with
 BatchNorm, LayerNorm or residual connections, on Fashion-MNIST (the ``fmnist-mlp-d*`` presets).
 
 Every (depth, arm, seed) trains into ``<out>/d<depth>-<arm>-s<seed>/`` with

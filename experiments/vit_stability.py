@@ -1,4 +1,4 @@
-"""Issue 12, item 1: the paper's ViT collapse recipe on all of Fashion-MNIST, and its
+"""The paper's ViT collapse recipe on all of Fashion-MNIST, and its
 stability map (final test accuracy against learning rate, one line per arm).
 
 The runs are the ``fmnist-vit-full-{none,weak,strong,vicreg}`` presets (paper-vit dim 256 x 6,

@@ -99,15 +99,15 @@ def test_regularizer_cost_quick(tmp_path):
 
 
 def run_gpu_script(out: Path, env: dict[str, str], timeout: float) -> str:
-    """``benchmarks/gpu_issue9.sh out`` with ``env``; returns what it printed."""
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue9.sh"), str(out)],
+    """``benchmarks/gpu_cost.sh out`` with ``env``; returns what it printed."""
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_cost.sh"), str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
-def test_gpu_issue9_script_on_cpu(tmp_path):
+def test_gpu_cost_script_on_cpu(tmp_path):
     """The device-call script's plumbing at tiny sizes: parts leave their files in OUT (at most
     7, flat: the device tool returns 8), the summary reads them, and a part that has no time
     left is skipped and reported as not measured."""

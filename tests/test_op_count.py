@@ -1,5 +1,5 @@
 """The aten ops one training step gains from attach (the CPU-side measure of GPU launch
-cost), counted, not timed: issue 9's budget on torch's own nn.TransformerEncoder."""
+cost), counted, not timed: the op budget on torch's own nn.TransformerEncoder."""
 
 import sys
 from pathlib import Path

@@ -47,7 +47,7 @@ def layer_signals(z: Tensor) -> dict[str, float]:
 
 # Which way each signal points at collapse: warn when it is below (True) or above the threshold.
 BELOW = {"eff_dim_ratio": True, "mean_cosine": False, "feature_var": True, "weak_distance": False}
-# The default warning, chosen on issue 12's grid of 54 MLP runs (docs/studies.md, section 6):
+# The default warning, chosen on a grid of 54 MLP runs (docs/studies.md, section 6):
 # every layer's samples point one way (mean cosine > 0.99) for 8 measurements in a row. Low
 # effective dimension, the old default, fired on 27 of 34 healthy runs.
 DEFAULT_SIGNAL = "mean_cosine"

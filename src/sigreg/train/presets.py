@@ -243,11 +243,11 @@ register("fmnist-vit-vicreg", **FMNIST_VIT, sigreg="vicreg", sketch_dim=None,
                       "MixUp/CutMix, 10 epochs (CPU: ~10 min a run); VICReg-style variance + "
                       "covariance baseline"))
 
-# Issue 12, "soft BatchNorm": the demo MLP at depths 10 / 14 / 20, SIGReg on the plain net
+# "Soft BatchNorm" (docs/studies.md, section 5): the demo MLP at depths 10 / 14 / 20, SIGReg on the plain net
 # against the same net with BatchNorm, LayerNorm or residual connections and no regularizer.
 # fmnist-mlp-d10-{none,strong,weak} equal fmnist-mlp-{none,strong,weak}; the family is named
-# uniformly so every cell of docs/studies.md's table is one preset. Issue 18's initialisation
-# control, -{he,orthogonal}-*: the plain nets with a variance-preserving init (model.init).
+# uniformly so every cell of docs/studies.md's table is one preset. The initialisation control
+# (section 11), -{he,orthogonal}-*: the plain nets with a variance-preserving init (model.init).
 register("fmnist-mlp-d10-none", **FMNIST_MLP, model_args=dict(depth=10, width=256), sigreg="none",
          sketch_dim=64,
          description=("Fashion-MNIST, 10-layer MLP width 256, plain SGD, 5 epochs, no "
@@ -395,7 +395,7 @@ register("fmnist-mlp-d20-orthogonal-weak", **FMNIST_MLP,
          description=("Fashion-MNIST, 20-layer MLP width 256, plain SGD, 5 epochs, no "
                       "normalisation, orthogonal init; SIGReg weak"))
 
-# Issue 12, the paper's collapse recipe on all of Fashion-MNIST: paper-vit at the paper's size
+# The paper's collapse recipe on all of Fashion-MNIST: paper-vit at the paper's size
 # (dim 256 x 6, 8 heads, patch 4 -> 7 x 7 tokens), AdamW lr 1e-3, cosine to 0, RandAugment(2, 9),
 # MixUp/CutMix, the paper's SIGReg settings; 100 epochs (a GPU run: see experiments/gpu_vit_full.sh).
 FMNIST_VIT_FULL = dict(dataset="fashion-mnist", model="paper-vit", epochs=100, batch_size=128,
@@ -416,7 +416,7 @@ register("fmnist-vit-full-vicreg", **FMNIST_VIT_FULL, sigreg="vicreg", sketch_di
          description=("Fashion-MNIST 60k, paper ViT dim 256 x 6, AdamW lr 1e-3, RandAugment + "
                       "MixUp/CutMix, 100 epochs (the paper's recipe; GPU); SIGReg vicreg"))
 
-# Issue 12's CPU-scale stability map (docs/studies.md, section 7b): fmnist-vit on 5000 training
+# The CPU-scale stability map (docs/studies.md, section 7b): fmnist-vit on 5000 training
 # and 2000 test images for 8 epochs (~5 min a run on one CPU core); the map sets lr and seed.
 FMNIST_VIT_5K = dict(dataset="fashion-mnist", num_train=5000, num_test=2000, model="paper-vit",
                      model_args=dict(dim=128, depth=6, heads=4, patch_size=4), epochs=8,

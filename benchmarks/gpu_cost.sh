@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 9's GPU targets, sized for one call of the device tool (10 minutes a command, 15 device-
-# minutes a task, the machine's start included): the parts run most important first, each under
+# The GPU cost targets (weak and strong against no regularizer), sized for one call of the
+# device tool (10 minutes a command, 15 device-minutes a task, the machine's start included): the parts run most important first, each under
 # the time left of BUDGET_S, and each leaves its result in OUT as soon as it ends, so a part cut
 # short costs only itself. OUT receives at most 7 flat files (the tool returns 8); run
 # directories and data go to SCRATCH.
 #
-#   device run:  bash benchmarks/gpu_issue9.sh "$OUT"       (timeout_s 600, BUDGET_S 540)
-#   here:        bash benchmarks/gpu_issue9.sh [OUT]        (default OUT=runs/gpu-issue9)
+#   device run:  bash benchmarks/gpu_cost.sh "$OUT"       (timeout_s 600, BUDGET_S 540)
+#   here:        bash benchmarks/gpu_cost.sh [OUT]        (default OUT=runs/gpu-cost)
 #
 # Parts (PARTS, in this order by default):
 #   cost      demo MLP, one training step per arm, eager: weak/none <= 1.5x  -> cost.json
@@ -17,7 +17,7 @@
 #             -> epochs.jsonl
 #   compiled  the same with compile=true: a 50,000-image epoch <= 5 s        -> epochs.jsonl
 #   cost-compiled  the demo MLP step with model and regularizer compiled     -> cost_compiled.json
-# then summary.md (benchmarks/gpu_issue9_summary.py): every ratio with its target and verdict,
+# then summary.md (benchmarks/gpu_cost_summary.py): every ratio with its target and verdict,
 # ready for benchmarks/RESULTS.md, and log.txt, everything printed.
 #
 # An epoch of 50,000 images is 50,000 / images_per_s of epoch 2 (the trainer times the training
@@ -30,12 +30,12 @@
 #   echo /.before/ >> .git/info/exclude     # then run with carry [".before"], BEFORE=.before
 # Smoke test on a CPU (tiny sizes, nothing measured; tests/test_benchmarks_smoke.py runs it):
 #   DEVICE=cpu QUICK=1 IMAGES=256 PARTS="cost epochs" \
-#     EXTRA="num_test=64 model.dim=16 model.depth=1 model.heads=2" bash benchmarks/gpu_issue9.sh /tmp/g9
+#     EXTRA="num_test=64 model.dim=16 model.depth=1 model.heads=2" bash benchmarks/gpu_cost.sh /tmp/g9
 set -uo pipefail  # not -e: a part that fails or runs out of time must not stop the others
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-OUT=$(mkdir -p "${1:-${OUT:-runs/gpu-issue9}}" && cd "${1:-${OUT:-runs/gpu-issue9}}" && pwd)
-SCRATCH=${SCRATCH:-/tmp/gpu-issue9}
+OUT=$(mkdir -p "${1:-${OUT:-runs/gpu-cost}}" && cd "${1:-${OUT:-runs/gpu-cost}}" && pwd)
+SCRATCH=${SCRATCH:-/tmp/gpu-cost}
 DEVICE=${DEVICE:-cuda}
 BUDGET_S=${BUDGET_S:-540}
 IMAGES=${IMAGES:-20000}
@@ -79,7 +79,7 @@ epochs() {
       --out "$run" --no-progress \
       --set data_dir="$SCRATCH/data" epochs=2 num_train="$IMAGES" num_test=2000 device="$DEVICE" \
       compile="$compile" $EXTRA || return
-    $PY benchmarks/gpu_issue9_summary.py --collect "$run" --arm "$arm" --compile "$compile" \
+    $PY benchmarks/gpu_cost_summary.py --collect "$run" --arm "$arm" --compile "$compile" \
       --tag "$tag" >>"$OUT/epochs.jsonl" || return
   done
 }
@@ -110,7 +110,7 @@ run_parts() {
   done
 }
 
-echo "issue 9 GPU parts: $PARTS; DEVICE=$DEVICE BUDGET_S=$BUDGET_S IMAGES=$IMAGES; $(git rev-parse --short HEAD 2>/dev/null)"
+echo "GPU cost parts: $PARTS; DEVICE=$DEVICE BUDGET_S=$BUDGET_S IMAGES=$IMAGES; $(git rev-parse --short HEAD 2>/dev/null)"
 [[ " $PARTS " == *" epochs "* || " $PARTS " == *" compiled "* ]] && fake_data
 run_parts "" "$ROOT/src" benchmarks
 if [ -n "$BEFORE" ]; then
@@ -118,5 +118,5 @@ if [ -n "$BEFORE" ]; then
   [ -f "$bench/regularizer_cost.py" ] || bench=benchmarks
   run_parts before_ "$BEFORE/src" "$bench"
 fi
-$PY benchmarks/gpu_issue9_summary.py "$OUT" | tee "$OUT/summary.md"
+$PY benchmarks/gpu_cost_summary.py "$OUT" | tee "$OUT/summary.md"
 echo "== done in $((SECONDS - START)) s"

@@ -1,9 +1,9 @@
-"""Issue 9's GPU targets from what ``benchmarks/gpu_issue9.sh`` left in its OUT folder: one
+"""The GPU cost targets from what ``benchmarks/gpu_cost.sh`` left in its OUT folder: one
 markdown table of every measured ratio with its target and verdict, for benchmarks/RESULTS.md.
 Parts that did not run are listed as not measured.
 
-    python benchmarks/gpu_issue9_summary.py OUT
-    python benchmarks/gpu_issue9_summary.py --collect RUN_DIR --arm weak --compile false
+    python benchmarks/gpu_cost_summary.py OUT
+    python benchmarks/gpu_cost_summary.py --collect RUN_DIR --arm weak --compile false
         # one JSON line: epoch 2 of a training run (what the script appends to epochs.jsonl)
 """
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 FULL_EPOCH = 50_000  # CIFAR-100's training images
-# (file, arm) -> target of the ratio arm / none, from issue 9.
+# (file, arm) -> target of the ratio arm / none.
 STEP_TARGETS = {("cost", "weak"): 1.5, ("overhead_amp", "weak"): 1.05,
                 ("overhead_amp", "strong"): 1.08}
 EPOCH_TARGETS = {"weak": 1.05, "strong": 1.08}
@@ -87,8 +87,8 @@ def _epoch_rows(out: Path) -> list[str]:
 def summary(out: Path) -> str:
     tags = [""] + (["before_"] if any(out.glob("before_*")) else [])
     env = next((json.loads(p.read_text()).get("env") for p in sorted(out.glob("*.json"))), None)
-    lines = [f"Issue 9 GPU targets ({env.get('device', '?')}, torch {env.get('torch', '?')})"
-             if env else "Issue 9 GPU targets", "",
+    lines = [f"GPU cost targets ({env.get('device', '?')}, torch {env.get('torch', '?')})"
+             if env else "GPU cost targets", "",
              "| measurement | arm | value | target |", "|---|---|---|---|"]
     for tag in tags:
         lines += _step_rows(out, tag)
