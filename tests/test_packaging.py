@@ -6,7 +6,9 @@ absent there, as for a user who installs ``sigreg`` beside their torch.
 """
 
 import importlib.metadata
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import sigreg
 from sigreg._extras import EXTRAS
 
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
@@ -56,6 +59,35 @@ def test_extras_declare_lower_bounds_and_constraints_pin_our_environment():
             assert {s.operator for s in req.specifier} == {">="}, (extra, text)
             assert req.specifier.contains(pinned[req.name.lower()]), (extra, text)
     assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+
+
+def test_the_version_is_written_once():
+    """sigreg.__version__ is the package's version: src/sigreg/_version.py holds it and
+    pyproject.toml reads it from there when it builds, so there is no second copy to bump."""
+    project = PYPROJECT["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "sigreg._version.__version__"}
+    written = [path.relative_to(ROOT).as_posix() for path in sorted((ROOT / "src").rglob("*.py"))
+               if re.search(r"^__version__\s*=", path.read_text(), re.MULTILINE)]
+    assert written == ["src/sigreg/_version.py"]
+    from sigreg import _version
+    assert sigreg.__version__ == _version.__version__
+    # make setup reinstalls (and so rewrites the installed metadata) when the version changes.
+    assert "src/sigreg/_version.py" in (ROOT / "Makefile").read_text().split("$(STAMP):")[1]
+
+
+def test_the_installed_metadata_is_this_version():
+    """The metadata of the installed sigreg (pip show, importlib.metadata) says the version the
+    code says, when it was installed from this checkout (make setup's editable install)."""
+    dist = importlib.metadata.distribution("sigreg")
+    origin = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+    if not origin.startswith("file://") or Path(origin[len("file://"):]).resolve() != ROOT:
+        where = origin or dist.locate_file("")
+        pytest.skip(f"the sigreg metadata found ({where}) is not an install of {ROOT}")
+    assert dist.version == sigreg.__version__, (
+        f"installed metadata says {dist.version}, the code {sigreg.__version__}: "
+        "reinstall (make setup, or pip install -e .)")
 
 
 def run(*cmd: str | Path, **kwargs) -> subprocess.CompletedProcess:
@@ -119,6 +151,7 @@ def test_wheel_and_sdist_build_and_the_wheel_works_core_only(tmp_path):
     metadata = info.read(next(n for n in info.namelist() if n.endswith("METADATA"))).decode()
     assert "License-Expression: MIT" in metadata
     assert "Requires-Dist: torch>=2.4\n" in metadata
+    assert f"\nVersion: {sigreg.__version__}\n" in metadata  # read from src/sigreg/_version.py
 
     venv = tmp_path / "venv"
     assert run(sys.executable, "-m", "venv", "--without-pip", venv).returncode == 0
@@ -127,13 +160,16 @@ def test_wheel_and_sdist_build_and_the_wheel_works_core_only(tmp_path):
                    .stdout.strip())
     expose_torch(tmp_path / "torch-only")
     (purelib / "torch-only.pth").write_text(str(tmp_path / "torch-only") + "\n")
+    # The fresh venv sees only what it holds: no PYTHONPATH=src (whose sigreg.egg-info, left by
+    # the build, would make pip skip the install as already done).
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     install = run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
-                  "--no-index", "-q", wheel)
+                  "--no-index", "-q", wheel, env=clean)
     assert install.returncode == 0, install.stderr
 
-    check = run(python, "-c", "import sys\n" + CORE_ONLY_CHECK, cwd=tmp_path)
+    check = run(python, "-c", "import sys\n" + CORE_ONLY_CHECK, cwd=tmp_path, env=clean)
     assert check.returncode == 0 and "core ok" in check.stdout, check.stderr
-    script = run(venv / "bin" / "sigreg", "presets", cwd=tmp_path)
+    script = run(venv / "bin" / "sigreg", "presets", cwd=tmp_path, env=clean)
     assert script.returncode == 1
     assert script.stdout == ""
     # One line of ours, last; torch itself warns first that it found no numpy.

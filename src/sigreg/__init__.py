@@ -8,6 +8,7 @@ One line regularizes any model::
 References: Weak-SIGReg (arXiv 2603.05924); LeJEPA (arXiv 2511.08544).
 """
 
+from ._version import __version__ as __version__
 from .attach import FeatureRecorder, SIGRegHandle, attach, pool_features, resolve_layers
 from .distributed import all_reduce_sum, is_distributed
 from .functional import regularized_loss, strong_sigreg, vicreg_varcov, weak_sigreg
@@ -34,4 +35,3 @@ __all__ = [
     "vicreg_varcov",
     "weak_sigreg",
 ]
-__version__ = "0.1.0"
