@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench lint clean
+.PHONY: setup test test-all demo bench lint docs clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt src/sigreg/_version.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[train,lightning,transformers,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,lightning,transformers,docs,dev]"
 	@$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
 
@@ -44,8 +44,13 @@ bench: setup
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/throughput.py
 
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a warning (a broken link or
+# reference, a docstring the API pages cannot read) fails the build, as in the test suite.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks experiments examples
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

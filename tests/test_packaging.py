@@ -73,6 +73,7 @@ def test_the_version_is_written_once():
     assert written == ["src/sigreg/_version.py"]
     from sigreg import _version
     assert sigreg.__version__ == _version.__version__
+    assert not re.search(r"^version:", (ROOT / "CITATION.cff").read_text(), re.MULTILINE)
     # make setup reinstalls (and so rewrites the installed metadata) when the version changes.
     assert "src/sigreg/_version.py" in (ROOT / "Makefile").read_text().split("$(STAMP):")[1]
 
