@@ -60,6 +60,20 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) ->
     ``layers`` is a name ("blocks.3"), a glob ("blocks.*" matches blocks.0 but not
     blocks.0.attn; "**" crosses dots), a module type (``nn.Linear``), a predicate
     ``(name, module) -> bool``, or a list of these. Every entry must match something.
+
+    Examples:
+        >>> import sigreg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(),
+        ...                       nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+        >>> sigreg.resolve_layers(model, nn.Linear)
+        ['0', '2.0']
+        >>> sigreg.resolve_layers(model, "*")        # one level of names
+        ['0', '1', '2']
+        >>> sigreg.resolve_layers(model, "2.**")     # "**" crosses dots
+        ['2.0', '2.1']
+        >>> sigreg.resolve_layers(model, lambda name, module: name.endswith("1"))
+        ['1', '2.1']
     """
     specs = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     if not specs:
@@ -90,6 +104,19 @@ def pool_features(output: Any, pool: Pool, mask: torch.Tensor | None = None) -> 
 
     ``mask``: (B, T), true (or 1) at real tokens, for (B, T, C) outputs: ``"mean"``
     averages the real tokens only, ``"flatten"`` keeps only them (N = their number).
+
+    Examples:
+        >>> import torch, sigreg
+        >>> out = torch.randn(4, 10, 16)                  # (B, T, C)
+        >>> sigreg.pool_features(out, "mean").shape
+        torch.Size([4, 16])
+        >>> sigreg.pool_features(out, "flatten").shape    # every token a sample
+        torch.Size([40, 16])
+        >>> sigreg.pool_features((out, None), "cls").shape   # a tuple: its first element
+        torch.Size([4, 16])
+        >>> mask = torch.arange(10) < torch.tensor([[10], [7], [3], [5]])   # padding
+        >>> sigreg.pool_features(out, "flatten", mask).shape   # the 25 real tokens
+        torch.Size([25, 16])
     """
     features, token_mask = pool_output(output, pool, mask, takes_mask(pool))
     return features_of(Call(0, features, token_mask))
@@ -164,6 +191,26 @@ class SIGRegHandle:
     of one; under torch.distributed, the global batch counts) is left out of that step with
     a warning (once per handle); when no layer is left, :meth:`loss` is 0 and
     :meth:`combine` returns the task loss unchanged.
+
+    Examples:
+        >>> import torch, sigreg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
+        >>> handle = sigreg.attach(model, nn.Linear, sketch_dim=4)
+        >>> handle.names
+        ['0', '2']
+        >>> out = model(torch.randn(32, 8))      # a training forward: the hooks record
+        >>> reg = handle.loss()                  # mean over the layers, differentiable
+        >>> reg.requires_grad
+        True
+        >>> with torch.no_grad():
+        ...     _ = model(torch.randn(32, 8))    # records nothing
+        >>> _ = model(torch.randn(32, 8))
+        >>> handle.clear()                       # drop a forward you train without SIGReg
+        >>> sorted(handle.state_dict())          # the sketch stream, for checkpoints
+        ['fixed', 'step']
+        >>> handle.remove()
     """
 
     def __init__(
@@ -226,8 +273,9 @@ class SIGRegHandle:
         when :meth:`loss` takes them), so padded lengths that vary do not recompile it.
 
         Raises:
-            TypeError if ``mask`` is not a (B, T) tensor; ValueError at :meth:`loss` if a
-            regularized layer's output is (B', T', C) with (B', T') != (B, T).
+            TypeError: ``mask`` is not a (B, T) tensor. (:meth:`loss` raises ValueError
+                later if a regularized layer's output is (B', T', C) with
+                (B', T') != (B, T).)
         """
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -552,8 +600,9 @@ def attach(
             all of a group drawn at once from (seed, step)) or ``"fixed"`` (layer i's drawn
             once from ``seed + i``); see :mod:`sigreg.modules`. Use the same seed on every
             rank.
-        alpha / lam: weighting used by :meth:`SIGRegHandle.combine`:
-            ``(1 - alpha) * task + alpha * reg`` or ``task + lam * reg``. Default alpha=0.1.
+        alpha: weighting used by :meth:`SIGRegHandle.combine`:
+            ``(1 - alpha) * task + alpha * reg``. Default (neither given): alpha=0.1.
+        lam: the other weighting, ``task + lam * reg``, instead of ``alpha``.
         distributed: global-batch statistics under torch.distributed (None: automatic).
         keep_features: keep the latest pooled features for diagnostics.
         accumulate: forward passes one :meth:`~SIGRegHandle.loss` averages (gradient
@@ -572,8 +621,24 @@ def attach(
         ``handle.layer_losses()``, ``handle.remove()``.
 
     Raises:
-        TypeError / ValueError naming the argument, for any bad argument, here rather than
-        at the first forward.
+        TypeError: an argument of the wrong type, named, here rather than at the first
+            forward.
+        ValueError: an argument out of range (or a layer spec matching nothing), named.
+
+    Examples:
+        >>> import torch, sigreg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+        ...                       nn.Linear(32, 2))
+        >>> handle = sigreg.attach(model, ["0", "2"], sketch_dim=16)   # weak, alpha = 0.1
+        >>> x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+        >>> task = nn.functional.cross_entropy(model(x), y)
+        >>> loss = handle.combine(task)          # 0.9 * task + 0.1 * mean over the layers
+        >>> loss.backward()
+        >>> {name: round(value, 2) for name, value in handle.layer_losses().items()}
+        {'0': 3.71, '2': 3.84}
+        >>> handle.remove()                      # the model is a plain model again
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -661,6 +726,17 @@ class FeatureRecorder:
         with recorder.recording():
             model(x)
         feats = recorder.features   # {name: (N, C) tensor}
+
+    Examples:
+        >>> import torch, sigreg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        >>> recorder = sigreg.FeatureRecorder(model, nn.Linear)
+        >>> with recorder.recording(), torch.no_grad():
+        ...     _ = model(torch.randn(32, 8))
+        >>> {name: tuple(f.shape) for name, f in recorder.features.items()}
+        {'0': (32, 16), '2': (32, 4)}
+        >>> recorder.remove()
     """
 
     def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec],

@@ -18,7 +18,13 @@ import torch.distributed as dist
 
 
 def is_distributed() -> bool:
-    """True when a process group with more than one rank is initialised."""
+    """True when a process group with more than one rank is initialised.
+
+    Examples:
+        >>> import sigreg
+        >>> sigreg.is_distributed()   # a single process
+        False
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -62,7 +68,17 @@ def _outside_compiled_graphs(fn: Callable) -> Callable:
 
 @_outside_compiled_graphs
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum of ``x`` over all ranks."""
+    """Differentiable sum of ``x`` over all ranks (the gradient is summed over ranks too).
+
+    Needs an initialised process group (torch.distributed), as under torchrun.
+
+    Examples:
+        In each rank of a job launched with ``torchrun --nproc_per_node=2``:
+
+        >>> x = torch.ones(3, requires_grad=True)                   # doctest: +SKIP
+        >>> sigreg.all_reduce_sum(x)                                # doctest: +SKIP
+        tensor([2., 2., 2.], grad_fn=<_AllReduceSumBackward>)
+    """
     return _AllReduceSum.apply(x)
 
 

@@ -94,6 +94,21 @@ def weak_sigreg(
 
     Reference: Weak-SIGReg, arXiv 2603.05924, eq. L = L_CE + lambda ||Cov(ZS) - I||_F.
     The definition, in a few lines: :func:`sigreg.reference.weak_sigreg_reference`.
+
+    Examples:
+        >>> import torch, sigreg
+        >>> gen = sigreg.seeded_generator(0)
+        >>> z = torch.randn(1000, 32, generator=gen)   # about an isotropic Gaussian
+        >>> sketch = sigreg.draw_sketch(32, 8, gen)    # S, (C, K) = (32, 8)
+        >>> print(f"{sigreg.weak_sigreg(z, sketch):.2f}")
+        1.43
+        >>> print(f"{sigreg.weak_sigreg(0.1 * z, sketch):.2f}")   # shrunk: far from I
+        2.80
+        >>> print(f"{sigreg.weak_sigreg(z):.2f}")                 # no sketch: (C, C)
+        1.03
+        >>> layers = torch.randn(3, 256, 32, generator=gen)       # a stack of 3 layers
+        >>> sigreg.weak_sigreg(layers, sketch).shape               # one value per layer
+        torch.Size([3])
     """
     distributed = use_distributed(distributed)
     _check_features(z, min_rows=0 if distributed else 2)
@@ -184,7 +199,8 @@ def vicreg_varcov(
         z: features, shape (N, C) or a stack of layers (*, N, C). Computed in float32
             (float64 kept).
         gamma: target standard deviation of every feature.
-        var_weight, cov_weight: VICReg's mu and nu (defaults 25 and 1, as in VICReg).
+        var_weight: VICReg's mu, the variance hinge's weight (default 25, as in VICReg).
+        cov_weight: VICReg's nu, the covariance term's weight (default 1, as in VICReg).
         eps: added to the variance before the square root (keeps its gradient finite).
         distributed: statistics over the global batch (None: automatic).
 
@@ -192,6 +208,14 @@ def vicreg_varcov(
         Float32 tensor of shape (*): a scalar for (N, C) input.
 
     Reference: Bardes, Ponce, LeCun, VICReg, arXiv 2105.04906, eqs. 1-4.
+
+    Examples:
+        >>> import torch, sigreg
+        >>> z = torch.randn(1000, 32, generator=sigreg.seeded_generator(0))
+        >>> print(f"{sigreg.vicreg_varcov(z):.2f}")        # unit variances: covariance only
+        0.21
+        >>> print(f"{sigreg.vicreg_varcov(0.1 * z):.1f}")  # stds 0.1: the hinge, 25 * 0.9
+        22.5
     """
     _check_varcov_weights(gamma, var_weight, cov_weight, eps)
     distributed = use_distributed(distributed)
@@ -258,6 +282,19 @@ def strong_sigreg(
         normal in every direction).
 
     Reference: LeJEPA, arXiv 2511.08544; Epps & Pulley (1983).
+
+    Examples:
+        >>> import torch, sigreg
+        >>> gen = sigreg.seeded_generator(0)
+        >>> z = torch.randn(1000, 32, generator=gen)
+        >>> directions = sigreg.draw_directions(32, 16, gen)   # A, (C, K) = (32, 16)
+        >>> print(f"{sigreg.strong_sigreg(z, directions):.2f}")         # Gaussian: small
+        0.87
+        >>> print(f"{sigreg.strong_sigreg(0.1 * z, directions):.0f}")   # shrunk: far
+        387
+        >>> paper = sigreg.strong_sigreg(z, directions, t_max=5, num_points=9)  # the paper's
+        >>> paper.shape                                                 # 17 points on [-5, 5]
+        torch.Size([])
     """
     distributed = use_distributed(distributed)
     _check_features(z, min_rows=0 if distributed else 2)
@@ -438,6 +475,14 @@ def regularized_loss(
 
     ``alpha``: ``(1 - alpha) * task + alpha * reg`` (the paper's code; alpha = 0.1).
     ``lam``: ``task + lam * reg`` (the paper's formula).
+
+    Examples:
+        >>> import torch, sigreg
+        >>> task, reg = torch.tensor(2.0), torch.tensor(1.0)
+        >>> sigreg.regularized_loss(task, reg, alpha=0.1)   # 0.9 * 2 + 0.1 * 1
+        tensor(1.9000)
+        >>> sigreg.regularized_loss(task, reg, lam=0.5)     # 2 + 0.5 * 1
+        tensor(2.5000)
     """
     _check_weights(alpha, lam)
     if alpha is not None:

@@ -131,6 +131,19 @@ class WeakSIGReg(_ProjectedSIGReg):
 
     Reference: Weak-SIGReg: Covariance Regularization for Stable Deep Learning,
     arXiv 2603.05924.
+
+    Examples:
+        >>> import torch, sigreg
+        >>> z = torch.randn(256, 32, generator=sigreg.seeded_generator(0))
+        >>> reg = sigreg.WeakSIGReg(sketch_dim=8, seed=0)   # a fresh sketch at every call
+        >>> first, second = reg(z), reg(z)
+        >>> print(f"{first:.2f} {second:.2f}")
+        1.67 1.56
+        >>> again = sigreg.WeakSIGReg(sketch_dim=8, seed=0)  # the same seed, the same draws
+        >>> bool(again(z) == first)
+        True
+        >>> reg(torch.randn(4, 256, 32)).shape               # a stack of 4 layers
+        torch.Size([4])
     """
 
     def __init__(
@@ -163,11 +176,22 @@ class StrongSIGReg(_ProjectedSIGReg):
         num_points: trapezoid nodes on [0, t_max] only (the integrand is even; the sum is
             doubled): the paper's code's "17 points on [-5, 5]" is ``t_max=5,
             num_points=9``.
-        sketch, seed, distributed: as for :class:`WeakSIGReg`.
+        sketch: as for :class:`WeakSIGReg`.
+        seed: as for :class:`WeakSIGReg`.
+        distributed: as for :class:`WeakSIGReg`.
 
     Shape: input (N, C) or a stack of layers (*, N, C), output (*).
 
     Reference: LeJEPA, arXiv 2511.08544.
+
+    Examples:
+        >>> import torch, sigreg
+        >>> z = torch.randn(256, 32, generator=sigreg.seeded_generator(0))
+        >>> reg = sigreg.StrongSIGReg(16, seed=0)            # K = 16 unit directions
+        >>> print(f"{reg(z):.2f} {reg(0.1 * z):.0f}")       # Gaussian, then shrunk
+        0.95 99
+        >>> reg(torch.randn(4, 256, 32)).shape               # a stack of 4 layers
+        torch.Size([4])
     """
 
     def __init__(
@@ -203,14 +227,20 @@ class VarCovReg(Regularizer):
 
     Args:
         gamma: target standard deviation of each feature (VICReg: 1).
-        var_weight, cov_weight: weights of the variance hinge and of the off-diagonal
-            covariance (VICReg's mu = 25 and nu = 1).
+        var_weight: weight of the variance hinge (VICReg's mu = 25).
+        cov_weight: weight of the off-diagonal covariance (VICReg's nu = 1).
         eps: added to variances before the square root.
         distributed: statistics over the global batch (None: automatic).
 
     Shape: input (N, C) or (*, N, C), output (*).
 
     Reference: VICReg, arXiv 2105.04906.
+
+    Examples:
+        >>> import torch, sigreg
+        >>> z = torch.randn(256, 32, generator=sigreg.seeded_generator(0))
+        >>> bool(sigreg.VarCovReg()(z) == sigreg.vicreg_varcov(z))
+        True
     """
 
     def __init__(
@@ -255,7 +285,18 @@ VARIANT_OPTIONS = {
 def make_regularizer(variant: str, sketch_dim: int | None = 64, **kwargs: Any) -> Regularizer:
     """Build a regularizer by name: ``"weak"``, ``"strong"`` (sketch_dim = K for both) or
     ``"vicreg"`` (the baseline; full covariance, so ``sketch_dim``, ``sketch`` and ``seed``
-    do not apply and are ignored)."""
+    do not apply and are ignored).
+
+    Examples:
+        >>> import sigreg
+        >>> type(sigreg.make_regularizer("weak", 16)).__name__
+        'WeakSIGReg'
+        >>> strong = sigreg.make_regularizer("strong", 16, t_max=5, num_points=9)
+        >>> type(strong).__name__, strong.t_max, strong.num_points
+        ('StrongSIGReg', 5.0, 9)
+        >>> sigreg.make_regularizer("vicreg", var_weight=10.0).var_weight
+        10.0
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown regularizer variant {variant!r}; choose one of {sorted(VARIANTS)}")
     unknown = sorted(set(kwargs) - set(VARIANT_OPTIONS[variant]))

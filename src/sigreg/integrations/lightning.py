@@ -49,6 +49,13 @@ def regularize(module: pl.LightningModule, task_loss: torch.Tensor) -> torch.Ten
 
     Call it once per training forward. Without a :class:`SIGRegCallback` fitting ``module``
     it returns ``task_loss`` unchanged.
+
+    Examples:
+        >>> import lightning.pytorch as pl, torch
+        >>> from sigreg.integrations.lightning import regularize
+        >>> task = torch.tensor(0.7)
+        >>> regularize(pl.LightningModule(), task) is task   # no callback: the baseline
+        True
     """
     callback = _ACTIVE.get(module)
     return task_loss if callback is None else callback.combine(task_loss)
@@ -58,7 +65,18 @@ def set_padding_mask(module: pl.LightningModule, mask: torch.Tensor | None) -> N
     """Before the forward of a padded batch in ``training_step``: the (B, T) mask, true at
     real tokens, so that pooling takes those only (see
     :meth:`sigreg.SIGRegHandle.set_padding_mask`). Without a :class:`SIGRegCallback`
-    fitting ``module``, nothing."""
+    fitting ``module``, nothing.
+
+    Examples:
+        >>> import lightning.pytorch as pl, torch
+        >>> from sigreg.integrations.lightning import regularize, set_padding_mask
+        >>> class Encoder(pl.LightningModule):
+        ...     def training_step(self, batch, batch_idx):
+        ...         set_padding_mask(self, batch["attention_mask"])   # (B, T), before
+        ...         hidden = self(batch["input_ids"])
+        ...         return regularize(self, self.task_loss(hidden, batch["labels"]))
+        >>> set_padding_mask(pl.LightningModule(), torch.ones(4, 10))   # no callback: nothing
+    """
     callback = _ACTIVE.get(module)
     if callback is not None:
         callback.session.set_padding_mask(mask)
@@ -68,13 +86,41 @@ class SIGRegCallback(pl.Callback):
     """Attach SIGReg to ``layers`` of the LightningModule for the duration of ``fit``.
 
     Args:
-        layers, variant, sketch_dim, pool: as in :func:`sigreg.attach` (``pool="flatten"``
-            or ``"cls"`` for token models; tuple outputs use their first element).
+        layers: the layers to regularize, as in :func:`sigreg.attach` (names are those of
+            the LightningModule: ``"model.blocks.*"`` for a ``self.model``).
+        variant: as in :func:`sigreg.attach`.
+        sketch_dim: as in :func:`sigreg.attach`.
+        pool: as in :func:`sigreg.attach` (``pool="flatten"`` or ``"cls"`` for token
+            models; tuple outputs use their first element).
         log_prefix: first part of every logged key.
         log_eff_dim: also log each layer's effective dimension (one (C, C) covariance per
             layer on logging steps).
         attach_kwargs: the rest of :func:`sigreg.attach`'s settings (``alpha``, ``lam``,
             ``sketch``, ``seed``, ``distributed``, ``t_max``, ``num_points``, ...).
+
+    Examples:
+        >>> import lightning.pytorch as pl, torch
+        >>> from torch import nn
+        >>> from sigreg.integrations.lightning import SIGRegCallback, regularize
+        >>> class Classifier(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         task = nn.functional.cross_entropy(self.net(x), y)
+        ...         return regularize(self, task)              # the one line
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> _ = torch.manual_seed(0)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
+        >>> callback = SIGRegCallback("net.0", sketch_dim=16, alpha=0.1)
+        >>> trainer = pl.Trainer(max_steps=2, callbacks=[callback], accelerator="cpu",
+        ...                      logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Classifier(), torch.utils.data.DataLoader(data, batch_size=32))
+        >>> trainer.global_step
+        2
     """
 
     def __init__(self, layers: LayerSpec | list[LayerSpec], variant: str = "weak",

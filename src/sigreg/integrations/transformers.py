@@ -145,6 +145,14 @@ class SIGRegMixin:
         TypeError / ValueError: :func:`sigreg.attach`'s own error for a bad value, such as
             a ``layers`` spec matching no module of the model.
         ValueError: DataParallel (``n_gpu > 1`` in one process).
+
+    Examples:
+        >>> from transformers import Trainer
+        >>> from sigreg.integrations.transformers import SIGRegMixin
+        >>> class MyTrainer(SIGRegMixin, Trainer):   # any Trainer subclass: the mixin first
+        ...     pass
+        >>> [cls.__name__ for cls in MyTrainer.__mro__[:3]]
+        ['MyTrainer', 'SIGRegMixin', 'Trainer']
     """
 
     def __init__(self, *args: Any, sigreg: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -288,4 +296,30 @@ class SIGRegMixin:
 
 class SIGRegTrainer(SIGRegMixin, Trainer):
     """``transformers.Trainer`` with SIGReg; takes ``sigreg=dict(layers=..., ...)`` (without
-    it, the plain Trainer: a baseline run needs no other class)."""
+    it, the plain Trainer: a baseline run needs no other class).
+
+    Examples:
+        The settings are checked when the Trainer is built (``train()`` then trains as any
+        Trainer does):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from transformers import TrainingArguments
+        >>> from sigreg.integrations.transformers import SIGRegTrainer
+        >>> class Classifier(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layers = nn.ModuleList([nn.Linear(8, 32), nn.Linear(32, 32)])
+        ...         self.head = nn.Linear(32, 2)
+        ...     def forward(self, x, labels=None):
+        ...         for layer in self.layers:
+        ...             x = torch.relu(layer(x))
+        ...         logits = self.head(x)
+        ...         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+        >>> args = TrainingArguments("hf-out", report_to=[], use_cpu=True)
+        >>> trainer = SIGRegTrainer(model=Classifier(), args=args,
+        ...                         sigreg=dict(layers="layers.*", sketch_dim=16, alpha=0.1))
+        >>> SIGRegTrainer(model=Classifier(), args=args, sigreg=dict(layer="layers.*"))
+        Traceback (most recent call last):
+        TypeError: sigreg= has unknown key(s) ['layer']; valid keys: layers, variant, ...
+    """
