@@ -370,7 +370,7 @@ def bad_values(key: str, low: float, high: float) -> st.SearchStrategy[str]:
 
 BAD_SETTING = st.one_of(
     *[bad_values(k, lo, hi).map(lambda v, k=k: f"{k}={v}") for k, (lo, hi, _) in RANGES.items()],
-    st.sampled_from(["optimizer", "schedule", "sigreg", "sketch", "device"]).flatmap(
+    st.sampled_from(["optimizer", "schedule", "sigreg", "sketch_policy", "device"]).flatmap(
         lambda k: st.text(string.ascii_lowercase, min_size=1, max_size=6).map(
             lambda v, k=k: f"{k}={v}x")),
     st.sampled_from(["model.depth=0", "model.depth=1.5", "model.width=-3", "model.color=1",
