@@ -50,7 +50,7 @@ def test_shapes_and_dtypes_paper_recipe(shape):
     batch = aug(images(b, c, h, w), torch.arange(b))
     assert batch.images.shape == shape and batch.images.dtype == torch.float32
     assert batch.targets.dtype == torch.int64 and batch.targets_b is not None
-    assert torch.isfinite(batch.images).all() and 0.0 <= batch.lam <= 1.0
+    assert torch.isfinite(batch.images).all() and 0.0 <= batch.mix_weight <= 1.0
     assert aug.last_ops is not None and aug.last_ops.shape == (b, 2)
 
 

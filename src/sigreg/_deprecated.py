@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-def renamed_keyword_message(old: str, new: str, where: str) -> str:
-    return (f"{where}: the keyword {old!r} is deprecated and will be removed in the next "
+def renamed_message(old: str, new: str, where: str, kind: str = "keyword") -> str:
+    return (f"{where}: the {kind} {old!r} is deprecated and will be removed in the next "
             f"release; use {new!r} (same meaning, same values)")
 
 
@@ -40,7 +40,7 @@ def translate(kwargs: dict[str, Any], renames: Mapping[str, str], where: str,
         if new in out:
             raise TypeError(f"{where}: got both {old!r} (deprecated) and {new!r}; give only "
                             f"{new!r}")
-        warnings.warn(renamed_keyword_message(old, new, where), FutureWarning,
+        warnings.warn(renamed_message(old, new, where), FutureWarning,
                       stacklevel=stacklevel)
         out[new] = out.pop(old)
     return out
@@ -51,7 +51,7 @@ def renamed_keywords(**renames: str) -> Callable[[F], F]:
     (see :func:`translate`). The signature shown (``help``, ``inspect``) is the new one."""
 
     def decorate(fn: F) -> F:
-        where = fn.__qualname__.replace(".__init__", "")
+        where = "sigreg." + fn.__qualname__.replace(".__init__", "")
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -42,7 +42,7 @@ from ._checks import (
     check_optional_bool,
     check_positive,
 )
-from ._deprecated import renamed_keyword_message, renamed_keywords
+from ._deprecated import renamed_keywords, renamed_message
 from ._projections import LayerProjections
 from .functional import check_quadrature, strong_sigreg, vicreg_varcov, weak_sigreg
 from .sketch import draw_directions, draw_sketch
@@ -121,8 +121,8 @@ class _ProjectedSIGReg(Regularizer):
         return self._renamed_attribute("policy", "sketch_policy")
 
     def _renamed_attribute(self, old: str, new: str) -> Any:
-        warnings.warn(renamed_keyword_message(old, new, type(self).__name__), FutureWarning,
-                      stacklevel=3)
+        warnings.warn(renamed_message(old, new, f"sigreg.{type(self).__name__}", "attribute"),
+                      FutureWarning, stacklevel=3)
         return getattr(self, new)
 
     def get_extra_state(self) -> dict[str, Any]:

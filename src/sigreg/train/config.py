@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._deprecated import renamed_message
 from .augment import NUM_BINS
 from .data import DATASETS
 
@@ -314,8 +315,7 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
         if key in RENAMED_SETTINGS:
-            warnings.warn(f"the setting {key!r} is deprecated and will be removed in the next "
-                          f"release; use {RENAMED_SETTINGS[key]!r} (same values)",
+            warnings.warn(renamed_message(key, RENAMED_SETTINGS[key], "--set", "setting"),
                           FutureWarning, stacklevel=2)
             key = RENAMED_SETTINGS[key]
         if key.startswith("model."):
