@@ -147,8 +147,8 @@ class TrainConfig:
                           "terms, the baseline)", choices=("none", "weak", "strong", "vicreg"))
     alpha: float = setting(0.1, "its weight: total = (1 - alpha) * task + alpha * reg",
                            low=0.0, high=1.0)
-    sketch_dim: int | None = setting(64, "K, the sketch's directions", low=1,
-                                     none="full covariance")
+    sketch_dim: int | None = setting(64, "K, the sketch's width (weak) or number of directions "
+                                     "(strong)", low=1, none="full covariance")
     sketch_dim_per_layer: str | None = setting(
         None, "K of each regularized layer in order, e.g. 16,16,64,none (none: full "
         "covariance); overrides sketch_dim", none="sketch_dim for every layer")
