@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 def renamed_message(old: str, new: str, where: str, kind: str = "keyword") -> str:
+    """The warning for ``old``, a renamed keyword (attribute, setting) of ``where``."""
     return (f"{where}: the {kind} {old!r} is deprecated and will be removed in the next "
             f"release; use {new!r} (same meaning, same values)")
 
