@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_has_values, check_int
-from ._deprecated import renamed_keywords
 from ._projections import LayerProjections
+from ._renamed import renamed_keywords
 from .capture import (
     POOLS,
     Call,

@@ -26,7 +26,7 @@ import torch
 
 from . import reference  # the definition's pieces: read from there, written once
 from ._checks import check_has_values, check_int, check_number, check_positive
-from ._deprecated import renamed_keywords
+from ._renamed import renamed_keywords
 from .distributed import (
     all_reduce_sum,
     all_reduce_with_count,

@@ -42,8 +42,8 @@ from ._checks import (
     check_optional_bool,
     check_positive,
 )
-from ._deprecated import renamed_keywords, renamed_message
 from ._projections import LayerProjections
+from ._renamed import renamed_keywords, renamed_message
 from .functional import check_quadrature, strong_sigreg, vicreg_varcov, weak_sigreg
 from .sketch import draw_directions, draw_sketch
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_int
-from ._deprecated import renamed_keywords
+from ._renamed import renamed_keywords
 
 
 def _batch_shape(batch: int | Sequence[int]) -> tuple[int, ...]:

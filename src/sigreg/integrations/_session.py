@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._deprecated import translate
+from .._renamed import translate
 from ..attach import FeatureRecorder, LayerSpec, Pool, SIGRegHandle, attach
 from ..diagnostics import effective_dimension
 

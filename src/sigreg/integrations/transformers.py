@@ -55,8 +55,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._deprecated import translate
 from .._extras import require
+from .._renamed import translate
 from ..attach import attach
 from ..modules import VARIANT_OPTIONS
 from ._session import SIGRegSession, log_entries

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._deprecated import renamed_message
+from .._renamed import renamed_message
 from .augment import NUM_BINS
 from .data import DATASETS
 
