@@ -37,12 +37,12 @@ ARMS = ("none", "weak", "strong", "vicreg")
 
 
 def make_arms(preset: str, image_shape: tuple[int, int, int], device: torch.device, seed: int,
-              compile: bool = False, sketch: str | None = None):
+              compile: bool = False, sketch_policy: str | None = None):
     """arm -> (model, handle or None, optimizer), regularized as the trainer would; with
-    ``compile``, model and regularizer compiled (the trainer's compile=true); ``sketch``
-    overrides the preset's sketch policy."""
+    ``compile``, model and regularizer compiled (the trainer's compile=true); ``sketch_policy``
+    overrides the preset's."""
     cfg = preset_config(preset)
-    sketch = sketch or cfg.sketch
+    sketch_policy = sketch_policy or cfg.sketch_policy
     channels, size, _ = image_shape
     torch.manual_seed(seed)
     base = build_model(cfg.model, num_classes=10, image_size=size, in_channels=channels,
@@ -57,7 +57,7 @@ def make_arms(preset: str, image_shape: tuple[int, int, int], device: torch.devi
         if arm != "none":
             handle = sigreg.attach(model, model.sigreg_layers, arm, cfg.sketch_dim,
                                    model.sigreg_pool, alpha=cfg.alpha, compile=compile,
-                                   sketch=sketch,
+                                   sketch_policy=sketch_policy,
                                    **variant_kwargs.get(arm, {}))
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         arms[arm] = (torch.compile(model) if compile else model, handle, opt)
@@ -114,7 +114,8 @@ def print_breakdown(per_arm: dict[str, dict], rows: int = 12) -> None:
 
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
     shape = (1, 28, 28)
-    cfg, arms = make_arms(args.preset, shape, device, args.seed, args.compile, args.sketch)
+    cfg, arms = make_arms(args.preset, shape, device, args.seed, args.compile,
+                          args.sketch_policy)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, *shape, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
@@ -135,7 +136,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     monitor_s = time_monitor(getattr(plain, "_orig_mod", plain), x, cfg, args, device)
     out = {"preset": args.preset, "model": cfg.model, "model_args": cfg.model_args,
            "alpha": cfg.alpha, "sketch_dim": cfg.sketch_dim,
-           "sketch": args.sketch or cfg.sketch, "arms": {}, "ratios": {}}
+           "sketch_policy": args.sketch_policy or cfg.sketch_policy, "arms": {}, "ratios": {}}
     if args.breakdown:
         out["breakdown_us_per_step"] = out_breakdown
     none_s = statistics.median(times["none"])
@@ -165,8 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sketch", choices=("resample", "fixed"),
-                   help="sketch policy of weak and strong (default: the preset's)")
+    p.add_argument("--sketch-policy", "--sketch", choices=("resample", "fixed"),
+                   help="sketch_policy of weak and strong (default: the preset's); --sketch is "
+                        "its former name")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every arm's model and regularizer (warm-up compiles)")
     p.add_argument("--breakdown", action="store_true",
@@ -196,7 +198,8 @@ def main(argv=None) -> None:
     res.update(command=command_line(), env=env, config=vars(args),
                elapsed_s=time.perf_counter() - start)
     print(f"{args.preset}: model {res['model']} {res['model_args']}, batch {args.batch}, "
-          f"alpha {res['alpha']}, K {res['sketch_dim']}, sketch {res['sketch']}; {args.rounds} rounds of "
+          f"alpha {res['alpha']}, K {res['sketch_dim']}, sketch_policy {res['sketch_policy']}; "
+          f"{args.rounds} rounds of "
           f"{args.steps} steps per arm" + (", model and regularizer compiled" if args.compile else ""))
     print(f"\n   {'arm':<8}{'ms/step':>9}{'ratio to none':>15}{'95% CI':>17}")
     for arm in ARMS:

@@ -3,8 +3,8 @@
 The presets train a 10-layer vanilla MLP (width 256) with plain SGD for 5 epochs; one run
 takes roughly 30-60 s on a CPU, much less on a GPU.
 
-* ``sketch``: weak SIGReg with a fixed sketch (``sketch=fixed``, drawn once) against a
-  fresh sketch every step (``sketch=resample``), same seeds and same epochs.
+* ``sketch``: weak SIGReg with a fixed sketch (``sketch_policy=fixed``, drawn once) against
+  a fresh sketch every step (``sketch_policy=resample``), same seeds and same epochs.
 * ``variant``: no regularizer vs weak vs strong SIGReg vs the VICReg-style baseline
   (VICReg's variance + covariance terms on the full covariance, no sketch: the
   ``fmnist-mlp-vicreg`` preset) at equal epochs; the table also gives the training time
@@ -46,8 +46,8 @@ from sigreg.train.sweep import train_or_skip, train_parallel
 # Arm -> (preset, settings). Each arm is trained once per seed, whichever study needs it.
 ARMS: dict[str, tuple[str, list[str]]] = {
     "none": ("fmnist-mlp-none", []),
-    "weak-resample": ("fmnist-mlp-weak", ["sketch=resample"]),
-    "weak-fixed": ("fmnist-mlp-weak", ["sketch=fixed"]),
+    "weak-resample": ("fmnist-mlp-weak", ["sketch_policy=resample"]),
+    "weak-fixed": ("fmnist-mlp-weak", ["sketch_policy=fixed"]),
     "strong": ("fmnist-mlp-strong", []),
     "vicreg": ("fmnist-mlp-vicreg", []),
 }
@@ -63,7 +63,8 @@ PAIRS: dict[str, list[tuple[str, str]]] = {
     "variant": [("weak", "none"), ("strong", "none"), ("vicreg", "none"), ("vicreg", "weak"),
                 ("vicreg", "strong")],
 }
-RESERVED = ("seed", "sigreg", "sketch")  # what the studies vary
+# What the studies vary (sketch: sketch_policy's former name, still accepted by --set).
+RESERVED = ("seed", "sigreg", "sketch_policy", "sketch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -114,7 +114,7 @@ def test_combine_conventions():
     x = torch.randn(16, 12)
     for kwargs, expect in (({"alpha": 0.25}, lambda t, r: 0.75 * t + 0.25 * r),
                            ({"lam": 2.0}, lambda t, r: t + 2.0 * r)):
-        handle = sigreg.attach(model, "0", sketch="fixed", **kwargs)
+        handle = sigreg.attach(model, "0", sketch_policy="fixed", **kwargs)
         model(x)
         total = handle.combine(torch.tensor(1.0))
         model(x)
@@ -152,7 +152,7 @@ def test_handle_state_dict_restores_sketch_stream():
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = mlp()
-    handle = sigreg.attach(model, nn.Linear, sketch="fixed")
+    handle = sigreg.attach(model, nn.Linear, sketch_policy="fixed")
     x = torch.randn(16, 12)
     model(x)
     eager = handle.loss()

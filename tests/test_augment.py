@@ -50,7 +50,7 @@ def test_shapes_and_dtypes_paper_recipe(shape):
     batch = aug(images(b, c, h, w), torch.arange(b))
     assert batch.images.shape == shape and batch.images.dtype == torch.float32
     assert batch.targets.dtype == torch.int64 and batch.targets_b is not None
-    assert torch.isfinite(batch.images).all() and 0.0 <= batch.lam <= 1.0
+    assert torch.isfinite(batch.images).all() and 0.0 <= batch.mix_weight <= 1.0
     assert aug.last_ops is not None and aug.last_ops.shape == (b, 2)
 
 
@@ -59,7 +59,7 @@ def test_eval_mode_is_exact_normalisation():
     aug = BatchAugmenter(PAPER, MEAN3, STD3)
     batch = aug(x, torch.arange(8), train=False)
     assert torch.equal(batch.images, normalised(x))
-    assert batch.targets_b is None and batch.lam == 1.0
+    assert batch.targets_b is None and batch.mix_weight == 1.0
 
 
 def test_rejects_bad_input():
@@ -202,11 +202,12 @@ def _mix_only(**kw) -> BatchAugmenter:
 def test_mixup_formula_and_loss():
     x, y = images(16), torch.arange(16)
     batch = _mix_only(mixup_alpha=0.8)(x, y)
-    perm, lam = batch.targets_b, batch.lam  # labels are arange, so targets_b is the permutation
+    # labels are arange, so targets_b is the permutation
+    perm, weight = batch.targets_b, batch.mix_weight
     ref = normalised(x)
-    torch.testing.assert_close(batch.images, lam * ref + (1 - lam) * ref[perm])
+    torch.testing.assert_close(batch.images, weight * ref + (1 - weight) * ref[perm])
     logits = torch.randn(16, 16)
-    expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, perm)
+    expected = weight * F.cross_entropy(logits, y) + (1 - weight) * F.cross_entropy(logits, perm)
     torch.testing.assert_close(batch.loss(logits), expected)
 
 
@@ -222,7 +223,7 @@ def test_cutmix_box_comes_from_permuted_images():
         box = from_other[moved.nonzero()[0, 0]]
         assert (from_other[moved] == box).all() and not from_other[~moved].any()
         area = int(box.sum())
-        assert batch.lam == pytest.approx(1 - area / (32 * 32))
+        assert batch.mix_weight == pytest.approx(1 - area / (32 * 32))
         if area:  # the box is a rectangle filled from the permuted image
             rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
             assert area == len(rows) * len(cols)
@@ -240,14 +241,14 @@ def test_mix_mode_is_fifty_fifty_and_mix_prob():
     assert 160 < modes.count("mixup") < 240
     aug = BatchAugmenter(AugmentConfig(mixup_alpha=0.8, mix_prob=0.0), MEAN3, STD3)
     batch = aug(x, y)
-    assert batch.targets_b is None and batch.lam == 1.0 and aug.last_mix == "none"
+    assert batch.targets_b is None and batch.mix_weight == 1.0 and aug.last_mix == "none"
 
 
-def test_correct_is_lam_weighted():
+def test_correct_is_weighted_by_mix_weight():
     logits = torch.eye(4)  # predicts class i for sample i
     targets = torch.tensor([0, 1, 2, 0])
     assert Batch(torch.zeros(4), targets).correct(logits).item() == 3.0
-    mixed = Batch(torch.zeros(4), targets, torch.tensor([3, 1, 0, 3]), lam=0.7)
+    mixed = Batch(torch.zeros(4), targets, torch.tensor([3, 1, 0, 3]), mix_weight=0.7)
     assert mixed.correct(logits).item() == pytest.approx(0.7 * 3 + 0.3 * 2)
     assert Batch(torch.zeros(4), targets).loss(logits) == F.cross_entropy(logits, targets)
 
@@ -260,7 +261,7 @@ def test_same_seed_same_output_and_seeds_differ():
     a = BatchAugmenter(PAPER, MEAN3, STD3, seed=11)(x, y)
     b = BatchAugmenter(PAPER, MEAN3, STD3, seed=11)(x, y)
     c = BatchAugmenter(PAPER, MEAN3, STD3, seed=12)(x, y)
-    assert torch.equal(a.images, b.images) and a.lam == b.lam
+    assert torch.equal(a.images, b.images) and a.mix_weight == b.mix_weight
     assert torch.equal(a.targets_b, b.targets_b)
     assert not torch.equal(a.images, c.images)
 
@@ -274,7 +275,7 @@ def test_state_dict_resumes_exactly():
     resumed = BatchAugmenter(PAPER, MEAN3, STD3, seed=999)
     resumed.load_state_dict(state)
     got = resumed(x, y)
-    assert torch.equal(got.images, expected.images) and got.lam == expected.lam
+    assert torch.equal(got.images, expected.images) and got.mix_weight == expected.mix_weight
 
 
 def test_explicit_generator_is_used():

@@ -172,7 +172,8 @@ def conditional_worker(rank, world, rendezvous, results):
         for variant in VARIANTS:
             for scenario, skips in SCENARIOS.items():
                 model = Conditional()
-                handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4, sketch="fixed")
+                handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4,
+                                       sketch_policy="fixed")
                 model(conditional_batch(rank, scenario), skips[rank])
                 collectives = []
                 with counting_all_reduces(collectives), warnings.catch_warnings(record=True) as caught:
@@ -207,7 +208,8 @@ def expected_layer_values(variant, scenario):
                 h = layer(x)
                 outputs.setdefault(i, []).append(h)
                 x = torch.tanh(h)
-    reference = sigreg.attach(Conditional(), "layers.*", variant, sketch_dim=4, sketch="fixed")
+    reference = sigreg.attach(Conditional(), "layers.*", variant, sketch_dim=4,
+                              sketch_policy="fixed")
     values = {}
     for i, parts in outputs.items():
         z = torch.cat(parts)[None]
@@ -247,7 +249,7 @@ def fsdp_worker(rank, world, rendezvous, results):
         mesh = init_device_mesh("cpu", (world,))
         for variant in VARIANTS:
             model = sharded_model()
-            handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch="fixed")
+            handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch_policy="fixed")
             for block in list(model)[:3]:  # each block its own unit, then the root
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
@@ -271,7 +273,7 @@ def test_fsdp2_sharded_model_equals_one_process(tmp_path):
         results = dict(results)
     for variant in VARIANTS:
         model = sharded_model()
-        handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch="fixed")
+        handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch_policy="fixed")
         x = torch.cat([conditional_batch(rank, "each-skips-another") for rank in (0, 1)])
         handle.combine(model(x).square().mean()).backward()
         for rank in (0, 1):

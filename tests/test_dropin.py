@@ -77,7 +77,8 @@ def test_compiled_model_regularizes_like_eager(variant):
     for compiled in (False, True):
         torch.compiler.reset()
         model = Blocks()
-        handle = sigreg.attach(model, "blocks.*", variant, sketch_dim(variant), sketch="fixed")
+        handle = sigreg.attach(model, "blocks.*", variant, sketch_dim(variant),
+                               sketch_policy="fixed")
         net = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
         net(x)
         handle.loss()
@@ -112,8 +113,8 @@ def test_attaching_after_the_compiled_model_ran_works_or_says_what_to_do(make):
 def test_non_reentrant_checkpointing_is_exact_and_not_counted_twice():
     x = torch.randn(16, 32)
     plain, checkpointed = Blocks(), Blocks()
-    h_plain = sigreg.attach(plain, "blocks.*", sketch="fixed")
-    h_ckpt = sigreg.attach(checkpointed, "blocks.*", sketch="fixed")
+    h_plain = sigreg.attach(plain, "blocks.*", sketch_policy="fixed")
+    h_ckpt = sigreg.attach(checkpointed, "blocks.*", sketch_policy="fixed")
     for _ in range(2):  # the recomputation in backward must not leak into the next step
         expected = h_plain.combine(plain(x).square().mean())
         got = h_ckpt.combine(checkpointed(x, reentrant=False).square().mean())
@@ -165,8 +166,8 @@ def test_a_submodule_called_directly_is_recorded_and_its_recomputation_is_not():
             self.backbone = Blocks()
 
     wrapper, direct, x = Wrapper(), Blocks(), torch.randn(16, 32)
-    handle = sigreg.attach(wrapper, "backbone.blocks.*", sketch="fixed")
-    reference = sigreg.attach(direct, "blocks.*", sketch="fixed")
+    handle = sigreg.attach(wrapper, "backbone.blocks.*", sketch_policy="fixed")
+    reference = sigreg.attach(direct, "blocks.*", sketch_policy="fixed")
     for _ in range(2):  # the recomputation must not become the second step's forward
         got = handle.combine(wrapper.backbone(x, reentrant=False).square().mean())
         expected = reference.combine(direct(x).square().mean())
@@ -199,7 +200,8 @@ def test_padded_batch_gives_the_statistics_of_its_real_tokens(pool, variant):
     padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=3.0)
     mask = torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]
     model = Tokens()
-    handle = sigreg.attach(model, "layer", variant, sketch_dim(variant), pool, sketch="fixed")
+    handle = sigreg.attach(model, "layer", variant, sketch_dim(variant), pool,
+                           sketch_policy="fixed")
     handle.set_padding_mask(mask)
     model(padded)
     got = handle.loss()
@@ -273,7 +275,7 @@ def test_a_last_batch_of_one_trains_on_the_task_loss_with_one_warning(variant):
 @pytest.mark.parametrize("copy_of", ["deepcopy", "AveragedModel"])
 def test_a_copy_of_an_attached_model_is_not_regularized_and_leaves_the_handle_alone(copy_of):
     model, x = mlp(), torch.randn(16, 32)
-    handle = sigreg.attach(model, "**.0", sketch="fixed")
+    handle = sigreg.attach(model, "**.0", sketch_policy="fixed")
     twin = copy.deepcopy(model) if copy_of == "deepcopy" else \
         torch.optim.swa_utils.AveragedModel(model)
     model(x)
@@ -316,10 +318,10 @@ def test_a_mask_is_used_up_by_the_forward_it_was_set_for():
     model, x = Tokens(), torch.randn(4, 5, 6)
     mask = torch.ones(4, 5, dtype=torch.bool)
     mask[:, 3:] = False
-    reference = sigreg.attach(Tokens(), "layer", pool="flatten", sketch="fixed")
+    reference = sigreg.attach(Tokens(), "layer", pool="flatten", sketch_policy="fixed")
     reference._capture.model(x)
     expected = reference.loss().item()
-    handle = sigreg.attach(model, "layer", pool="flatten", sketch="fixed")
+    handle = sigreg.attach(model, "layer", pool="flatten", sketch_policy="fixed")
     handle.set_padding_mask(mask)
     with torch.no_grad():
         model.eval()
@@ -334,7 +336,7 @@ def test_a_mask_is_used_up_by_the_forward_it_was_set_for():
             self.inner = Tokens()
 
     wrapper = Wrapper()
-    wrapped = sigreg.attach(wrapper, "inner.layer", pool="flatten", sketch="fixed")
+    wrapped = sigreg.attach(wrapper, "inner.layer", pool="flatten", sketch_policy="fixed")
     wrapped.set_padding_mask(mask)
     wrapper.inner(x)
     wrapped.loss()
@@ -392,7 +394,7 @@ def test_compiled_model_with_checkpointed_attached_layers_keeps_its_graphs():
     for attached in (False, True):
         torch.compiler.reset()
         model, counter = Blocks(), CompileCounter()
-        handle = sigreg.attach(model, "blocks.*", sketch="fixed") if attached else None
+        handle = sigreg.attach(model, "blocks.*", sketch_policy="fixed") if attached else None
         compiled = torch.compile(model, backend=counter, fullgraph=True)
         for _ in range(2):
             out = compiled(x, reentrant=False)
@@ -401,7 +403,7 @@ def test_compiled_model_with_checkpointed_attached_layers_keeps_its_graphs():
         counts[attached] = counter.frame_count
         values[attached] = handle.layer_losses() if handle else None
     assert counts[True] == counts[False] == 1
-    eager = sigreg.attach(Blocks(), "blocks.*", sketch="fixed")
+    eager = sigreg.attach(Blocks(), "blocks.*", sketch_policy="fixed")
     eager._capture.model(x, reentrant=False)
     eager.loss()
     eager._capture.model(x, reentrant=False)
@@ -447,7 +449,7 @@ def test_a_forward_that_raised_is_not_a_pass():
             return super().forward(x)
 
     model, x = Flaky(), torch.randn(8, 32)
-    handle = sigreg.attach(model, "blocks.*", sketch="fixed")
+    handle = sigreg.attach(model, "blocks.*", sketch_policy="fixed")
     model(x)
     expected = handle.loss().item()
     with pytest.raises(torch.OutOfMemoryError):

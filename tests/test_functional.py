@@ -82,7 +82,7 @@ def test_strong_expectation_under_gaussian_is_closed_form():
     torch.manual_seed(1)
     t = torch.linspace(-3, 3, 20001, dtype=torch.float64)
     expected = torch.trapezoid((1 - torch.exp(-t**2)) * torch.exp(-t**2 / 2), t).item()
-    values = [sigreg.strong_sigreg(torch.randn(256, 32), num_directions=256).item()
+    values = [sigreg.strong_sigreg(torch.randn(256, 32), sketch_dim=256).item()
               for _ in range(40)]
     assert sum(values) / len(values) == pytest.approx(expected, rel=0.1)
 
@@ -321,7 +321,7 @@ def test_weak_gradient_at_an_exactly_zero_gap_is_zero_not_nan(dtype):
 def test_strong_draws_one_direction_set_per_layer(gen):
     z = layer_stack(gen, torch.float32, layers=2)
     a = sigreg.draw_directions(12, 7, sigreg.seeded_generator(4), batch=2)
-    drawn = sigreg.strong_sigreg(z, num_directions=7, generator=sigreg.seeded_generator(4))
+    drawn = sigreg.strong_sigreg(z, sketch_dim=7, generator=sigreg.seeded_generator(4))
     torch.testing.assert_close(drawn, sigreg.strong_sigreg(z, a))
 
 
@@ -401,7 +401,7 @@ def fast_and_reference(variant, z, proj, distributed, quadrature=(3.0, 17)):
     if variant == "weak":
         return sigreg.weak_sigreg(z, proj, distributed=distributed), weak_sigreg_reference(z, proj)
     if isinstance(proj, str):
-        fast = sigreg.strong_sigreg(z, None, *quadrature, num_directions=5,
+        fast = sigreg.strong_sigreg(z, None, *quadrature, sketch_dim=5,
                                     generator=sigreg.seeded_generator(4), distributed=distributed)
         proj = sigreg.draw_directions(z.shape[-1], 5, sigreg.seeded_generator(4),
                                       batch=z.shape[:-2])

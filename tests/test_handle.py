@@ -75,7 +75,7 @@ def recording(model, layer_indices):
 @pytest.mark.parametrize("variant", ["weak", "strong", "vicreg"])
 def test_batched_equals_per_layer_definition_mixed_widths(variant, policy, dtype, rel):
     model = mixed_widths(dtype)
-    handle = sigreg.attach(model, nn.Linear, variant, K, sketch=policy, seed=3)
+    handle = sigreg.attach(model, nn.Linear, variant, K, sketch_policy=policy, seed=3)
     x = torch.randn(24, 12, dtype=dtype)
     for step in range(2):  # the second step: the next resampled draw, the same fixed one
         with recording(model, [0, 2, 4, 6]) as calls:
@@ -100,7 +100,7 @@ def test_sketch_dim_per_layer_equals_the_per_layer_definition(variant):
     its own fixed K-column projection from seed + i."""
     model = mixed_widths()
     dims = {"0": 4, "2": 8, "**": 6}
-    handle = sigreg.attach(model, nn.Linear, variant, dims, sketch="fixed", seed=3)
+    handle = sigreg.attach(model, nn.Linear, variant, dims, sketch_policy="fixed", seed=3)
     x = torch.randn(24, 12)
     with recording(model, [0, 2, 4, 6]) as calls:
         model(x)
@@ -119,10 +119,10 @@ def test_sketch_dim_per_layer_equals_the_per_layer_definition(variant):
 @pytest.mark.parametrize("policy", ["resample", "fixed"])
 def test_one_sketch_dim_for_every_layer_is_the_plain_sketch_dim(policy):
     model, x = mixed_widths(), torch.randn(24, 12)
-    plain = sigreg.attach(model, nn.Linear, "weak", K, sketch=policy, seed=2)
+    plain = sigreg.attach(model, nn.Linear, "weak", K, sketch_policy=policy, seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # two handles on one model, on purpose
-        mapped = sigreg.attach(model, nn.Linear, "weak", {"**": K}, sketch=policy, seed=2)
+        mapped = sigreg.attach(model, nn.Linear, "weak", {"**": K}, sketch_policy=policy, seed=2)
     for _ in range(2):
         model(x)
         assert torch.equal(plain.loss(), mapped.loss())
@@ -131,7 +131,7 @@ def test_one_sketch_dim_for_every_layer_is_the_plain_sketch_dim(policy):
 def test_sketch_dim_per_layer_state_resumes_exactly():
     model, x = mixed_widths(), torch.randn(24, 12)
     dims = {"0": 4, "**": 8}
-    first = sigreg.attach(model, nn.Linear, "strong", dims, sketch="fixed", seed=5)
+    first = sigreg.attach(model, nn.Linear, "strong", dims, sketch_policy="fixed", seed=5)
     model(x)
     first.loss()
     state = first.state_dict()
@@ -139,7 +139,7 @@ def test_sketch_dim_per_layer_state_resumes_exactly():
     model(x)
     expected = first.loss()
     first.remove()
-    resumed = sigreg.attach(model, nn.Linear, "strong", dims, sketch="fixed", seed=99)
+    resumed = sigreg.attach(model, nn.Linear, "strong", dims, sketch_policy="fixed", seed=99)
     resumed.load_state_dict(state)  # the saved sketches, not seed 99's
     model(x)
     assert torch.equal(resumed.loss(), expected)
@@ -150,7 +150,7 @@ def test_layer_called_twice_is_the_mean_of_its_calls(policy):
     torch.manual_seed(0)
     shared = nn.Linear(16, 16)
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(16, 16))
-    handle = sigreg.attach(model, ["0", "4"], "strong", K, sketch=policy, seed=1)
+    handle = sigreg.attach(model, ["0", "4"], "strong", K, sketch_policy=policy, seed=1)
     with recording(model, [0, 4]) as calls:  # model[0] is model[2]: [(0, ..), (0, ..), (1, ..)]
         model(torch.randn(20, 16))
     handle.loss()
@@ -162,7 +162,7 @@ def test_layer_called_twice_is_the_mean_of_its_calls(policy):
 
 def test_bf16_autocast_features_give_the_per_layer_values():
     model = mixed_widths()
-    handle = sigreg.attach(model, nn.Linear, "weak", K, sketch="fixed", keep_features=True)
+    handle = sigreg.attach(model, nn.Linear, "weak", K, sketch_policy="fixed", keep_features=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(24, 12))
     handle.loss()
@@ -178,7 +178,7 @@ def test_token_mean_pooling_inside_the_batch():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-    handle = sigreg.attach(model, "layers.*", "weak", K, sketch="fixed", keep_features=True)
+    handle = sigreg.attach(model, "layers.*", "weak", K, sketch_policy="fixed", keep_features=True)
     x = torch.randn(6, 5, 16)
     model(x)
     handle.loss()
@@ -202,7 +202,7 @@ def issue_mlp() -> nn.Module:
 
 def test_loss_covers_the_latest_forward_and_two_forwards_raise():
     model, x = issue_mlp(), torch.randn(32, 8)
-    handle = sigreg.attach(model, nn.Linear, sketch="fixed")
+    handle = sigreg.attach(model, nn.Linear, sketch_policy="fixed")
     model(x)
     one = handle.loss().item()
     model(x * 100)
@@ -215,7 +215,7 @@ def test_loss_covers_the_latest_forward_and_two_forwards_raise():
 
 def test_accumulate_averages_the_forwards_since_the_last_loss():
     model, x = issue_mlp(), torch.randn(32, 8)
-    handle = sigreg.attach(model, nn.Linear, sketch="fixed", accumulate=2)
+    handle = sigreg.attach(model, nn.Linear, sketch_policy="fixed", accumulate=2)
     values = []
     for scale in (100.0, 1.0):
         model(x * scale)
@@ -273,7 +273,7 @@ def test_attaching_twice_warns_once_removed_not():
                                              ("strong", "resample"), ("strong", "fixed")])
 def test_state_dict_resumes_the_sketch_stream_exactly(variant, policy):
     model, x = mixed_widths(), torch.randn(24, 12)
-    first = sigreg.attach(model, nn.Linear, variant, K, sketch=policy, seed=5)
+    first = sigreg.attach(model, nn.Linear, variant, K, sketch_policy=policy, seed=5)
     model(x)
     first.loss()
     state = first.state_dict()
@@ -282,7 +282,7 @@ def test_state_dict_resumes_the_sketch_stream_exactly(variant, policy):
         model(x)
         expected.append(first.loss())
     first.remove()
-    resumed = sigreg.attach(model, nn.Linear, variant, K, sketch=policy, seed=5)
+    resumed = sigreg.attach(model, nn.Linear, variant, K, sketch_policy=policy, seed=5)
     resumed.load_state_dict(state)
     for value in expected:
         model(x)
@@ -299,14 +299,14 @@ def test_state_dict_resumes_the_sketch_stream_exactly(variant, policy):
     ([], TypeError, "dict"),
 ])
 def test_load_state_dict_rejects_bad_states(state, error, message):
-    handle = sigreg.attach(mixed_widths(), nn.Linear, "weak", K, sketch="fixed")
+    handle = sigreg.attach(mixed_widths(), nn.Linear, "weak", K, sketch_policy="fixed")
     with pytest.raises(error, match=message):
         handle.load_state_dict(state)
 
 
 def test_fixed_sketches_do_not_load_into_a_resampling_handle():
     model = mixed_widths()
-    fixed = sigreg.attach(model, nn.Linear, "weak", K, sketch="fixed")
+    fixed = sigreg.attach(model, nn.Linear, "weak", K, sketch_policy="fixed")
     model(torch.randn(24, 12))
     fixed.loss()
     fixed.remove()
@@ -328,7 +328,7 @@ def test_fixed_sketches_do_not_load_into_a_resampling_handle():
     ({"alpha": "0.1"}, TypeError, "alpha"),
     ({"alpha": 0.1, "lam": 1.0}, ValueError, "exactly one"),
     ({"variant": "medium"}, ValueError, "variant"),
-    ({"sketch": "sometimes"}, ValueError, "sketch policy"),
+    ({"sketch_policy": "sometimes"}, ValueError, "sketch_policy"),
     ({"seed": 1.5}, TypeError, "seed"),
     ({"pool": "max"}, ValueError, "pool"),
     ({"pool": 3}, TypeError, "pool"),
@@ -408,7 +408,7 @@ def test_a_layer_rerun_in_backward_is_not_a_forward():
     """Activation checkpointing recomputes layers inside backward (autograd on, training):
     those calls must not count as a forward of the next step."""
     model, x = issue_mlp(), torch.randn(16, 8)
-    handle = sigreg.attach(model, nn.Linear, sketch="fixed")
+    handle = sigreg.attach(model, nn.Linear, sketch_policy="fixed")
 
     def checkpointed(inp):
         return torch.utils.checkpoint.checkpoint(model, inp, use_reentrant=False)

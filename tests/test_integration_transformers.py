@@ -339,7 +339,7 @@ def padded_text(length: int) -> list[dict[str, torch.Tensor]]:
 def test_padding_does_not_change_the_regularizer(pool, tmp_path):
     """The batch's attention_mask reaches the pooling: the same tokens padded to 8 or to 12
     give the same sigreg/loss (causal GPT-2: real tokens do not see the right padding)."""
-    settings = dict(layers="transformer.h.*", pool=pool, alpha=ALPHA, sketch="fixed")
+    settings = dict(layers="transformer.h.*", pool=pool, alpha=ALPHA, sketch_policy="fixed")
     logged = []
     for length in (8, 12):
         trainer, _ = train(gpt2(), padded_text(length), settings, tmp_path / str(length), 4)

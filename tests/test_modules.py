@@ -17,13 +17,13 @@ def fixed_sketches(reg):
 
 
 def test_fixed_sketch_is_drawn_once_and_round_trips_through_state_dict():
-    reg = sigreg.WeakSIGReg(sketch_dim=8, sketch="fixed", seed=5)
+    reg = sigreg.WeakSIGReg(sketch_dim=8, sketch_policy="fixed", seed=5)
     z = torch.randn(64, 32)
     first = reg(z)
     sketch = fixed_sketches(reg)["0"].clone()  # layer "0": the features' only layer
     assert sketch.shape == (32, 8)
     assert torch.equal(reg(z), first)  # same sketch again
-    fresh = sigreg.WeakSIGReg(sketch_dim=8, sketch="fixed", seed=99)
+    fresh = sigreg.WeakSIGReg(sketch_dim=8, sketch_policy="fixed", seed=99)
     fresh.load_state_dict(reg.state_dict())
     assert torch.equal(fixed_sketches(fresh)["0"], sketch)
     assert torch.equal(fresh(z), first)
@@ -36,8 +36,8 @@ def test_module_and_one_layer_handle_draw_one_stream(variant, policy):
     gives, step after step, and holds the same state: one projection stream."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh())
-    handle = sigreg.attach(model, "0", variant, 8, sketch=policy, seed=7, keep_features=True)
-    module = MODULES[variant](8, sketch=policy, seed=7)
+    handle = sigreg.attach(model, "0", variant, 8, sketch_policy=policy, seed=7, keep_features=True)
+    module = MODULES[variant](8, sketch_policy=policy, seed=7)
     for _ in range(3):
         model(torch.randn(24, 12))
         handle.loss()
@@ -57,9 +57,9 @@ def test_module_on_a_stack_is_one_group_of_a_handle(variant, policy):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
                           nn.Linear(32, 32))
-    handle = sigreg.attach(model, nn.Linear, variant, 8, sketch=policy, seed=7,
+    handle = sigreg.attach(model, nn.Linear, variant, 8, sketch_policy=policy, seed=7,
                            keep_features=True)
-    module = MODULES[variant](8, sketch=policy, seed=7)
+    module = MODULES[variant](8, sketch_policy=policy, seed=7)
     for _ in range(2):
         model(torch.randn(24, 12))
         handle.loss()
@@ -71,18 +71,18 @@ def test_module_on_a_stack_is_one_group_of_a_handle(variant, policy):
 def test_saved_module_round_trips():
     z = torch.randn(64, 32)
     for policy in ("fixed", "resample"):
-        reg = sigreg.StrongSIGReg(8, sketch=policy, seed=4)
+        reg = sigreg.StrongSIGReg(8, sketch_policy=policy, seed=4)
         reg(z)
         buffer = io.BytesIO()
         torch.save(reg.state_dict(), buffer)
         buffer.seek(0)
-        resumed = sigreg.StrongSIGReg(8, sketch=policy, seed=4)
+        resumed = sigreg.StrongSIGReg(8, sketch_policy=policy, seed=4)
         resumed.load_state_dict(torch.load(buffer, weights_only=True))
         assert torch.equal(resumed(z), reg(z))
 
 
 def test_module_state_rejects_bad_states():
-    reg = sigreg.WeakSIGReg(8, sketch="fixed")
+    reg = sigreg.WeakSIGReg(8, sketch_policy="fixed")
     with pytest.raises(ValueError, match="stack positions"):
         reg.load_state_dict({"_extra_state": {"step": 0, "fixed": {"blocks.0": torch.randn(32, 8)}}})
     with pytest.raises(ValueError, match="fixed sketches"):
@@ -91,7 +91,7 @@ def test_module_state_rejects_bad_states():
 
 
 def test_fixed_sketch_rejects_other_width():
-    reg = sigreg.WeakSIGReg(sketch_dim=4, sketch="fixed")
+    reg = sigreg.WeakSIGReg(sketch_dim=4, sketch_policy="fixed")
     reg(torch.randn(16, 10))
     with pytest.raises(ValueError, match="width"):
         reg(torch.randn(16, 11))
@@ -121,7 +121,7 @@ def test_resample_counter_resumes_from_state_dict():
 def test_no_sketch_when_width_at_most_k():
     z = torch.randn(64, 16)
     for policy in ("fixed", "resample"):
-        assert sigreg.WeakSIGReg(64, sketch=policy)(z).item() == pytest.approx(
+        assert sigreg.WeakSIGReg(64, sketch_policy=policy)(z).item() == pytest.approx(
             sigreg.weak_sigreg(z).item()
         )
     assert sigreg.WeakSIGReg(None)(z).item() == pytest.approx(sigreg.weak_sigreg(z).item())
@@ -129,7 +129,7 @@ def test_no_sketch_when_width_at_most_k():
 
 def test_constructor_validation():
     with pytest.raises(ValueError, match="policy"):
-        sigreg.WeakSIGReg(sketch="sometimes")
+        sigreg.WeakSIGReg(sketch_policy="sometimes")
     with pytest.raises(ValueError, match="sketch_dim"):
         sigreg.WeakSIGReg(0)
     with pytest.raises(TypeError, match="sketch_dim"):
@@ -157,7 +157,7 @@ def test_vicreg_module_validates_and_ignores_projection_settings():
                 {"eps": 0.0}):
         with pytest.raises(ValueError):
             VarCovReg(**bad)
-    reg = make_regularizer("vicreg", 16, sketch="fixed", seed=3, var_weight=2.0)
+    reg = make_regularizer("vicreg", 16, sketch_policy="fixed", seed=3, var_weight=2.0)
     assert isinstance(reg, VarCovReg) and reg.var_weight == 2.0
     z = torch.randn(32, 6)
     assert reg(z).item() == pytest.approx(

@@ -43,7 +43,7 @@ def test_vit_full_is_the_papers_recipe_on_all_of_fashion_mnist(variant):
     assert cfg.dataset == "fashion-mnist" and cfg.num_train is None and cfg.model_args == {}
     same = ("model", "optimizer", "lr", "weight_decay", "schedule", "eta_min", "grad_clip",
             "randaugment_ops", "randaugment_magnitude", "mixup_alpha", "cutmix_alpha",
-            "batch_size", "alpha", "t_max", "num_points", "sketch")
+            "batch_size", "alpha", "t_max", "num_points", "sketch_policy")
     assert {k: getattr(cfg, k) for k in same} == {k: getattr(paper, k) for k in same}
     assert cfg.sigreg == variant and cfg.epochs == 100
     assert cfg.sketch_dim == (None if variant == "vicreg" else 64)

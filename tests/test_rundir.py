@@ -239,6 +239,28 @@ def test_resume_extends_a_run(one_epoch):
     assert json.loads((one_epoch / "config.json").read_text())["epochs"] == 2
 
 
+def test_resume_a_run_saved_before_sketch_policy_was_renamed(tmp_path):
+    """A run whose checkpoint and config.json name the policy ``sketch``, as the version
+    before the rename wrote them, resumes, and its policy is the one it was trained with."""
+    out = tmp_path / "run"
+    train(tiny(epochs=1, sketch_policy="fixed"), out, progress=False, log=quiet)
+    state = checkpoint.load(out / "checkpoint.pt")
+    state["config"]["sketch"] = state["config"].pop("sketch_policy")
+    checkpoint.save_atomic(state, out / "checkpoint.pt")
+    config = json.loads((out / "config.json").read_text())
+    config["sketch"] = config.pop("sketch_policy")
+    (out / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(RunDirError, match=r"sketch_policy \('fixed' -> 'resample'\)"):
+        train(tiny(epochs=2), out, resume=True, progress=False, log=quiet)
+    summary = train(tiny(epochs=2, sketch_policy="fixed"), out, resume=True, progress=False,
+                    log=quiet)
+    assert summary["epochs"] == 2
+    resumes = [r for r in rows_without_timing(out) if r["kind"] == "resume"]
+    assert resumes == [{"kind": "resume", "epoch": 1, "changed": {"epochs": [1, 2]}}]
+    assert json.loads((out / "config.json").read_text())["sketch_policy"] == "fixed"
+
+
 def test_resume_refuses_changed_settings_and_records_allowed_ones(one_epoch):
     before = snapshot(one_epoch)
     changed = tiny(epochs=2, lr=1e-3, grad_clip=1.0)
@@ -370,7 +392,7 @@ def bad_values(key: str, low: float, high: float) -> st.SearchStrategy[str]:
 
 BAD_SETTING = st.one_of(
     *[bad_values(k, lo, hi).map(lambda v, k=k: f"{k}={v}") for k, (lo, hi, _) in RANGES.items()],
-    st.sampled_from(["optimizer", "schedule", "sigreg", "sketch", "device"]).flatmap(
+    st.sampled_from(["optimizer", "schedule", "sigreg", "sketch_policy", "device"]).flatmap(
         lambda k: st.text(string.ascii_lowercase, min_size=1, max_size=6).map(
             lambda v, k=k: f"{k}={v}x")),
     st.sampled_from(["model.depth=0", "model.depth=1.5", "model.width=-3", "model.color=1",

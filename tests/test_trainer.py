@@ -83,7 +83,7 @@ def test_preset_trains_two_steps(name, tmp_path):
         "monitor_every=1", "device=cpu", *TINY[preset.model],
     ])
     # Only sizes, data and schedule length change; the preset's recipe is what runs.
-    for key in ("model", "optimizer", "sigreg", "sketch_dim", "sketch", "mixup_alpha",
+    for key in ("model", "optimizer", "sigreg", "sketch_dim", "sketch_policy", "mixup_alpha",
                 "cutmix_alpha", "randaugment_ops", "grad_clip", "alpha"):
         assert getattr(cfg, key) == getattr(preset, key)
 
@@ -119,7 +119,7 @@ def test_preset_trains_two_steps(name, tmp_path):
 
 
 # --------------------------------------------------------------------------- 2. resume
-MIX_WEAK = {"epochs": 3, "sigreg": "weak", "sketch": "resample", "randaugment_ops": 2,
+MIX_WEAK = {"epochs": 3, "sigreg": "weak", "sketch_policy": "resample", "randaugment_ops": 2,
             "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "optimizer": "adamw", "lr": 3e-3}
 RESUME_CONFIGS = {
     # weak SIGReg with a fresh sketch every step, RandAugment, crop/flip and MixUp/CutMix.
@@ -471,7 +471,7 @@ def test_unknown_setting_lists_valid_keys():
     ("betas=[0.9,0.99,0.999]", "betas expects two numbers"),
     ("sigreg=medium", "sigreg must be one of none, weak, strong"),
     ("optimizer=adam", "optimizer must be one of sgd, adamw, muon"),
-    ("sketch=None", "sketch must be one of resample, fixed"),
+    ("sketch_policy=None", "sketch_policy must be one of resample, fixed"),
     ("lr", "expects key=value"),
     ("=3", "expects key=value"),
 ])
@@ -581,7 +581,7 @@ def test_sketch_dim_per_layer_reaches_the_regularizer(tmp_path):
         [flat(r) for r in epoch_rows(tmp_path / "same")]
     assert plain["final_test_acc"] == same["final_test_acc"]
 
-    mixed = tiny_mlp(sigreg="weak", sketch="fixed", sketch_dim_per_layer="2,none", epochs=2)
+    mixed = tiny_mlp(sigreg="weak", sketch_policy="fixed", sketch_dim_per_layer="2,none", epochs=2)
     train(mixed, tmp_path / "mixed", progress=False, log=quiet)
     train(apply_overrides(mixed, ["epochs=1"]), tmp_path / "resumed", progress=False, log=quiet)
     train(mixed, tmp_path / "resumed", resume=True, progress=False, log=quiet)

@@ -1,9 +1,10 @@
-"""The projection stream of a regularizer: the sketches (weak) or directions (strong) of the
-layers it regularizes, and their state for exact resume.
+"""The projection stream of a regularizer: the sketches S (weak) or directions A (strong),
+(C, K) with K = ``sketch_dim``, of the layers it regularizes, and their state for exact
+resume.
 
 Every :class:`sigreg.modules.Regularizer` owns one, as ``regularizer.projections``; its own
 ``forward`` and an :func:`sigreg.attach` handle both draw from it, so the same seed and the
-same calls give the same projections whichever way it is called.
+same calls give the same projections whichever way it is called. Its ``sketch_policy``:
 
 - ``"fixed"``: layer i's own, drawn once from ``seed + i`` on the CPU, then stacked per
   group of layers and cached on the features' device.
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 class LayerProjections:
     """Projections for stacks of layer features, from one regularizer's ``draw``, with its
-    ``policy`` (absent: it projects nothing), ``seed`` and ``num_projections``."""
+    ``sketch_policy`` (absent: it projects nothing), ``seed`` and ``sketch_dim``."""
 
     def __init__(self, regularizer: Regularizer) -> None:
         self.regularizer = regularizer
@@ -40,9 +41,9 @@ class LayerProjections:
         self._cache: dict[tuple, Any] = {}
 
     @property
-    def policy(self) -> str | None:
+    def sketch_policy(self) -> str | None:
         """``"fixed"``, ``"resample"``, or None for a regularizer that projects nothing."""
-        return getattr(self.regularizer, "policy", None)
+        return getattr(self.regularizer, "sketch_policy", None)
 
     def for_group(self, ordinal: int, layers: tuple[int, ...], z: torch.Tensor):
         """Projections (L, C, K) for the stack z (L, N, C) of calls of ``layers`` (indices
@@ -52,14 +53,14 @@ class LayerProjections:
         Raises:
             ValueError if a layer's fixed projection was drawn for another width C.
         """
-        if self.policy == "fixed":
+        if self.sketch_policy == "fixed":
             key = ("fixed", layers, z.shape[-1], z.device)  # the width: a changed one raises
             if key not in self._cache:
                 per_layer = [self._fixed(i, z.shape[-1]) for i in layers]
                 stacked = None if per_layer[0] is None else torch.stack(per_layer).to(z.device)
                 self._cache[key] = stacked
             return self._cache[key]
-        if self.policy == "resample":
+        if self.sketch_policy == "resample":
             gen = self._generator(z.device)
             gen.manual_seed(mix_seed(mix_seed(self.regularizer.seed, self.step), ordinal))
             return self.regularizer.draw(z.shape[-1], gen, z.device, (len(layers),))
@@ -130,10 +131,10 @@ class LayerProjections:
                       "a module's layers are its stack positions '0', '1', ...")
             raise ValueError(f"state['fixed'] has sketches for layers {unknown} that are not "
                              f"regularized here ({layers})")
-        if fixed and self.policy != "fixed":
-            raise ValueError(f"the state holds fixed sketches, but this sketch policy "
-                             f"is {self.policy!r}")
-        k = getattr(self.regularizer, "num_projections", None)
+        if fixed and self.sketch_policy != "fixed":
+            raise ValueError(f"the state holds fixed sketches, but this sketch_policy "
+                             f"is {self.sketch_policy!r}")
+        k = getattr(self.regularizer, "sketch_dim", None)
         for name, t in fixed.items():
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != k:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -19,6 +19,7 @@ from torch import nn
 
 from ._checks import check_choice, check_has_values, check_int
 from ._projections import LayerProjections
+from ._renamed import renamed_keywords
 from .capture import (
     POOLS,
     Call,
@@ -464,7 +465,7 @@ class SIGRegHandle:
 
     def _warn_full_covariance(self, part: _Part, layers: tuple[int, ...], width: int,
                               projection: torch.Tensor | None) -> None:
-        k = getattr(part.regularizer, "num_projections", None)
+        k = getattr(part.regularizer, "sketch_dim", None)
         if projection is None and isinstance(part.regularizer, WeakSIGReg) and k is not None:
             self._warn_once("full-covariance", (
                 f"SIGReg: sketch_dim K={k} >= width {width} of layers "
@@ -564,6 +565,7 @@ def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
     return torch.compile(fn, **({} if compile is True else dict(compile)))
 
 
+@renamed_keywords(sketch="sketch_policy")
 def attach(
     model: nn.Module,
     layers: LayerSpec | Iterable[LayerSpec],
@@ -571,7 +573,7 @@ def attach(
     sketch_dim: int | None | Mapping[LayerSpec, int | None] = 64,
     pool: Pool = "mean",
     *,
-    sketch: str = "resample",
+    sketch_policy: str = "resample",
     seed: int = 0,
     alpha: float | None = None,
     lam: float | None = None,
@@ -589,17 +591,18 @@ def attach(
             :func:`resolve_layers`.
         variant: ``"weak"`` (covariance), ``"strong"`` (characteristic function), or
             ``"vicreg"``, VICReg's variance + covariance terms, a baseline to compare with
-            (full covariance: ``sketch_dim``, ``sketch`` and ``seed`` do not apply).
+            (full covariance: ``sketch_dim``, ``sketch_policy`` and ``seed`` do not apply).
         sketch_dim: K, sketch width (weak) or number of directions (strong), an integer
             >= 1. Weak: None or K >= C means the full covariance. A mapping from layer specs
             to K sets it per layer: each layer takes the value of the first key that matches
             it (``{"blocks.0": 16, "**": 64}``); every layer must match a key and every key a
             layer. Layers with different K are computed in separate groups.
         pool: how outputs become (N, C); see :func:`pool_features`.
-        sketch: ``"resample"`` (a fresh projection per layer every :meth:`~SIGRegHandle.loss`,
-            all of a group drawn at once from (seed, step)) or ``"fixed"`` (layer i's drawn
-            once from ``seed + i``); see :mod:`sigreg.modules`. Use the same seed on every
-            rank.
+        sketch_policy: ``"resample"`` (a fresh projection per layer every
+            :meth:`~SIGRegHandle.loss`, all of a group drawn at once from (seed, step)) or
+            ``"fixed"`` (layer i's drawn once from ``seed + i``); see :mod:`sigreg.modules`.
+            ``sketch=``, its old name, is deprecated.
+        seed: seed of the projection stream. Use the same seed on every rank.
         alpha: weighting used by :meth:`SIGRegHandle.combine`:
             ``(1 - alpha) * task + alpha * reg``. Default (neither given): alpha=0.1.
         lam: the other weighting, ``task + lam * reg``, instead of ``alpha``.
@@ -660,7 +663,7 @@ def attach(
     names = resolve_layers(model, layers)
     dims = _sketch_dims(model, names, sketch_dim)
     distinct = list(dict.fromkeys(dims))
-    regularizers = [make_regularizer(variant, k, sketch=sketch, seed=seed,
+    regularizers = [make_regularizer(variant, k, sketch_policy=sketch_policy, seed=seed,
                                      distributed=distributed, **variant_kwargs) for k in distinct]
     _warn_if_hooked(model, names)
     return SIGRegHandle(model, names, regularizers, [distinct.index(k) for k in dims],

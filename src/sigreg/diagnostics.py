@@ -69,9 +69,9 @@ def participation_ratio(eigenvalues: Tensor) -> float:
 
     The eigendecomposition path of ``effective_dimension``; 0.0 for an all-zero spectrum.
     """
-    lam = eigenvalues.to(torch.float64)
-    denom = float((lam * lam).sum())
-    return float(lam.sum()) ** 2 / denom if denom > 0 else 0.0
+    spectrum = eigenvalues.to(torch.float64)
+    denom = float((spectrum * spectrum).sum())
+    return float(spectrum.sum()) ** 2 / denom if denom > 0 else 0.0
 
 
 def _effective_dim(cov: Tensor) -> float:

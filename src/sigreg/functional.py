@@ -26,6 +26,7 @@ import torch
 
 from . import reference  # the definition's pieces: read from there, written once
 from ._checks import check_has_values, check_int, check_number, check_positive
+from ._renamed import renamed_keywords
 from .distributed import (
     all_reduce_sum,
     all_reduce_with_count,
@@ -85,8 +86,8 @@ def weak_sigreg(
             computed in float32 (float64 kept).
         sketch: projection S, shape (C, K) (every layer) or (*, C, K) (one per layer), or
             None for the full (C, C) covariance.
-        distributed: pool statistics over all ranks. None: whenever a process group with
-            more than one rank is initialised.
+        distributed: statistics over the global batch of all ranks. None: whenever a
+            process group with more than one rank is initialised.
 
     Returns:
         Float32 tensor of shape (*): a scalar for (N, C) input. Covariance is unbiased
@@ -246,19 +247,20 @@ def check_quadrature(t_max: object, num_points: object) -> tuple[float, int]:
     return check_positive(t_max, "t_max"), check_int(num_points, "num_points", minimum=2)
 
 
+@renamed_keywords(num_directions="sketch_dim")
 def strong_sigreg(
     z: torch.Tensor,
     directions: torch.Tensor | None = None,
     t_max: float = 3.0,
     num_points: int = 17,
     *,
-    num_directions: int = 64,
+    sketch_dim: int = 64,
     generator: torch.Generator | None = None,
     distributed: bool | None = None,
 ) -> torch.Tensor:
     """Strong SIGReg (LeJEPA): Epps-Pulley statistic of random 1-D projections, per layer.
 
-    For each unit direction a, with projections p = Z a and ECF(t) = mean_n exp(i t p_n):
+    For each unit direction a, with projected features p = Z a and ECF(t) = mean_n exp(i t p_n):
     ``N * int_{-t_max}^{t_max} |ECF(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt``, averaged over
     directions. Integrated with the trapezoid rule on the ``num_points`` equally spaced
     nodes of [0, t_max], weights doubled (the integrand is even in t). The definition, in
@@ -272,10 +274,14 @@ def strong_sigreg(
     Args:
         z: features, shape (N, C), or a stack of layers (*, N, C). Computed in float32.
         directions: (C, K) or (*, C, K) with unit-norm columns, or None to draw
-            ``num_directions`` from ``generator`` (one set per layer for a stack; under
+            ``sketch_dim`` of them from ``generator`` (one set per layer for a stack; under
             torch.distributed, rank 0's draw is broadcast).
         t_max: half-width of the integration interval (LeJEPA: 3, the paper's code: 5).
         num_points: quadrature nodes on [0, t_max], including both ends (>= 2).
+        sketch_dim: K, the number of directions drawn when ``directions`` is None
+            (``num_directions=``, its old name, is deprecated).
+        generator: the generator of that draw (None: torch's default one).
+        distributed: statistics over the global batch (None: automatic).
 
     Returns:
         Float32 tensor of shape (*), a scalar for (N, C) input (0 for a perfect standard
@@ -300,7 +306,7 @@ def strong_sigreg(
     _check_features(z, min_rows=0 if distributed else 2)
     t_max, num_points = check_quadrature(t_max, num_points)
     if directions is None:
-        directions = draw_directions(z.shape[-1], num_directions, generator, device=z.device,
+        directions = draw_directions(z.shape[-1], sketch_dim, generator, device=z.device,
                                      batch=z.shape[:-2])
         if distributed:
             directions = broadcast_from_rank0(directions)
@@ -309,19 +315,19 @@ def strong_sigreg(
     with torch.autocast(device_type=z.device.type, enabled=False):
         p = _project(z, directions)  # (*, N, K)
         flat = p.reshape(p.shape[:-2].numel(), *p.shape[-2:])  # no -1: N may be 0 here
-        step = t_max / (num_points - 1)  # trapezoid_weights's node spacing
+        spacing = t_max / (num_points - 1)  # trapezoid_weights's node spacing
         n, k = p.shape[-2:]
         if not distributed:
             constants = _constant(_local_constants, t_max, num_points, n, k, z.device, p.dtype)
-            return _EppsPulley.apply(flat, step, *constants).view(p.shape[:-2])
+            return _EppsPulley.apply(flat, spacing, *constants).view(p.shape[:-2])
         target, weights, nodes = _constant(_quadrature, t_max, num_points, z.device, p.dtype)
-        sums, n = all_reduce_with_count(_CharacteristicSums.apply(flat, step, nodes), n)
+        sums, n = all_reduce_with_count(_CharacteristicSums.apply(flat, spacing, nodes), n)
         loss, _ = _loss_of_sums(sums, *_fold(target, weights, n, k))
         return loss.view(p.shape[:-2])
 
 
 # ---- strong SIGReg, fast: the steps of reference.strong_sigreg_reference ------------------
-# Per layer, with projections p (N, K), the quadrature's nodes t_j and weights q_j and the
+# Per layer, with projected features p (N, K), the quadrature's nodes t_j and weights q_j and the
 # weight function w (sigreg.reference), W_j = q_j w(t_j) (see _quadrature):
 #   1. sums:     S_kj = sum_n exp(i t_j p_nk) = N ECF_k(t_j) at the nodes t_j = j h > 0
 #                (t = 0 adds nothing: S = N there, and N phi(0) = N)        _characteristic_sums
@@ -371,18 +377,18 @@ def _local_constants(t_max: float, num_points: int, n: int, k: int, device: torc
         return *_fold(target, weights, n, k), 2 * nodes * (weights / (n * k)).unsqueeze(-1)
 
 
-def _characteristic_powers(p: torch.Tensor, step: float, count: int) -> torch.Tensor:
-    """exp(i j step p) for j = 1..count: complex (L, K, count, N) from projections p
+def _characteristic_powers(p: torch.Tensor, spacing: float, count: int) -> torch.Tensor:
+    """exp(i j spacing p) for j = 1..count: complex (L, K, count, N) from projected features p
     (L, N, K), the batch innermost so that sums over it and the backward's product read
     contiguous rows.
 
-    Computed as powers of exp(i step p): one sine and cosine per projected value, then
+    Computed as powers of exp(i spacing p): one sine and cosine per projected value, then
     products that double j (1, 2, 4, ...), one kernel each, written in place; evaluating
     cos and sin at every node instead was the dominant cost on a CPU (3x the time). In
     float32 the powers differ from direct evaluation by about j * eps, less than direct
-    evaluation's own rounding of j step p once |j step p| > j, i.e. |p| > 1 / step.
+    evaluation's own rounding of j spacing p once |j spacing p| > j, i.e. |p| > 1 / spacing.
     """
-    angle = p.mT * step
+    angle = p.mT * spacing
     cdtype = torch.complex128 if p.dtype == torch.float64 else torch.complex64
     powers = angle.new_empty((*angle.shape[:2], count, angle.shape[2]), dtype=cdtype)
     torch.polar(angle.new_ones(angle.shape), angle, out=powers[:, :, 0])
@@ -395,10 +401,10 @@ def _characteristic_powers(p: torch.Tensor, step: float, count: int) -> torch.Te
     return powers
 
 
-def _characteristic_sums(p: torch.Tensor, step: float, count: int) -> tuple:
+def _characteristic_sums(p: torch.Tensor, spacing: float, count: int) -> tuple:
     """Step 1: the powers exp(i t_j p_n) (L, K, T - 1, N) and their sums over the batch as
-    (Re, Im), (L, K, T - 1, 2), for projections p (L, N, K) and the nodes t_j = j step."""
-    powers = _characteristic_powers(p, step, count)
+    (Re, Im), (L, K, T - 1, 2), for projected features p (L, N, K) and the nodes t_j = j spacing."""
+    powers = _characteristic_powers(p, spacing, count)
     return powers, torch.view_as_real(powers.sum(-1))
 
 
@@ -429,9 +435,9 @@ class _EppsPulley(torch.autograd.Function):
     more kernels for step 2."""
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, step: float, scaled_target: torch.Tensor,
+    def forward(ctx, p: torch.Tensor, spacing: float, scaled_target: torch.Tensor,
                 flat_weights: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
-        powers, sums = _characteristic_sums(p, step, scaled_target.shape[0])
+        powers, sums = _characteristic_sums(p, spacing, scaled_target.shape[0])
         loss, gap = _loss_of_sums(sums, scaled_target, flat_weights)
         ctx.save_for_backward(powers, gap, grad_factor)
         return loss
@@ -448,11 +454,11 @@ class _EppsPulley(torch.autograd.Function):
 
 class _CharacteristicSums(torch.autograd.Function):
     """Step 1 alone, for the distributed path (its sums are all-reduced before step 2):
-    sums (L, K, T - 1, 2) of projections p (L, N, K)."""
+    sums (L, K, T - 1, 2) of projected features p (L, N, K)."""
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, step: float, nodes: torch.Tensor) -> torch.Tensor:
-        powers, sums = _characteristic_sums(p, step, nodes.shape[0])
+    def forward(ctx, p: torch.Tensor, spacing: float, nodes: torch.Tensor) -> torch.Tensor:
+        powers, sums = _characteristic_sums(p, spacing, nodes.shape[0])
         ctx.save_for_backward(powers, nodes)
         return sums
 

@@ -1,4 +1,5 @@
-"""``nn.Module`` wrappers that own the sketch (weak) or directions (strong).
+"""``nn.Module`` wrappers that own the sketch S (weak) or directions A (strong): the
+projection (C, K) of features of width C to K = ``sketch_dim`` dimensions.
 
 Each takes features (N, C) or a stack of layers (*, N, C) and returns one value per layer,
 shape (*). The loss itself is :meth:`~Regularizer.compute`, a pure function of the features
@@ -8,6 +9,8 @@ come from the module's stream, ``regularizer.projections``
 draws from too: a call on a stack (L, N, C) draws what a handle's step draws for one group
 of L layers (layer i of the stack is the handle's layer i), so a module on a layer's
 features gives the value a one-layer handle with the same seed gives, call after call.
+
+The ``sketch_policy``:
 
 - ``"resample"`` (default): a fresh projection every call, one per layer of the stack in
   one draw, from a generator seeded with (seed, call count) on the features' device.
@@ -25,6 +28,7 @@ distributed job because they depend on the seed only.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,10 +43,11 @@ from ._checks import (
     check_positive,
 )
 from ._projections import LayerProjections
+from ._renamed import renamed_keywords, renamed_message
 from .functional import check_quadrature, strong_sigreg, vicreg_varcov, weak_sigreg
 from .sketch import draw_directions, draw_sketch
 
-POLICIES = ("resample", "fixed")
+SKETCH_POLICIES = ("resample", "fixed")
 
 
 def _check_stack(z: torch.Tensor) -> None:
@@ -92,18 +97,33 @@ class _ProjectedSIGReg(Regularizer):
     define ``draw`` and ``compute``."""
 
     def __init__(
-        self, num_projections: int | None, sketch: str, seed: int, distributed: bool | None
+        self, sketch_dim: int | None, sketch_policy: str, seed: int, distributed: bool | None
     ) -> None:
         super().__init__()
-        if num_projections is not None:
-            check_int(num_projections, "sketch_dim (the number of projections K)")
-        check_choice(sketch, "sketch policy", POLICIES)
+        if sketch_dim is not None:
+            check_int(sketch_dim, "sketch_dim (K, the projection's width)")
+        check_choice(sketch_policy, "sketch_policy", SKETCH_POLICIES)
         check_int(seed, "seed", minimum=-(2**63))
         check_optional_bool(distributed, "distributed")
-        self.num_projections = num_projections
-        self.policy = sketch
+        self.sketch_dim = sketch_dim
+        self.sketch_policy = sketch_policy
         self.seed = int(seed)
         self.distributed = distributed
+
+    @property
+    def num_projections(self) -> int | None:
+        """Deprecated: ``sketch_dim``."""
+        return self._renamed_attribute("num_projections", "sketch_dim")
+
+    @property
+    def policy(self) -> str:
+        """Deprecated: ``sketch_policy``."""
+        return self._renamed_attribute("policy", "sketch_policy")
+
+    def _renamed_attribute(self, old: str, new: str) -> Any:
+        warnings.warn(renamed_message(old, new, f"sigreg.{type(self).__name__}", "attribute"),
+                      FutureWarning, stacklevel=3)
+        return getattr(self, new)
 
     def get_extra_state(self) -> dict[str, Any]:
         return self.projections.state_dict()
@@ -112,7 +132,8 @@ class _ProjectedSIGReg(Regularizer):
         self.projections.load_state_dict(state)
 
     def extra_repr(self) -> str:
-        return f"num_projections={self.num_projections}, sketch={self.policy!r}, seed={self.seed}"
+        return (f"sketch_dim={self.sketch_dim}, sketch_policy={self.sketch_policy!r}, "
+                f"seed={self.seed}")
 
 
 class WeakSIGReg(_ProjectedSIGReg):
@@ -121,7 +142,8 @@ class WeakSIGReg(_ProjectedSIGReg):
     Args:
         sketch_dim: K, the sketch width (paper: 64). None, or K >= C, uses the full
             (C, C) covariance with no sketch.
-        sketch: ``"resample"`` (fresh S each call, default) or ``"fixed"`` (drawn once).
+        sketch_policy: ``"resample"`` (fresh S each call, default) or ``"fixed"`` (drawn
+            once). ``sketch=``, its old name, is deprecated.
         seed: seed of the sketch stream; use the same on every rank.
         distributed: statistics over the global batch (None: whenever torch.distributed
             is initialised with more than one rank).
@@ -146,17 +168,18 @@ class WeakSIGReg(_ProjectedSIGReg):
         torch.Size([4])
     """
 
+    @renamed_keywords(sketch="sketch_policy")
     def __init__(
         self,
         sketch_dim: int | None = 64,
-        sketch: str = "resample",
+        sketch_policy: str = "resample",
         seed: int = 0,
         distributed: bool | None = None,
     ) -> None:
-        super().__init__(sketch_dim, sketch, seed, distributed)
+        super().__init__(sketch_dim, sketch_policy, seed, distributed)
 
     def draw(self, in_features, generator, device, batch=()):
-        k = self.num_projections
+        k = self.sketch_dim
         if k is None or k >= in_features:
             return None  # no sketch: full covariance, as in the paper when C <= K
         return draw_sketch(in_features, k, generator, device, batch)
@@ -169,14 +192,14 @@ class StrongSIGReg(_ProjectedSIGReg):
     """Strong SIGReg (LeJEPA's Epps-Pulley statistic) on features (N, C) or (*, N, C).
 
     Args:
-        num_directions: K random unit directions (paper's supervised runs: 64; LeJEPA
-            uses 256-1024).
+        sketch_dim: K, the number of random unit directions (paper's supervised runs: 64;
+            LeJEPA uses 256-1024). ``num_directions=``, its old name, is deprecated.
         t_max: half-width of the integration interval [-t_max, t_max] (LeJEPA 3, the
             paper's code 5).
         num_points: trapezoid nodes on [0, t_max] only (the integrand is even; the sum is
             doubled): the paper's code's "17 points on [-5, 5]" is ``t_max=5,
             num_points=9``.
-        sketch: as for :class:`WeakSIGReg`.
+        sketch_policy: as for :class:`WeakSIGReg`.
         seed: as for :class:`WeakSIGReg`.
         distributed: as for :class:`WeakSIGReg`.
 
@@ -194,22 +217,24 @@ class StrongSIGReg(_ProjectedSIGReg):
         torch.Size([4])
     """
 
+    @renamed_keywords(num_directions="sketch_dim", sketch="sketch_policy")
     def __init__(
         self,
-        num_directions: int = 64,
+        sketch_dim: int = 64,
         t_max: float = 3.0,
         num_points: int = 17,
-        sketch: str = "resample",
+        sketch_policy: str = "resample",
         seed: int = 0,
         distributed: bool | None = None,
     ) -> None:
-        if num_directions is None:
-            raise ValueError("StrongSIGReg needs a number of directions (an integer >= 1), got None")
+        if sketch_dim is None:
+            raise ValueError("StrongSIGReg needs sketch_dim, its number of directions (an "
+                             "integer >= 1), got None")
         self.t_max, self.num_points = check_quadrature(t_max, num_points)
-        super().__init__(num_directions, sketch, seed, distributed)
+        super().__init__(sketch_dim, sketch_policy, seed, distributed)
 
     def draw(self, in_features, generator, device, batch=()):
-        return draw_directions(in_features, self.num_projections, generator, device, batch)
+        return draw_directions(in_features, self.sketch_dim, generator, device, batch)
 
     def compute(self, z, projection):
         return strong_sigreg(z, projection, self.t_max, self.num_points,
@@ -273,19 +298,20 @@ class VarCovReg(Regularizer):
 
 VARIANTS = {"weak": WeakSIGReg, "strong": StrongSIGReg, "vicreg": VarCovReg}
 # Settings of the projection stream, meaningless for a regularizer that projects nothing.
-_PROJECTION_KWARGS = ("sketch", "seed")
+_PROJECTION_KWARGS = ("sketch_policy", "seed")
 # The options each variant takes besides sketch_dim (for clear errors on unknown ones).
 VARIANT_OPTIONS = {
-    "weak": ("sketch", "seed", "distributed"),
-    "strong": ("t_max", "num_points", "sketch", "seed", "distributed"),
+    "weak": ("sketch_policy", "seed", "distributed"),
+    "strong": ("t_max", "num_points", "sketch_policy", "seed", "distributed"),
     "vicreg": ("gamma", "var_weight", "cov_weight", "eps", "distributed", *_PROJECTION_KWARGS),
 }
 
 
+@renamed_keywords(sketch="sketch_policy")
 def make_regularizer(variant: str, sketch_dim: int | None = 64, **kwargs: Any) -> Regularizer:
     """Build a regularizer by name: ``"weak"``, ``"strong"`` (sketch_dim = K for both) or
-    ``"vicreg"`` (the baseline; full covariance, so ``sketch_dim``, ``sketch`` and ``seed``
-    do not apply and are ignored).
+    ``"vicreg"`` (the baseline; full covariance, so ``sketch_dim``, ``sketch_policy``
+    and ``seed`` do not apply and are ignored).
 
     Examples:
         >>> import sigreg
@@ -304,5 +330,6 @@ def make_regularizer(variant: str, sketch_dim: int | None = 64, **kwargs: Any) -
         raise TypeError(f"unknown option(s) {unknown} for variant {variant!r}; it takes "
                         f"{list(VARIANT_OPTIONS[variant])}")
     if variant == "vicreg":
-        return VarCovReg(**{k: v for k, v in kwargs.items() if k not in _PROJECTION_KWARGS})
+        return VarCovReg(**{key: value for key, value in kwargs.items()
+                            if key not in _PROJECTION_KWARGS})
     return VARIANTS[variant](sketch_dim, **kwargs)

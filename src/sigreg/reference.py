@@ -70,7 +70,7 @@ def epps_pulley_integrand(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``N |ECF(t) - phi(t)|^2 w(t)`` for each direction, with ECF(t) = mean_n exp(i t p_n).
 
     Args:
-        p: projections (*, N, K), one column per direction.
+        p: projected features Z A (*, N, K), one column per direction.
         t: nodes (T,), any grid.
 
     Returns:
@@ -83,7 +83,7 @@ def epps_pulley_integrand(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def strong_sigreg_reference(
     z: torch.Tensor, directions: torch.Tensor, t_max: float = 3.0, num_points: int = 17
 ) -> torch.Tensor:
-    """Strong SIGReg: the Epps-Pulley statistic of each direction's projections p = Z a,
+    """Strong SIGReg: the Epps-Pulley statistic of each direction's projected features p = Z a,
     ``N int_{-t_max}^{t_max} |ECF(t) - exp(-t^2/2)|^2 w(t) dt`` with w(t) = exp(-t^2/2),
     averaged over the K directions; integrated with :func:`trapezoid_weights`.
 

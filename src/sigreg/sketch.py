@@ -1,4 +1,5 @@
-"""Random sketches (weak SIGReg) and unit directions (strong SIGReg).
+"""Random sketches (weak SIGReg) and unit directions (strong SIGReg): the projection
+(C, K) of features of width C to K = ``sketch_dim`` dimensions.
 
 Both are drawn from an explicit ``torch.Generator`` so that every rank of a distributed
 job, and every resumed run, sees exactly the same matrices. A leading ``batch`` shape draws
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_int
+from ._renamed import renamed_keywords
 
 
 def _batch_shape(batch: int | Sequence[int]) -> tuple[int, ...]:
@@ -59,14 +61,16 @@ def draw_sketch(
     return s.div_(math.sqrt(in_features)).to(device)
 
 
+@renamed_keywords(num_directions="sketch_dim")
 def draw_directions(
     in_features: int,
-    num_directions: int,
+    sketch_dim: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     batch: int | Sequence[int] = (),
 ) -> torch.Tensor:
-    """Random unit directions A of shape (*batch, C, K): Gaussian columns of length 1.
+    """Random unit directions A of shape (*batch, C, K): Gaussian columns of length 1,
+    K = ``sketch_dim`` (``num_directions=`` is its deprecated old name).
 
     At width C = 1 every direction is +1 or -1, which give the same Epps-Pulley statistic:
     all are +1 (normalising a draw would give 0/0 = NaN for the exact zero that float32
@@ -81,9 +85,9 @@ def draw_directions(
         True
     """
     if in_features == 1:
-        check_int(num_directions, "sketch_dim")
-        return torch.ones(*_batch_shape(batch), 1, num_directions, device=device)
-    a = _gaussian(batch, in_features, num_directions, generator, device)
+        check_int(sketch_dim, "sketch_dim")
+        return torch.ones(*_batch_shape(batch), 1, sketch_dim, device=device)
+    a = _gaussian(batch, in_features, sketch_dim, generator, device)
     return (a / a.norm(dim=-2, keepdim=True)).to(device)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._renamed import translate
 from ..attach import FeatureRecorder, LayerSpec, Pool, SIGRegHandle, attach
 from ..diagnostics import effective_dimension
 
@@ -23,6 +24,9 @@ class SIGRegSession:
 
     def __init__(self, layers: LayerSpec | list[LayerSpec], variant: str = "weak",
                  sketch_dim: int | None = 64, pool: Pool = "mean", **attach_kwargs: Any) -> None:
+        # A renamed keyword warns here, where the settings are given, not at each fit.
+        attach_kwargs = translate(attach_kwargs, attach.renamed_keywords, "sigreg.attach",
+                                  stacklevel=4)
         self.options = dict(layers=layers, variant=variant, sketch_dim=sketch_dim, pool=pool,
                             **attach_kwargs)
         self.handle: SIGRegHandle | None = None

@@ -96,7 +96,7 @@ class SIGRegCallback(pl.Callback):
         log_eff_dim: also log each layer's effective dimension (one (C, C) covariance per
             layer on logging steps).
         attach_kwargs: the rest of :func:`sigreg.attach`'s settings (``alpha``, ``lam``,
-            ``sketch``, ``seed``, ``distributed``, ``t_max``, ``num_points``, ...).
+            ``sketch_policy``, ``seed``, ``distributed``, ``t_max``, ``num_points``, ...).
 
     Examples:
         >>> import lightning.pytorch as pl, torch

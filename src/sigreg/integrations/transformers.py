@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from .._extras import require
+from .._renamed import translate
 from ..attach import attach
 from ..modules import VARIANT_OPTIONS
 from ._session import SIGRegSession, log_entries
@@ -105,6 +106,7 @@ def _checked_keys(sigreg: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(sigreg, Mapping):
         raise TypeError(f"sigreg must be a dict of sigreg.attach settings, got {sigreg!r}")
+    sigreg = translate(dict(sigreg), attach.renamed_keywords, "sigreg.attach", stacklevel=5)
     params = inspect.signature(attach).parameters
     named = [n for n, p in params.items() if n != "model" and p.kind is not p.VAR_KEYWORD]
     variant_options = [o for options in VARIANT_OPTIONS.values() for o in options]

@@ -337,27 +337,31 @@ class AugmentConfig:
 
 @dataclass
 class Batch:
-    """An augmented batch; under MixUp/CutMix the target is ``lam*targets + (1-lam)*targets_b``."""
+    """An augmented batch; under MixUp/CutMix the target is
+    ``mix_weight * targets + (1 - mix_weight) * targets_b``."""
 
     images: Tensor                  # float32 (B, C, H, W), normalised
     targets: Tensor                 # int64 (B,)
     targets_b: Tensor | None = None  # permuted targets when mixed
-    lam: float = 1.0                # weight of `targets`
+    mix_weight: float = 1.0         # weight of `targets` (MixUp's lambda)
 
     def loss(self, logits: Tensor) -> Tensor:
         """Mean cross-entropy against the (possibly mixed) targets."""
         loss = F.cross_entropy(logits, self.targets)
         if self.targets_b is None:
             return loss
-        return self.lam * loss + (1 - self.lam) * F.cross_entropy(logits, self.targets_b)
+        other = F.cross_entropy(logits, self.targets_b)
+        return self.mix_weight * loss + (1 - self.mix_weight) * other
 
     def correct(self, logits: Tensor) -> Tensor:
-        """Float count of correct predictions, lam-weighted over both label sets when mixed."""
+        """Float count of correct predictions, weighted by mix_weight over both label sets when
+        mixed."""
         pred = logits.argmax(dim=1)
         hits = (pred == self.targets).sum().float()
         if self.targets_b is None:
             return hits
-        return self.lam * hits + (1 - self.lam) * (pred == self.targets_b).sum().float()
+        other = (pred == self.targets_b).sum().float()
+        return self.mix_weight * hits + (1 - self.mix_weight) * other
 
 
 def _augment(x: Tensor, config: AugmentConfig, mean: Tensor, std: Tensor,
@@ -433,20 +437,21 @@ class BatchAugmenter:
         perm = torch.randperm(x.shape[0], generator=self.generator,
                               device=self.generator.device).to(x.device)
         if mode == "mixup":
-            lam = rng.betavariate(cfg.mixup_alpha, cfg.mixup_alpha)
-            x = torch.lerp(x[perm], x, lam)  # lam * x + (1 - lam) * x[perm]
+            mix_weight = rng.betavariate(cfg.mixup_alpha, cfg.mixup_alpha)
+            x = torch.lerp(x[perm], x, mix_weight)  # mix_weight x + (1 - mix_weight) x[perm]
         else:
-            lam = rng.betavariate(cfg.cutmix_alpha, cfg.cutmix_alpha)
+            mix_weight = rng.betavariate(cfg.cutmix_alpha, cfg.cutmix_alpha)
             h, w = x.shape[-2:]
             cx, cy = rng.randrange(w), rng.randrange(h)
-            half = 0.5 * math.sqrt(1.0 - lam)  # box side = sqrt(1 - lam) * size
+            half = 0.5 * math.sqrt(1.0 - mix_weight)  # box side: sqrt(1 - mix_weight) size
             rw, rh = int(half * w), int(half * h)
             x1, x2 = max(cx - rw, 0), min(cx + rw, w)
             y1, y2 = max(cy - rh, 0), min(cy + rh, h)
             x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
-            lam = 1.0 - (x2 - x1) * (y2 - y1) / (w * h)  # the box was clipped at the border
+            # The box was clipped at the border: the weight is what is left of the image.
+            mix_weight = 1.0 - (x2 - x1) * (y2 - y1) / (w * h)
         self.last_mix = mode
-        return Batch(x, labels, labels[perm], float(lam))
+        return Batch(x, labels, labels[perm], float(mix_weight))
 
     def state_dict(self) -> dict:
         """RNG state, so a resumed run draws exactly the same augmentations."""

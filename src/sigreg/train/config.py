@@ -15,9 +15,11 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._renamed import renamed_message
 from .augment import NUM_BINS
 from .data import DATASETS
 
@@ -145,13 +147,13 @@ class TrainConfig:
                           "terms, the baseline)", choices=("none", "weak", "strong", "vicreg"))
     alpha: float = setting(0.1, "its weight: total = (1 - alpha) * task + alpha * reg",
                            low=0.0, high=1.0)
-    sketch_dim: int | None = setting(64, "K, the sketch's directions", low=1,
-                                     none="full covariance")
+    sketch_dim: int | None = setting(64, "K, the sketch's width (weak) or number of directions "
+                                     "(strong)", low=1, none="full covariance")
     sketch_dim_per_layer: str | None = setting(
         None, "K of each regularized layer in order, e.g. 16,16,64,none (none: full "
         "covariance); overrides sketch_dim", none="sketch_dim for every layer")
-    sketch: str = setting("resample", "sketch policy: a fresh sketch every step, or one fixed",
-                          choices=("resample", "fixed"))
+    sketch_policy: str = setting("resample", "a fresh sketch every step, or one fixed "
+                                 "(formerly sketch)", choices=("resample", "fixed"))
     t_max: float = setting(3.0, "strong: the quadrature interval [0, t_max]", low=0.0,
                            above_low=True)
     num_points: int = setting(17, "strong: trapezoid nodes on [0, t_max]", low=2)
@@ -177,6 +179,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The settings of ``to_dict``'s output, also as an older version saved them (a
+        setting's former name, :data:`RENAMED_SETTINGS`, is read as the new one)."""
+        data = dict(data)
+        for old, new in RENAMED_SETTINGS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"config has both {old!r} and {new!r}, the new name of "
+                                     f"{old!r}; keep only {new!r}")
+                data[new] = data.pop(old)
         unknown = sorted(set(data) - set(SETTINGS))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
@@ -229,6 +240,10 @@ def _declared(f: dataclasses.Field, annotation: Any) -> Setting:
     return dataclasses.replace(f.metadata["setting"], name=f.name, kind=kind,
                                optional=optional, default=default)
 
+
+# Former names of settings: still read from saved configs (checkpoints, config.json of runs
+# made before the rename), and accepted by --set with a FutureWarning, for one release.
+RENAMED_SETTINGS = {"sketch": "sketch_policy"}
 
 _HINTS = typing.get_type_hints(TrainConfig)
 SETTINGS: dict[str, Setting] = {f.name: _declared(f, _HINTS[f.name])
@@ -299,6 +314,10 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
+        if key in RENAMED_SETTINGS:
+            warnings.warn(renamed_message(key, RENAMED_SETTINGS[key], "--set", "setting"),
+                          FutureWarning, stacklevel=2)
+            key = RENAMED_SETTINGS[key]
         if key.startswith("model."):
             cfg.model_args[key[len("model."):]] = _parse_value(text.strip())
             continue

@@ -59,7 +59,8 @@ PAPER_VIT_ADAMW_MIX = dict(dataset="cifar100", model="paper-vit", epochs=400, ba
                            optimizer="adamw", lr=1e-3, weight_decay=5e-4, schedule="cosine",
                            eta_min=0.0, grad_clip=0.0, crop_padding=4, flip=True,
                            randaugment_ops=2, randaugment_magnitude=9, mixup_alpha=0.8,
-                           cutmix_alpha=1.0, alpha=0.1, sketch="resample", t_max=5.0, num_points=9)
+                           cutmix_alpha=1.0, alpha=0.1, sketch_policy="resample",
+                           t_max=5.0, num_points=9)
 register("paper-vit-adamw-mix-none", **PAPER_VIT_ADAMW_MIX, sigreg="none", sketch_dim=64,
          paper=20.73,
          description="paper ViT, AdamW, RandAugment + MixUp/CutMix (the collapse); SIGReg none")
@@ -74,7 +75,7 @@ PAPER_VIT_MUON_NOMIX = dict(dataset="cifar100", model="paper-vit", epochs=400, b
                             optimizer="muon", lr=1e-3, weight_decay=5e-4, muon_lr=1e-2,
                             muon_adamw_betas=(0.9, 0.95), schedule="cosine", eta_min=0.0,
                             grad_clip=0.0, crop_padding=4, flip=True, randaugment_ops=2, alpha=0.1,
-                            sketch="resample", t_max=5.0, num_points=9)
+                            sketch_policy="resample", t_max=5.0, num_points=9)
 register("paper-vit-muon-nomix-none", **PAPER_VIT_MUON_NOMIX, sigreg="none", sketch_dim=64,
          paper=58.77,
          description="paper ViT, Muon + AdamW, RandAugment, no MixUp/CutMix; SIGReg none")
@@ -90,7 +91,7 @@ PAPER_VIT_MUON_MIX = dict(dataset="cifar100", model="paper-vit", epochs=400, bat
                           muon_adamw_betas=(0.9, 0.95), schedule="cosine", eta_min=0.0,
                           grad_clip=0.0, crop_padding=4, flip=True, randaugment_ops=2,
                           randaugment_magnitude=9, mixup_alpha=0.8, cutmix_alpha=1.0, alpha=0.1,
-                          sketch="resample", t_max=5.0, num_points=9)
+                          sketch_policy="resample", t_max=5.0, num_points=9)
 register("paper-vit-muon-mix-none", **PAPER_VIT_MUON_MIX, sigreg="none", sketch_dim=64,
          paper=62.44,
          description="paper ViT, Muon + AdamW, RandAugment + MixUp/CutMix; SIGReg none")
@@ -105,7 +106,8 @@ PEAK_VIT_ADAMW_MIX = dict(dataset="cifar100", model="peak-vit", epochs=400, batc
                           optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine",
                           eta_min=1e-5, grad_clip=1.0, crop_padding=4, flip=True,
                           randaugment_ops=2, randaugment_magnitude=9, mixup_alpha=0.8,
-                          cutmix_alpha=1.0, alpha=0.1, sketch="resample", t_max=5.0, num_points=9)
+                          cutmix_alpha=1.0, alpha=0.1, sketch_policy="resample",
+                          t_max=5.0, num_points=9)
 register("peak-vit-adamw-mix-none", **PEAK_VIT_ADAMW_MIX, sigreg="none", sketch_dim=64,
          paper=70.76,
          description="expert-tuned ViT, AdamW, RandAugment + MixUp/CutMix; SIGReg none")
@@ -121,7 +123,7 @@ PEAK_VIT_MUON_MIX = dict(dataset="cifar100", model="peak-vit", epochs=400, batch
                          muon_adamw_betas=(0.9, 0.95), schedule="cosine", eta_min=1e-5,
                          grad_clip=1.0, crop_padding=4, flip=True, randaugment_ops=2,
                          randaugment_magnitude=9, mixup_alpha=0.8, cutmix_alpha=1.0, alpha=0.1,
-                         sketch="resample", t_max=5.0, num_points=9)
+                         sketch_policy="resample", t_max=5.0, num_points=9)
 register("peak-vit-muon-mix-none", **PEAK_VIT_MUON_MIX, sigreg="none", sketch_dim=64, paper=75.87,
          description="expert-tuned ViT, Muon + AdamW, RandAugment + MixUp/CutMix; SIGReg none")
 register("peak-vit-muon-mix-strong", **PEAK_VIT_MUON_MIX, sigreg="strong", sketch_dim=64,
@@ -132,7 +134,7 @@ register("peak-vit-muon-mix-weak", **PEAK_VIT_MUON_MIX, sigreg="weak", sketch_di
 
 MLP_SGD_NOMIX = dict(dataset="cifar100", model="mlp", epochs=400, batch_size=128, optimizer="sgd",
                      lr=0.1, weight_decay=0.0, momentum=0.0, schedule="constant", grad_clip=1.0,
-                     crop_padding=4, flip=True, alpha=0.1, sketch="resample", t_max=5.0,
+                     crop_padding=4, flip=True, alpha=0.1, sketch_policy="resample", t_max=5.0,
                      num_points=9)
 register("mlp-sgd-nomix-none", **MLP_SGD_NOMIX, sigreg="none", sketch_dim=64, paper=26.77,
          description="vanilla 6-layer MLP, plain SGD, crop + flip; SIGReg none")
@@ -144,7 +146,7 @@ register("mlp-sgd-nomix-weak", **MLP_SGD_NOMIX, sigreg="weak", sketch_dim=64, pa
 MLP_SGD_MIX = dict(dataset="cifar100", model="mlp", epochs=400, batch_size=128, optimizer="sgd",
                    lr=0.1, weight_decay=0.0, momentum=0.0, schedule="constant", grad_clip=1.0,
                    crop_padding=4, flip=True, mixup_alpha=0.8, cutmix_alpha=1.0, alpha=0.1,
-                   sketch="resample", t_max=5.0, num_points=9)
+                   sketch_policy="resample", t_max=5.0, num_points=9)
 register("mlp-sgd-mix-none", **MLP_SGD_MIX, sigreg="none", sketch_dim=64, paper=38.08,
          description="vanilla 6-layer MLP, plain SGD, crop + flip + MixUp/CutMix; SIGReg none")
 register("mlp-sgd-mix-strong", **MLP_SGD_MIX, sigreg="strong", sketch_dim=64, paper=38.7,
@@ -155,7 +157,7 @@ register("mlp-sgd-mix-weak", **MLP_SGD_MIX, sigreg="weak", sketch_dim=64, paper=
 RESNET18_SGD_NOMIX = dict(dataset="cifar100", model="resnet18", epochs=1600, batch_size=128,
                           optimizer="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9,
                           schedule="cosine", crop_padding=4, flip=True, alpha=0.1,
-                          sketch="resample", t_max=5.0, num_points=9)
+                          sketch_policy="resample", t_max=5.0, num_points=9)
 register("resnet18-sgd-nomix-none", **RESNET18_SGD_NOMIX, sigreg="none", sketch_dim=64,
          paper=79.03,
          description="ResNet-18, SGD momentum, 1600 epochs, crop + flip; SIGReg none")
@@ -169,7 +171,8 @@ register("resnet18-sgd-nomix-weak", **RESNET18_SGD_NOMIX, sigreg="weak", sketch_
 RESNET18_SGD_MIX = dict(dataset="cifar100", model="resnet18", epochs=400, batch_size=128,
                         optimizer="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9,
                         schedule="cosine", crop_padding=4, flip=True, mixup_alpha=0.8,
-                        cutmix_alpha=1.0, alpha=0.1, sketch="resample", t_max=5.0, num_points=9)
+                        cutmix_alpha=1.0, alpha=0.1, sketch_policy="resample",
+                        t_max=5.0, num_points=9)
 register("resnet18-sgd-mix-none", **RESNET18_SGD_MIX, sigreg="none", sketch_dim=64, paper=82.13,
          description=("ResNet-18, SGD momentum, 400 epochs, crop + flip + MixUp/CutMix; SIGReg "
                       "none"))
@@ -187,7 +190,7 @@ register("resnet18-sgd-mix-weak", **RESNET18_SGD_MIX, sigreg="weak", sketch_dim=
 # experiments/demo_search.py; see docs/cpu-scale-results.md. fmnist-mlp-* is the demo.
 FMNIST_MLP = dict(dataset="fashion-mnist", model="mlp", epochs=5, batch_size=128, optimizer="sgd",
                   lr=0.1, weight_decay=0.0, momentum=0.0, schedule="constant", grad_clip=1.0,
-                  crop_padding=2, flip=True, alpha=0.1, sketch="resample", t_max=3.0,
+                  crop_padding=2, flip=True, alpha=0.1, sketch_policy="resample", t_max=3.0,
                   num_points=17, monitor_every=25)
 register("fmnist-mlp-none", **FMNIST_MLP, model_args=dict(depth=10, width=256), sigreg="none",
          sketch_dim=64,
@@ -228,7 +231,7 @@ FMNIST_VIT = dict(dataset="fashion-mnist", num_train=10000, model="paper-vit",
                   batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=5e-4,
                   schedule="cosine", eta_min=0.0, grad_clip=0.0, crop_padding=2, flip=True,
                   randaugment_ops=2, randaugment_magnitude=9, mixup_alpha=0.8, cutmix_alpha=1.0,
-                  alpha=0.1, sketch="resample", t_max=3.0, num_points=17, monitor_every=25)
+                  alpha=0.1, sketch_policy="resample", t_max=3.0, num_points=17, monitor_every=25)
 register("fmnist-vit-none", **FMNIST_VIT, sigreg="none", sketch_dim=64,
          description=("Fashion-MNIST 10k, paper ViT dim 128 x 6, AdamW lr 3e-3, RandAugment + "
                       "MixUp/CutMix, 10 epochs (CPU: ~10 min a run); SIGReg none"))
@@ -402,7 +405,7 @@ FMNIST_VIT_FULL = dict(dataset="fashion-mnist", model="paper-vit", epochs=100, b
                        optimizer="adamw", lr=1e-3, weight_decay=5e-4, schedule="cosine",
                        eta_min=0.0, grad_clip=0.0, crop_padding=2, flip=True, randaugment_ops=2,
                        randaugment_magnitude=9, mixup_alpha=0.8, cutmix_alpha=1.0, alpha=0.1,
-                       sketch="resample", t_max=5.0, num_points=9, monitor_every=25)
+                       sketch_policy="resample", t_max=5.0, num_points=9, monitor_every=25)
 register("fmnist-vit-full-none", **FMNIST_VIT_FULL, sigreg="none", sketch_dim=64,
          description=("Fashion-MNIST 60k, paper ViT dim 256 x 6, AdamW lr 1e-3, RandAugment + "
                       "MixUp/CutMix, 100 epochs (the paper's recipe; GPU); SIGReg none"))
@@ -423,7 +426,8 @@ FMNIST_VIT_5K = dict(dataset="fashion-mnist", num_train=5000, num_test=2000, mod
                      batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=5e-4,
                      schedule="cosine", eta_min=0.0, grad_clip=0.0, crop_padding=2, flip=True,
                      randaugment_ops=2, randaugment_magnitude=9, mixup_alpha=0.8, cutmix_alpha=1.0,
-                     alpha=0.1, sketch="resample", t_max=3.0, num_points=17, monitor_every=25)
+                     alpha=0.1, sketch_policy="resample",
+                     t_max=3.0, num_points=17, monitor_every=25)
 register("fmnist-vit-5k-none", **FMNIST_VIT_5K, sigreg="none", sketch_dim=64,
          description=("Fashion-MNIST 5k (2k test), paper ViT dim 128 x 6, AdamW lr 3e-3, "
                       "RandAugment + MixUp/CutMix, 8 epochs (CPU: ~5 min a run); SIGReg none"))

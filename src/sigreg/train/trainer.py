@@ -175,8 +175,9 @@ def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
                      "vicreg": {"var_weight": cfg.vicreg_var_weight,
                                 "cov_weight": cfg.vicreg_cov_weight}}.get(cfg.sigreg, {})
             handle = attach(model, model.sigreg_layers, cfg.sigreg, _sketch_dim(cfg, model),
-                            model.sigreg_pool, sketch=cfg.sketch, seed=cfg.seed, alpha=cfg.alpha,
-                            compile=cfg.compile, **extra)  # compiled with the model
+                            model.sigreg_pool, sketch_policy=cfg.sketch_policy,
+                            seed=cfg.seed, alpha=cfg.alpha, compile=cfg.compile,
+                            **extra)  # compiled with the model
         monitor = CollapseMonitor(model, model.sigreg_layers, model.sigreg_pool,
                                   cfg.monitor_every, cfg.collapse_threshold, warn=log)
         net = torch.compile(model) if cfg.compile else model
