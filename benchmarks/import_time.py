@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import sys
 import time
 
-from _timing import bootstrap_ci, command_line, write_json
+from _timing import bootstrap_ci, command_line, interleaved, write_json
 
 from sigreg.train.provenance import provenance
 
@@ -67,17 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.rounds, args.warmup = 1, 0
     print(command_line())
+    made_by = provenance()  # the code as it is when the timing starts
 
     commands = arms()
-    rng = random.Random(args.seed)
-    times: dict[str, list[float]] = {name: [] for name in commands}
-    for i in range(args.warmup + args.rounds):
-        order = list(commands)
-        rng.shuffle(order)
-        for name in order:
-            elapsed = run_once(commands[name])
-            if i >= args.warmup:
-                times[name].append(elapsed)
+    times = interleaved(list(commands), args.rounds, args.warmup, args.seed,
+                        lambda name: run_once(commands[name]))
 
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {}
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "import_time", "command": command_line(), "rounds": args.rounds,
         "warmup": args.warmup, "seed": args.seed, "arms": {n: c[1:] for n, c in commands.items()},
-        "provenance": provenance(),
+        "provenance": made_by,
         "median_s": medians, "ratio_to_import_torch": ratios, "heavy_modules_loaded": loaded,
         "times_s": times,
     }
