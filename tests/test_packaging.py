@@ -147,10 +147,22 @@ def test_wheel_and_sdist_build_and_the_wheel_works_core_only(tmp_path):
 def test_import_sigreg_does_not_import_dynamo():
     """torch._dynamo takes ~2 s to import: `import sigreg` leaves it to the first attach or
     distributed loss, and costs about what its own modules do."""
-    check = run(sys.executable, "-c", "import sys, sigreg; print('torch._dynamo' in sys.modules)",
+    check = run(sys.executable, "-c", "import sys, sigreg; print('torch._dynamo' in sys.modules, "
+                "'sigreg.train' in sys.modules, 'matplotlib' in sys.modules)",
                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert check.returncode == 0, check.stderr
-    assert check.stdout.strip() == "False"
+    assert check.stdout.strip() == "False False False"
+
+
+def test_console_help_loads_no_trainer():
+    """`sigreg --help` parses before the trainer, its runtime, the report or matplotlib load."""
+    code = ("import sys\nfrom sigreg._console import main\nsys.argv[:] = ['sigreg', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('sigreg.train.trainer', 'sigreg.train.runtime', "
+            "'sigreg.train.report', 'matplotlib', 'torch._dynamo') if m in sys.modules))")
+    check = run(sys.executable, "-c", code, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert check.returncode == 0, check.stderr
+    assert "usage: sigreg" in check.stdout and check.stdout.strip().endswith("[]")
 
 
 FAKE_PYTHON = """#!/bin/sh
