@@ -16,13 +16,15 @@ echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "commit: $(git -C "$root" rev-parse HEAD)$(git -C "$root" diff --quiet HEAD -- . ':!benchmarks' || echo ' (dirty)')"
 echo "python: $($python --version 2>&1), venv: $venv (no system site-packages)"
 $python -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+pip() {  # without the lines about missing local index folders of this machine's pip config
+  "$venv/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
+}
 echo "\$ pip install -q torch==2.13.0 pytest $package==$version"
-"${pip[@]}" install -q torch==2.13.0 pytest "$package==$version"
-"${pip[@]}" freeze --exclude-editable | sort > "$venv/freeze-before.txt"
+pip install -q torch==2.13.0 pytest "$package==$version"
+pip freeze --exclude-editable | sort > "$venv/freeze-before.txt"
 echo "\$ pip install -q '$root[$extra]'"
-"${pip[@]}" install -q "$root[$extra]"
-"${pip[@]}" freeze --exclude-editable | sort > "$venv/freeze-after.txt"
+pip install -q "$root[$extra]"
+pip freeze --exclude-editable | sort > "$venv/freeze-after.txt"
 echo "pip freeze, before -> after (- removed or changed, + added or changed):"
 diff "$venv/freeze-before.txt" "$venv/freeze-after.txt" | grep '^[<>]' \
   | sed 's/^</  -/; s/^>/  +/' || echo "  (no change)"
