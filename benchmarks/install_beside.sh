@@ -26,8 +26,8 @@ echo "\$ pip install -q '$root[$extra]'"
 pip install -q "$root[$extra]"
 pip freeze --exclude-editable | sort > "$venv/freeze-after.txt"
 echo "pip freeze, before -> after (- removed or changed, + added or changed):"
-diff "$venv/freeze-before.txt" "$venv/freeze-after.txt" | grep '^[<>]' \
-  | sed 's/^</  -/; s/^>/  +/' || echo "  (no change)"
+changes=$(diff "$venv/freeze-before.txt" "$venv/freeze-after.txt" | grep '^[<>]' || true)
+echo "${changes:-  (no change)}" | sed 's/^</  -/; s/^>/  +/'
 for name in torch "$package"; do
   before=$(grep -i "^$name==" "$venv/freeze-before.txt" || true)
   after=$(grep -i "^$name==" "$venv/freeze-after.txt" || true)
