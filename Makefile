@@ -1,21 +1,35 @@
-# Every target sets up .venv first if it is missing, so a fresh clone needs nothing else.
+# Every target sets up .venv if it is missing, so a fresh clone needs nothing else. Each target
+# installs what it needs: `make demo` the [train] extra, `make test` everything (integrations,
+# dev tools); one stamp each, so `make demo` then `make test` installs the rest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+BASE := $(VENV)/.base
+TRAIN_STAMP := $(VENV)/.installed-train
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-all demo bench lint docs clean
 
 setup: $(STAMP)
 
-# Our own environment is exact (constraints.txt); the package declares ranges (pyproject.toml).
-$(STAMP): pyproject.toml constraints.txt src/sigreg/_version.py
+# The venv with pip and torch (the CPU wheel CI tests).
+$(BASE):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	touch $(BASE)
+
+# Our own environment is exact (constraints.txt); the package declares ranges (pyproject.toml).
+$(TRAIN_STAMP): pyproject.toml constraints.txt src/sigreg/_version.py | $(BASE)
+	$(PY) -m pip install -q -c constraints.txt -e ".[train]"
+	@$(MAKE) --no-print-directory fashion-mnist
+	touch $(TRAIN_STAMP)
+
+# Everything includes [train], so it stands for the demo's stamp too.
+$(STAMP): pyproject.toml constraints.txt src/sigreg/_version.py | $(BASE)
 	$(PY) -m pip install -q -c constraints.txt -e ".[train,lightning,transformers,docs,dev]"
 	@$(MAKE) --no-print-directory fashion-mnist
-	touch $(STAMP)
+	touch $(STAMP) $(TRAIN_STAMP)
 
 # Real data for the demo: Debian ships Fashion-MNIST; install it when we can (root + apt).
 .PHONY: fashion-mnist
@@ -37,7 +51,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m ""
 
-demo: setup
+demo: $(TRAIN_STAMP)
 	$(PY) -m sigreg.train.demo
 
 bench: setup

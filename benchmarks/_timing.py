@@ -62,6 +62,23 @@ def timed(fn: Callable[..., object], device: torch.device, *args: object) -> flo
     return time.perf_counter() - start
 
 
+def interleaved(arms: Sequence[str], rounds: int, warmup: int, seed: int,
+                time_one: Callable[[str], float]) -> dict[str, list[float]]:
+    """Each arm's ``time_one(arm)`` once per round, the arms in a new random order each round
+    (so drift and load on the machine hit all arms alike); the first ``warmup`` rounds are
+    not kept."""
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(warmup + rounds):
+        order = list(arms)
+        rng.shuffle(order)
+        for arm in order:
+            t = time_one(arm)
+            if r >= warmup:
+                times[arm].append(t)
+    return times
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation quantile, q in [0, 1]."""
     xs = sorted(values)

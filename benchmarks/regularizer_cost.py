@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from _timing import bootstrap_ci, command_line, environment, pick_device, timed, write_json
+from _timing import (
+    bootstrap_ci,
+    command_line,
+    environment,
+    interleaved,
+    pick_device,
+    timed,
+    write_json,
+)
 
 import sigreg
 from sigreg.train.models import build_model
@@ -119,17 +126,9 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, *shape, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
-    rng = random.Random(args.seed)
-    times: dict[str, list[float]] = {a: [] for a in ARMS}
-    for r in range(args.warmup + args.rounds):
-        order = list(ARMS)
-        rng.shuffle(order)
-        for arm in order:
-            # A block of steps per timing: one MLP step is too short to time alone on a GPU.
-            t = timed(lambda a=arms[arm]: [train_step(a, x, y) for _ in range(args.steps)],
-                      device) / args.steps
-            if r >= args.warmup:
-                times[arm].append(t)
+    # A block of steps per timing: one MLP step is too short to time alone on a GPU.
+    times = interleaved(ARMS, args.rounds, args.warmup, args.seed, lambda arm: timed(
+        lambda: [train_step(arms[arm], x, y) for _ in range(args.steps)], device) / args.steps)
     if args.breakdown:
         out_breakdown = breakdown(arms, x, y, 10 * args.steps)
     plain = arms["none"][0]

@@ -8,13 +8,31 @@ residuals) trained with plain SGD on 20k Fashion-MNIST images for 2 epochs.
 from __future__ import annotations
 
 import argparse
+from itertools import pairwise
 
 import torch
 from _data import fashion_mnist
+from torch import nn
 from torch.utils.data import DataLoader
 
-import sigreg
-from sigreg.train.models import build_model
+import sigreg  # the core alone: this script needs nothing but torch
+
+
+class MLP(nn.Module):
+    """Flatten -> 5 x [Linear -> ReLU] -> Linear classifier; PyTorch's default init."""
+
+    def __init__(self, depth: int = 6, width: int = 256, inputs: int = 28 * 28,
+                 classes: int = 10) -> None:
+        super().__init__()
+        dims = [inputs] + [width] * (depth - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
 
 
 @torch.no_grad()
@@ -34,7 +52,7 @@ def main(argv: list[str] | None = None) -> float:
 
     torch.manual_seed(0)
     train, test = fashion_mnist(num_train=20000, num_test=2000)
-    model = build_model("mlp", num_classes=10, image_size=28, in_channels=1, depth=6, width=256)
+    model = MLP()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     # Every hidden Linear layer's pre-activation; weak SIGReg, K=64, 0.9 * task + 0.1 * reg.
     handle = None if args.no_sigreg else sigreg.attach(model, "layers.*", alpha=0.1)

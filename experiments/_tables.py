@@ -18,11 +18,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cell(values: list[float], digits: int = 2, count: bool = True) -> str:
-    """``mean ± std (n=k)`` for a table cell, ``-`` when there is nothing."""
+    """``mean ± std (n=k)`` for a table cell, ``-`` when there is nothing; one value has no
+    ``± std`` (a single seed says nothing about the spread)."""
     if not values:
         return "-"
     mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" (n={len(values)})" if count else "")
+    spread = f" ± {std:.{digits}f}" if len(values) > 1 else ""
+    return f"{mean:.{digits}f}{spread}" + (f" (n={len(values)})" if count else "")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:

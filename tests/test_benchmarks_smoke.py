@@ -131,3 +131,13 @@ def test_gpu_cost_script_on_cpu(tmp_path):
     printed = run_gpu_script(skipped, {**env, "BUDGET_S": "5", "PARTS": "compiled"}, timeout=60)
     assert "== compiled: skipped" in printed
     assert "| epochs | - | not measured" in (skipped / "summary.md").read_text()
+
+
+def test_import_time_quick(tmp_path):
+    res = run_quick("import_time.py", tmp_path / "import_time.json", timeout=600)
+    assert set(res["median_s"]) == {"python", "import torch", "import sigreg", "sigreg --help"}
+    assert all(positive(t) for t in res["median_s"].values())
+    assert positive(res["ratio_to_import_torch"]["import sigreg"]["median"])
+    assert res["heavy_modules_loaded"]["import sigreg"] == []  # no dynamo, toolkit, matplotlib
+    assert res["heavy_modules_loaded"]["sigreg --help"] == ["sigreg.train"]  # not the trainer
+    assert {"sigreg", "commit", "dirty", "torch", "threads", "date"} <= set(res["provenance"])

@@ -39,10 +39,15 @@ def test_demo_runs_the_lead_and_the_control_and_writes_their_reports(tmp_path, c
     assert "wrote" in capsys.readouterr().out
 
 
-def test_comparison_with_the_vicreg_baseline_gets_its_column(tmp_path):
+def test_comparison_with_the_vicreg_baseline_gets_its_column(tmp_path, capsys):
     torch.set_num_threads(1)
     tiny = [s for s in TINY if not s.startswith("epochs=")] + ["epochs=1"]
     res = run_comparison(["fmnist-mlp-none", "fmnist-mlp-vicreg"], tiny, tmp_path, progress=False)
+    # Each run's header says what runs: the preset's "5 epochs" is the 1 set here.
+    header = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("[1/2] fmnist-mlp-none: "))
+    assert "plain SGD, 1 epoch " in header and "5 epochs" not in header
+    assert header.endswith("; --set " + " ".join(tiny))
     assert {name: r["sigreg"] for name, r in res.items()} == {
         "fmnist-mlp-none": "none", "fmnist-mlp-vicreg": "vicreg"}
     lines = (tmp_path / "report.md").read_text().splitlines()

@@ -82,3 +82,11 @@ def test_sweep_tables(capsys):
     assert "| 0.3 | -0.1 [-0.8, +0.6] (1/3) | - | - | -9.0 [-19.3, +1.2] (0/3) |" in out
     assert sweep_tables.main([files[0], files[0]]) == 2  # the same runs twice: refused
     assert "more than one file" in capsys.readouterr().err
+
+
+def test_a_cell_of_one_value_has_no_spread():
+    from _tables import cell
+
+    assert cell([56.0, 58.0]) == "57.00 ± 1.41 (n=2)"
+    assert cell([56.0]) == "56.00 (n=1)" and cell([56.0], count=False) == "56.00"
+    assert cell([]) == "-"

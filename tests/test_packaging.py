@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -183,7 +184,61 @@ def test_wheel_and_sdist_build_and_the_wheel_works_core_only(tmp_path):
 def test_import_sigreg_does_not_import_dynamo():
     """torch._dynamo takes ~2 s to import: `import sigreg` leaves it to the first attach or
     distributed loss, and costs about what its own modules do."""
-    check = run(sys.executable, "-c", "import sys, sigreg; print('torch._dynamo' in sys.modules)",
+    check = run(sys.executable, "-c", "import sys, sigreg; print('torch._dynamo' in sys.modules, "
+                "'sigreg.train' in sys.modules, 'matplotlib' in sys.modules)",
                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert check.returncode == 0, check.stderr
-    assert check.stdout.strip() == "False"
+    assert check.stdout.strip() == "False False False"
+
+
+def test_console_help_loads_no_trainer():
+    """`sigreg --help` parses before the trainer, its runtime, the report or matplotlib load."""
+    code = ("import sys\nfrom sigreg._console import main\nsys.argv[:] = ['sigreg', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('sigreg.train.trainer', 'sigreg.train.runtime', "
+            "'sigreg.train.report', 'matplotlib', 'torch._dynamo') if m in sys.modules))")
+    check = run(sys.executable, "-c", code, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert check.returncode == 0, check.stderr
+    assert "usage: sigreg" in check.stdout and check.stdout.strip().endswith("[]")
+
+
+FAKE_PYTHON = """#!/bin/sh
+# Logs each call; `-m venv DIR` makes DIR/bin/python this same script.
+echo "$*" >> "$MAKE_LOG"
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
+"""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_installs_the_train_extra_and_make_test_everything(tmp_path):
+    """`make demo` on a fresh clone installs torch and [train] only; `make test` after it adds
+    the rest; a second `make demo` installs nothing. A fake python logs what make asks."""
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "apt-get").write_text("#!/bin/sh\nexit 1\n")  # no Debian package here
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MAKE_LOG": str(log)}
+
+    def make(target: str) -> list[str]:
+        start = len(log.read_text().splitlines()) if log.exists() else 0
+        done = run("make", "--no-print-directory", target, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return log.read_text().splitlines()[start:]
+
+    def installs(calls: list[str]) -> list[str]:
+        return [c.split(" -e ")[1] for c in calls if " -e " in c]
+
+    demo = make("demo")
+    assert demo[0] == "-m venv .venv" and "-m pip install -q torch==2.13.0" in demo
+    assert installs(demo) == [".[train]"] and demo[-1] == "-m sigreg.train.demo"
+    test = make("test")
+    assert installs(test) == [".[train,lightning,transformers,dev]"]
+    assert test[-1] == "-m pytest -q" and "torch==2.13.0" not in " ".join(test)
+    assert make("demo") == ["-m sigreg.train.demo"]
+    (tmp_path / ".venv").rename(tmp_path / "old")  # a fresh clone: `make test` alone
+    assert installs(make("test")) == [".[train,lightning,transformers,dev]"]

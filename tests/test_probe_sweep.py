@@ -18,7 +18,7 @@ import torch
 from _fake_datasets import write_fashion_mnist
 
 from sigreg.train.cli import main
-from sigreg.train.sweep import parse_list
+from sigreg.train.sweep import markdown, parse_list
 
 TINY = ["dataset=synthetic", "num_train=64", "num_test=64", "epochs=1", "batch_size=32",
         "model.depth=3", "model.width=16", "monitor_every=0"]
@@ -135,6 +135,7 @@ def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixtu
             float(name[1:4]), 8, 0)
     md = (out / "sweep.md").read_text()
     assert "| alpha \\ K | 8 |" in md and "| 0.1 | " in md and "| 0.3 | " in md
+    assert "±" not in md and "seed [0];" in md  # one seed: no spread to show
     assert (out / "sweep.png").stat().st_size > 0
 
     # A rerun trains nothing: the finished runs are left untouched.
@@ -163,6 +164,23 @@ def test_sweep_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([*argv, "--set", "lr=0.5"]) == 2
     err = capsys.readouterr().err
     assert "interrupted run with other settings" in err and "--allow-change" not in err
+
+
+def test_sweep_table_shows_a_spread_only_over_several_seeds() -> None:
+    def result(accs: list[float], epochs: int) -> dict:
+        cell = {"alpha": 0.1, "sketch_dim": 8, "mean_test_acc": sum(accs) / len(accs),
+                "std_test_acc": 0.01 if len(accs) > 1 else 0.0, "num_seeds": len(accs),
+                "test_accs": accs}
+        return {"preset": "fmnist-mlp-weak", "sigreg": "weak", "overrides": [f"epochs={epochs}"],
+                "epochs": epochs, "alphas": [0.1], "sketch_dims": [8],
+                "seeds": list(range(len(accs))), "cells": [cell]}
+
+    one = markdown(result([0.5], 1))
+    assert "seed [0]; 1 epoch, settings epochs=1." in one
+    assert "| 0.1 | 50.00 |" in one and "±" not in one
+    two = markdown(result([0.5, 0.52], 3))
+    assert "mean ± sample std over seeds [0, 1]; 3 epochs, settings epochs=3." in two
+    assert "| 0.1 | 51.00 ± 1.00 |" in two
 
 
 def test_parallel_sweep_equals_sequential(tmp_path: Path,

@@ -300,7 +300,7 @@ def test_resume_without_a_checkpoint_is_an_error_unless_auto(tmp_path):
 
 def test_an_existing_run_is_replaced_only_when_asked(one_epoch):
     before = snapshot(one_epoch)
-    with pytest.raises(RunDirError, match="already holds a run finished"):
+    with pytest.raises(RunDirError, match=r"already holds a run finished \(1 epoch\);"):
         train(tiny(epochs=1), one_epoch, progress=False, log=quiet)
     assert snapshot(one_epoch) == before
     train(tiny(epochs=1, seed=1), one_epoch, overwrite=True, progress=False, log=quiet)
@@ -338,7 +338,7 @@ def _short_random_state(state):
 
 
 DOCTORED = {
-    "no epoch": (_no_epoch, "its 'epoch' is None, not a finished epoch of the 1"),
+    "no epoch": (_no_epoch, "its 'epoch' is None, not a finished epoch of the 1 epoch its"),
     "epoch two": (lambda s: s.update(epoch="two"), "its 'epoch' is 'two'"),
     "epoch -1": (lambda s: s.update(epoch=-1), "its 'epoch' is -1"),
     "epoch 5 of 1": (lambda s: s.update(epoch=5), "its 'epoch' is 5"),

@@ -11,6 +11,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ._words import count
+
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Replace ``path`` all at once: ``write`` fills a temporary file in the same directory,
@@ -116,8 +118,8 @@ def check_fields(state: dict[str, Any], path: Path, epochs: int) -> None:
 
     epoch = state.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= epochs:
-        raise damaged(f"its 'epoch' is {epoch!r}, not a finished epoch of the {epochs} its "
-                      "config runs")
+        raise damaged(f"its 'epoch' is {epoch!r}, not a finished epoch of the "
+                      f"{count(epochs, 'epoch')} its config runs")
     if "rows" in state:  # checkpoints of older versions have none
         rows = state["rows"]
         if not (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("kind"), str)

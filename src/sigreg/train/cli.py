@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._words import count
 from .checkpoint import WriteError
-from .config import apply_overrides, settings_help, show
+from .config import TrainConfig, apply_overrides, settings_help, show
 from .data import DATASETS, DataError, download_dataset
 from .presets import PRESETS, get_preset, preset_config
-from .report import markdown, write_report
 from .rundir import FREE_ON_RESUME, plan
-from .runtime import launched_rank
-from .trainer import TrainingDiverged, train
+
+# The trainer, its runtime and the report load when a command runs: `sigreg --help` and a
+# mistyped option answer without them.
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -32,6 +34,9 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .runtime import launched_rank
+    from .trainer import train
+
     cfg = apply_overrides(preset_config(args.preset), args.set)
     out = args.out or Path("runs") / args.preset
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
@@ -42,6 +47,13 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"files in {out}")
 
 
+def describe(name: str, cfg: TrainConfig, overrides: Sequence[str]) -> str:
+    """The preset's description as ``cfg`` runs it: its "N epochs" says ``cfg.epochs``, and
+    the ``--set`` items follow it."""
+    text = re.sub(r"\b\d+ epochs\b", count(cfg.epochs, "epoch"), get_preset(name).description)
+    return text + (f"; --set {' '.join(overrides)}" if overrides else "")
+
+
 def run_comparison(presets: Sequence[str], overrides: Sequence[str], out: Path, *,
                    progress: bool = True) -> dict:
     """Train each preset into ``out/<preset>`` and write the report files into ``out``.
@@ -49,13 +61,14 @@ def run_comparison(presets: Sequence[str], overrides: Sequence[str], out: Path, 
     A run that finished there with the same settings is reused, an interrupted one resumed
     (see :func:`sigreg.train.sweep.train_or_skip`).
     """
+    from .report import markdown, write_report
     from .sweep import train_or_skip
 
     configs = {name: apply_overrides(preset_config(name), list(overrides)) for name in presets}
     for name, cfg in configs.items():
         plan(cfg, out / name, resume="auto")  # every run's settings and path, before any runs
     for i, (name, cfg) in enumerate(configs.items(), 1):
-        print(f"[{i}/{len(configs)}] {name}: {get_preset(name).description}", flush=True)
+        print(f"[{i}/{len(configs)}] {name}: {describe(name, cfg, overrides)}", flush=True)
         train_or_skip(cfg, out / name, progress)
     res = write_report({name: out / name for name in configs}, out)
     print()
@@ -212,6 +225,8 @@ CONTINUE = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .trainer import TrainingDiverged
+
     goes_on = CONTINUE.get(args.command)
     try:
         args.func(args)

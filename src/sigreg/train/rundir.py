@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, lock
+from ._words import count
 from .config import FREE, NEVER, SETTINGS, TrainConfig
 
 CHECKPOINT, METRICS, CONFIG, SUMMARY = "checkpoint.pt", "metrics.jsonl", "config.json", "summary.json"
@@ -129,8 +130,8 @@ def _check_changes(out: Path, changes: dict[str, list[Any]], allow: Sequence[str
                           f"add --allow-change {','.join(refused)} to change them deliberately "
                           f"(recorded in metrics.jsonl), or drop those --set items")
     if epochs < done:
-        raise RunDirError(f"--resume: epochs={epochs} is fewer than the {done} epochs {out} "
-                          f"has finished already")
+        raise RunDirError(f"--resume: epochs={epochs} is fewer than the {count(done, 'epoch')} "
+                          f"{out} has finished already")
 
 
 def plan(cfg: TrainConfig, out: str | Path, *, resume: bool | str = False,
@@ -174,7 +175,7 @@ def plan(cfg: TrainConfig, out: str | Path, *, resume: bool | str = False,
     saved = _saved_config(state, ckpt_path)
     checkpoint.check_fields(state, ckpt_path, saved.epochs)
     if not resume:
-        done = f"finished ({state['epoch']} epochs)" if state["epoch"] >= saved.epochs else \
+        done = f"finished ({count(state['epoch'], 'epoch')})" if state["epoch"] >= saved.epochs else \
             f"at epoch {state['epoch']}/{saved.epochs}"
         raise RunDirError(f"{out} already holds a run {done}; --resume continues it, "
                           f"--overwrite replaces it, or choose another --out")

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._words import count
 from .config import TrainConfig, apply_overrides
 from .presets import preset_config
 from .rundir import FREE_ON_RESUME, SettingsChanged, claim
@@ -281,20 +282,26 @@ def _cell(result: dict[str, Any], alpha: float, k: int) -> dict[str, Any]:
     return next(c for c in result["cells"] if c["alpha"] == alpha and c["sketch_dim"] == k)
 
 
+def _spread(cell: dict[str, Any], sep: str) -> str:
+    """``sep`` and the cell's std (%), or nothing for one seed (its std says nothing)."""
+    return f"{sep}{100 * cell['std_test_acc']:.2f}" if cell["num_seeds"] > 1 else ""
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Rows alpha, columns K, cells mean +- std of the final test accuracy (%) over seeds."""
     ks = result["sketch_dims"]
     extra = f", settings {' '.join(result['overrides'])}" if result["overrides"] else ""
+    spread = ("seed" if len(result["seeds"]) == 1 else "mean ± sample std over seeds")
     lines = [f"# Sweep of {result['preset']} (SIGReg {result['sigreg']})", "",
-             (f"Final test accuracy (%), mean ± sample std over seeds {result['seeds']}; "
-              f"{result['epochs']} epochs{extra}."), "",
+             (f"Final test accuracy (%), {spread} {result['seeds']}; "
+              f"{count(result['epochs'], 'epoch')}{extra}."), "",
              "| alpha \\ K | " + " | ".join(str(k) for k in ks) + " |",
              "|---|" + "---|" * len(ks)]
     for alpha in result["alphas"]:
         cells = []
         for k in ks:
             c = _cell(result, alpha, k)
-            cells.append(f"{100 * c['mean_test_acc']:.2f} ± {100 * c['std_test_acc']:.2f}")
+            cells.append(f"{100 * c['mean_test_acc']:.2f}" + _spread(c, " ± "))
         lines.append(f"| {alpha:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -314,10 +321,10 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     lo, hi = min(min(r) for r in grid), max(max(r) for r in grid)
     for i, a in enumerate(alphas):
         for j, k in enumerate(ks):
-            std = 100 * _cell(result, a, k)["std_test_acc"]
             # Dark text on the bright end of viridis, light text elsewhere.
             bright = hi > lo and grid[i][j] > lo + 0.6 * (hi - lo)
-            ax.text(j, i, f"{grid[i][j]:.2f}\n± {std:.2f}", ha="center", va="center",
+            spread = _spread(_cell(result, a, k), "\n± ")
+            ax.text(j, i, f"{grid[i][j]:.2f}{spread}", ha="center", va="center",
                     fontsize=9, color="black" if bright else "white")
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
