@@ -106,6 +106,20 @@ def test_the_quickstart_runs(tmp_path, capsys, one_thread):
     assert isinstance(namespace["loss"], torch.Tensor)
 
 
+def test_the_readme_quickstart_runs(tmp_path, capsys, one_thread):
+    """The README's Quickstart block alone, as a newcomer would copy it: it trains and prints
+    one regularizer value per hidden layer."""
+    readme = (DOCS.parent / "README.md").read_text()
+    quickstart = readme[readme.index("## Quickstart"):]
+    block = re.search(r"^```python\n(.*?)^```", quickstart, re.MULTILINE | re.DOTALL).group(1)
+    script = tmp_path / "readme_quickstart.py"
+    script.write_text(block)
+    namespace = runpy.run_path(str(script))
+    values = namespace["handle"].layer_losses()
+    assert list(values) == ["0", "2", "4", "6", "8", "10"], values
+    assert str(values) in capsys.readouterr().out
+
+
 class Recorded(logging.Handler):
     """The warnings a logger emits (the suite may run without pytest's logging plugin)."""
 

@@ -3,7 +3,7 @@
 Each setting is declared once, as a :class:`TrainConfig` field made by :func:`setting`: its
 type (the annotation), default, range or choices, what ``none`` and ``0`` mean, whether it may
 change on resume, and a line of help. Validation, ``--set`` parsing, the resume rules
-(:data:`sigreg.train.rundir.FREE_ON_RESUME`), ``sigreg train --help`` and the README's settings
+(:data:`sigreg.train.rundir.FREE_ON_RESUME`), ``sigreg train --help`` and the settings
 table (:func:`settings_markdown`) are all derived from :data:`SETTINGS`.
 """
 
@@ -361,7 +361,7 @@ def settings_help() -> str:
 
 
 def settings_markdown() -> str:
-    """The README's settings table (tests/test_settings.py checks that the README holds it)."""
+    """The settings table of docs/toolkit.md (tests/test_settings.py checks that it holds it)."""
     lines = ["| setting | default | values | on resume | what it is |", "|---|---|---|---|---|"]
     for s in SETTINGS.values():
         default = "" if s.kind is dict else f"`{format_value(s.default) or EMPTY}`"

@@ -63,7 +63,8 @@ def summary(results: dict[str, dict]) -> str:
         none, weak = (100 * results[group][f"{stem}-{arm}"]["final_test_acc"]
                       for arm in ("none", "weak"))
         lines.append(f"  {label + ':':34s} baseline {none:.1f} %, weak SIGReg {weak:.1f} %")
-    lines.append("Over the held-out seeds 3-7, with paired 95 % intervals: README.md, 'Results'.")
+    lines.append("Over the held-out seeds 3-7, with paired 95 % intervals: README.md ('What it "
+                 "does, on seeds that chose nothing') and docs/studies.md, sections 11-13.")
     return "\n".join(lines)
 
 
