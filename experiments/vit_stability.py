@@ -126,6 +126,12 @@ def outcome(path: Path) -> dict[str, Any]:
                 "monitor": [{key: r[key] for key in MONITOR_KEYS if key in r}
                             for r in rows if r.get("kind") == "monitor"], **where}
     diverged = text is not None and "non-finite" in text
+    rows = read_jsonl(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+    if not diverged and rows:  # still training (or cut): its curve so far, no final number
+        return {"state": "unfinished", "final_test_acc": None,
+                "test_acc": [r["test_acc"] for r in rows if r.get("kind") == "epoch"],
+                "monitor": [{key: r[key] for key in MONITOR_KEYS if key in r}
+                            for r in rows if r.get("kind") == "monitor"], **where}
     return {"state": "diverged" if diverged else "missing",
             "final_test_acc": CHANCE if diverged else None, **where}
 
@@ -157,12 +163,17 @@ def plot_curves(results: list[dict[str, Any]], lrs: list[float], arms: list[str]
                       and r.get("test_acc")]
             if not curves:
                 continue
+            # The mean ± std over the epochs every run reached; each run's own curve thin
+            # (runs still training are shorter).
             length = min(len(c) for c in curves)
             stats = [mean_std([100 * c[e] for c in curves]) for e in range(length)]
             epochs = range(1, length + 1)
             line = ax.plot(epochs, [m for m, _ in stats], label=f"{arm} (n={len(curves)})")[0]
             ax.fill_between(epochs, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
                             color=line.get_color(), alpha=0.2)
+            for c in curves:
+                ax.plot(range(1, len(c) + 1), [100 * a for a in c], color=line.get_color(),
+                        linewidth=0.6, alpha=0.5)
         ax.axhline(100 * CHANCE, color="grey", linestyle=":")
         ax.set_title(f"lr {lr:g}", fontsize=9)
         ax.set_xlabel("epoch")
@@ -204,7 +215,8 @@ def markdown(results: list[dict[str, Any]], lrs: list[float], arms: list[str],
     then every arm minus ``baseline`` (points), paired over seeds."""
     def cell_of(lr: float, arm: str) -> str:
         rows = [r for r in results if r["lr"] == lr and r["arm"] == arm]
-        notes = [f"{sum(r['state'] == s for r in rows)} {s}" for s in ("diverged", "missing")
+        notes = [f"{sum(r['state'] == s for r in rows)} {s}"
+                 for s in ("diverged", "unfinished", "missing")
                  if any(r["state"] == s for r in rows)]
         return (cell(list(accuracies(results, lr, arm).values()), count=False)
                 + (f" ({', '.join(notes)})" if notes else ""))
@@ -257,8 +269,10 @@ def monitor_table(results: list[dict[str, Any]]) -> str:
         last = list(trace[0]["eff_dim"])[-1] if trace else None
         dims = "-" if last is None else (f"{trace[0]['eff_dim'][last]:.2f} -> "
                                          f"{trace[-1]['eff_dim'][last]:.2f}")
+        final = f"{100 * accs[-1]:.1f}" + (f" (epoch {len(accs)}, unfinished)"
+                                           if r["state"] == "unfinished" else "")
         lines.append(f"| lr {r['lr']:g} {r['arm']} s{r['seed']} | {100 * accs[best]:.1f} "
-                     f"({best + 1}) | {100 * accs[-1]:.1f} | "
+                     f"({best + 1}) | {final} | "
                      f"{'never' if drop is None else f'epoch {drop}'} | {warned} | {dims} |")
     return "\n".join(lines) + "\n"
 

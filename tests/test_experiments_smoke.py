@@ -105,6 +105,21 @@ def test_vit_stability_commands_then_collect(tmp_path, one_thread, capsys):
     assert figure.stat().st_size > 0 and "| lr 0.001 weak s0 |" in capsys.readouterr().out
 
 
+def test_a_run_still_training_gives_its_curve_so_far(tmp_path):
+    run = tmp_path / "lr0.001-weak-s0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"kind": "epoch", "epoch": 1, "test_acc": 0.3}\n'
+        '{"kind": "monitor", "step": 0, "epoch": 1, "eff_dim": {"b": 1.5}, "mean_cosine": {"b": 0.2}}\n'
+        '{"kind": "epoch", "epoch": 2, "test_acc": 0.4}\n')
+    row = {"lr": 1e-3, "arm": "weak", "seed": 0, **vit_stability.outcome(run)}
+    assert row["state"] == "unfinished" and row["final_test_acc"] is None
+    assert row["test_acc"] == [0.3, 0.4] and row["monitor"][0]["eff_dim"] == {"b": 1.5}
+    assert "| lr 0.001 weak s0 | 40.0 (2) | 40.0 (epoch 2, unfinished) | never | never | " \
+        "1.50 -> 1.50 |" in vit_stability.monitor_table([row])
+    assert "1 unfinished" in vit_stability.markdown([row], [1e-3], ["weak"])
+
+
 def test_drop_epoch_is_the_first_epoch_5_points_under_the_best_before_it():
     assert vit_stability.drop_epoch([0.30, 0.50, 0.46, 0.44, 0.60]) == 4
     assert vit_stability.drop_epoch([0.30, 0.50, 0.46, 0.47]) is None
