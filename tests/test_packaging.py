@@ -213,7 +213,8 @@ if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; f
 def test_make_demo_installs_the_train_extra_and_make_test_everything(tmp_path):
     """`make demo` on a fresh clone installs torch and [train] only; `make test` after it adds
     the rest; a second `make demo` installs nothing. A fake python logs what make asks."""
-    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+    for name in ("Makefile", "pyproject.toml", "constraints.txt", "src/sigreg/_version.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     bin_dir = tmp_path / "fake-bin"
     bin_dir.mkdir()
@@ -237,8 +238,8 @@ def test_make_demo_installs_the_train_extra_and_make_test_everything(tmp_path):
     assert demo[0] == "-m venv .venv" and "-m pip install -q torch==2.13.0" in demo
     assert installs(demo) == [".[train]"] and demo[-1] == "-m sigreg.train.demo"
     test = make("test")
-    assert installs(test) == [".[train,lightning,transformers,dev]"]
+    assert installs(test) == [".[train,lightning,transformers,docs,dev]"]
     assert test[-1] == "-m pytest -q" and "torch==2.13.0" not in " ".join(test)
     assert make("demo") == ["-m sigreg.train.demo"]
     (tmp_path / ".venv").rename(tmp_path / "old")  # a fresh clone: `make test` alone
-    assert installs(make("test")) == [".[train,lightning,transformers,dev]"]
+    assert installs(make("test")) == [".[train,lightning,transformers,docs,dev]"]
