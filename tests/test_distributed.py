@@ -143,10 +143,12 @@ class Conditional(nn.Module):
         torch.manual_seed(0)
         self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
 
-    def forward(self, x, skip=()):
+    def forward(self, x, skip=(), touch_skipped=False):
         for i, layer in enumerate(self.layers):
             if i not in skip:
                 x = torch.tanh(layer(x))
+            elif touch_skipped:  # FSDP2 reduce-scatters only parameters with a gradient
+                x = x + 0 * sum(p.sum() for p in layer.parameters())
         return x
 
 
@@ -281,3 +283,109 @@ def test_fsdp2_sharded_model_equals_one_process(tmp_path):
             assert layers == pytest.approx(handle.layer_losses(), rel=1e-5)
             for got, want in zip(grads, model.parameters(), strict=True):
                 torch.testing.assert_close(got, want.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---- backward when layers run on some ranks only -------------------------------------------
+
+BACKWARD_SCENARIOS = ("each-skips-another", "stacks-of-different-sizes")
+MODES = ("plain", "ddp", "ddp-no-sync", "fsdp2")
+
+
+def backward_worker(rank, world, rendezvous, results):
+    """A combined loss's backward on each rank, the layers skipped differing by rank: plain
+    (the gradients averaged here), DDP(find_unused_parameters=True), DDP with a first
+    micro-batch under no_sync(), FSDP2 (fully_shard on the root). Every rank must run the
+    same collectives in backward, or gloo waits for a peer that never comes."""
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for variant in VARIANTS:
+            for scenario in BACKWARD_SCENARIOS:
+                for mode in MODES:
+                    model = Conditional()
+                    handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4,
+                                           sketch="fixed")
+                    net = model
+                    if mode.startswith("ddp"):
+                        net = nn.parallel.DistributedDataParallel(model,
+                                                                  find_unused_parameters=True)
+                    elif mode == "fsdp2":
+                        fully_shard(model, mesh=mesh)
+                    x, skip = conditional_batch(rank, scenario), SCENARIOS[scenario][rank]
+                    micro = [(x[:8], skip), (x[8:], ())] if mode == "ddp-no-sync" else [(x, skip)]
+                    for i, (xs, skips) in enumerate(micro):
+                        sync = net.no_sync() if i < len(micro) - 1 else contextlib.nullcontext()
+                        with sync:
+                            out = net(xs, skips, touch_skipped=mode == "fsdp2")
+                            handle.combine(out.square().mean()).backward()
+                    grads = []
+                    for p in model.parameters():
+                        g = p.grad.full_tensor() if mode == "fsdp2" else p.grad
+                        g = torch.zeros_like(p) if g is None else g.clone()
+                        if mode == "plain":  # what DDP does: the mean over ranks
+                            dist.all_reduce(g)
+                            g /= world
+                        grads.append(g.tolist())
+                    results[rank, variant, scenario, mode] = grads
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see worker()
+
+
+@pytest.fixture(scope="module")
+def backward_results(tmp_path_factory):
+    rendezvous = tmp_path_factory.mktemp("backward") / "rendezvous"
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(backward_worker, args=(2, str(rendezvous), results), nprocs=2,
+                           start_method="spawn")
+        return dict(results)
+
+
+def one_process_gradients(variant, scenario, mode):
+    """One process holding both ranks' batches: each layer's statistic over the rows of the
+    ranks that ran it, the task loss the mean of the ranks' means."""
+    model = Conditional()
+    reference = sigreg.attach(Conditional(), "layers.*", variant, sketch_dim=4, sketch="fixed")
+    part = reference._parts[0]
+    batches = {rank: conditional_batch(rank, scenario) for rank in (0, 1)}
+    skips = {rank: SCENARIOS[scenario][rank] for rank in (0, 1)}
+    micro = ([{r: (b[:8], skips[r]) for r, b in batches.items()},
+              {r: (b[8:], ()) for r, b in batches.items()}] if mode == "ddp-no-sync"
+             else [{r: (b, skips[r]) for r, b in batches.items()}])
+    for step_batches in micro:
+        outputs: dict[int, list[torch.Tensor]] = {}
+        task = 0
+        for rank, (x, skip) in step_batches.items():
+            for i, layer in enumerate(model.layers):
+                if i not in skip:
+                    h = layer(x)
+                    outputs.setdefault(i, []).append(h)
+                    x = torch.tanh(h)
+            task = task + x.square().mean() / 2
+        values = []
+        for i, parts in sorted(outputs.items()):
+            z = torch.cat(parts)[None]
+            values.append(part.compute(z, part.projections.for_group(0, (i,), z)))
+        reg = torch.cat(values).mean()
+        (0.9 * task + 0.1 * reg).backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scenario", BACKWARD_SCENARIOS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_with_layers_run_on_some_ranks_equals_one_process(variant, scenario, mode,
+                                                                   backward_results):
+    expected = one_process_gradients(variant, scenario, mode)
+    for rank in (0, 1):
+        got = backward_results[rank, variant, scenario, mode]
+        for g, want in zip(got, expected, strict=True):
+            torch.testing.assert_close(torch.tensor(g), want, rtol=1e-4, atol=1e-6)

@@ -155,6 +155,13 @@ def _same_shape_and_dtype(group: list[_Entry]) -> list[torch.Tensor]:
     return [e.features.reshape(e.rows, e.width).float() for e in group]
 
 
+def _needing_grad(entry: _Entry, grad: bool) -> _Entry:
+    """The entry, its features a leaf that requires grad if they do not and ``grad``."""
+    if not grad or entry.features.requires_grad:
+        return entry
+    return entry._replace(features=entry.features.detach().requires_grad_())
+
+
 def _entries(calls: list[Call]) -> list[_Entry]:
     out, selected = [], {}
     for call in calls:
@@ -428,14 +435,20 @@ class SIGRegHandle:
         for e in entries:
             mine[(e.layer, sum(key[0] == e.layer for key in mine))] = e
         device, groups = self._device(entries), []
+        # Every rank's autograd graph must hold the same all-reduces, whose backward runs the
+        # same collectives: a rank that did not call a layer takes part with no rows that
+        # require grad, and features no gradient reaches on this rank (a frozen layer, an
+        # input without grad) are made leaves that require it, when autograd is on.
+        grad = torch.is_grad_enabled()
         for group in plan.groups:
             part = self._layer_parts[group.calls[0][0]]
             if group.stacked:
-                groups.append((part, [mine[key] for key in group.calls]))
+                groups.append((part, [_needing_grad(mine[key], grad) for key in group.calls]))
                 continue
             for key in group.calls:  # one by one; where not called here, with no rows
-                absent = _Entry(key[0], torch.zeros(0, group.width, device=device), 0, group.width)
-                groups.append((part, [mine.get(key, absent)]))
+                absent = _Entry(key[0], torch.zeros(0, group.width, device=device,
+                                                    requires_grad=grad), 0, group.width)
+                groups.append((part, [_needing_grad(mine.get(key, absent), grad)]))
         return self._values(groups)
 
     def _layout_group(self) -> Any:
