@@ -77,8 +77,10 @@ def test_pool_variants_and_tuple_outputs():
     assert torch.equal(sigreg.pool_features(x, "cls"), x[:, 0])
     assert torch.equal(sigreg.pool_features((x, None), "mean"), x.mean(1))
     assert torch.equal(sigreg.pool_features((x, 1), lambda out: out[0][:, -1]), x[:, -1])
-    with pytest.raises(ValueError):
-        sigreg.pool_features(torch.randn(2, 3, 4, 5, 6), "mean")
+    video = torch.randn(2, 3, 4, 5, 6)  # (B, C, D, H, W): the mean over D, H, W
+    torch.testing.assert_close(sigreg.pool_features(video, "mean"), video.mean((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 4, 5, 6\).*pool=\) a callable"):
+        sigreg.pool_features(video, "flatten")
 
 
 def test_no_work_in_eval_or_no_grad_and_loss_needs_forward():

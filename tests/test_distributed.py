@@ -363,7 +363,7 @@ def one_process_gradients(variant, scenario, mode):
     for step_batches in micro:
         outputs: dict[int, list[torch.Tensor]] = {}
         task = 0
-        for rank, (x, skip) in step_batches.items():
+        for x, skip in step_batches.values():
             for i, layer in enumerate(model.layers):
                 if i not in skip:
                     h = layer(x)

@@ -3,6 +3,7 @@ padded batches, ragged last batches, model copies. Layers that run on some ranks
 in tests/test_distributed.py."""
 
 import copy
+import dataclasses
 import re
 import warnings
 
@@ -51,8 +52,10 @@ def sketch_dim(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("make", [mlp, Blocks], ids=["sequential", "modulelist"])
 def test_compiled_model_keeps_one_graph_and_never_recompiles(make, variant):
-    """The hooks are traced into the model's graph: as many graphs and ops as without
-    attach, fullgraph=True works, and the steps after the first reuse the graph."""
+    """The hooks are traced into the model's graph: as many graphs as without attach and
+    the same ops plus a copy (clone, view) of each output kept as it is (these (N, C)
+    outputs; inductor drops the copy where nothing changes the output in place),
+    fullgraph=True works, and the steps after the first reuse the graph."""
     x = torch.randn(16, 32)
     counts = {}
     for attached in (False, True):
@@ -66,7 +69,8 @@ def test_compiled_model_keeps_one_graph_and_never_recompiles(make, variant):
             loss = out.square().mean() + (handle.loss() if handle else 0)
             loss.backward()
         counts[attached] = (counter.frame_count, counter.op_count)
-    assert counts[True] == counts[False]
+    layers = 6 if make is mlp else 4
+    assert counts[True] == (counts[False][0], counts[False][1] + 2 * layers)
     assert counts[True][0] == 1
 
 
@@ -499,3 +503,181 @@ def test_an_unattached_instance_compiled_first_does_not_hide_the_hooks():
         handle.loss()
         assert len(handle.layer_losses()) == 4
         baseline(x)  # recompiled, still right
+
+
+# ---- in-place ops after a regularized layer ---------------------------------------------------
+
+class InPlaceAfter(nn.Module):
+    """A regularized Linear whose output an in-place ReLU overwrites (a projector's
+    BatchNorm1d -> ReLU(inplace=True) does the same)."""
+
+    def __init__(self, inplace: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head, self.inplace = nn.Linear(8, 8), nn.Linear(8, 2), inplace
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(torch.relu_(h) if self.inplace else torch.relu(h))
+
+
+def in_place_case(case):
+    """(attach keywords, input, padding mask or None) of each kind of kept output."""
+    tokens = torch.randn(4, 6, 8)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 3:] = False
+    return {"2-d": ({}, torch.randn(16, 8), None),
+            "flatten": ({"pool": "flatten"}, tokens, None),
+            "cls": ({"pool": "cls"}, tokens, None),
+            "masked-mean": ({}, tokens, mask),
+            "callable-view": ({"pool": lambda out: out[:, 0]}, tokens, None)}[case]
+
+
+IN_PLACE_CASES = ("2-d", "flatten", "cls", "masked-mean", "callable-view")
+
+
+@pytest.mark.parametrize("case", IN_PLACE_CASES)
+def test_an_output_changed_in_place_after_its_layer_is_refused_naming_the_layer(case):
+    """Eager mode: the kept output's version counter moved, so loss() raises (it used to
+    regularize relu(output) silently); the out-of-place model is regularized."""
+    kwargs, x, mask = in_place_case(case)
+    for inplace in (True, False):
+        model = InPlaceAfter(inplace)
+        handle = sigreg.attach(model, "lin", sketch_dim=None, **kwargs)
+        handle.set_padding_mask(mask)
+        model(x)
+        if inplace:
+            with pytest.raises(RuntimeError, match=r"layer 'lin''s output was modified in "
+                                                   r"place.*inplace=False"):
+                handle.loss()
+            handle.set_padding_mask(mask)
+            model(x)  # the error dropped the step: the next one raises again, not "2 passes"
+            with pytest.raises(RuntimeError, match="modified in place"):
+                handle.loss()
+        else:
+            handle.loss()
+            assert set(handle.layer_losses()) == {"lin"}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("case", ["2-d", "flatten", "masked-mean"])
+def test_a_compiled_model_regularizes_the_output_before_an_in_place_op(case, backend):
+    """A compiled graph has no version counters to check: the hook keeps a copy there, so the
+    value is the layer's own output's, and a user's own `detach().clone()` hook on the same
+    layer does not break inductor's backward."""
+    kwargs, x, mask = in_place_case(case)
+    torch.compiler.reset()
+    model, reference = InPlaceAfter(True), InPlaceAfter(False)
+    handle = sigreg.attach(model, "lin", sketch_dim=None, keep_features=True, **kwargs)
+    expected = sigreg.attach(reference, "lin", sketch_dim=None, keep_features=True, **kwargs)
+    seen = []
+    model.lin.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    for h in (handle, expected):
+        h.set_padding_mask(mask)
+    out = torch.compile(model, backend=backend)(x)
+    loss = handle.loss()
+    (out.sum() + loss).backward()
+    reference(x)
+    torch.testing.assert_close(loss, expected.loss(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(handle.features()["lin"], expected.features()["lin"])
+
+
+# ---- layer outputs: tuples, dicts, dataclasses, packed sequences -------------------------------
+
+@dataclasses.dataclass
+class Hidden:
+    mask: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Returns(nn.Module):
+    """A Linear whose output is wrapped as ``kind`` says, the hidden states (B, T, 8) among
+    integer or bool tensors."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.kind = nn.Linear(8, 8), kind
+
+    def forward(self, x):
+        h = self.lin(x)
+        codes = h.argmax(-1)
+        return {"codes-first": lambda: (codes, h), "dict": lambda: {"codes": codes, "hidden": h},
+                "dataclass": lambda: Hidden(codes > 0, h), "list": lambda: [None, h],
+                "integer": lambda: codes, "bool": lambda: codes > 0,
+                "no-float": lambda: (codes, codes > 0), "string": lambda: "hidden"}[self.kind]()
+
+
+@pytest.mark.parametrize("kind", ["codes-first", "dict", "dataclass", "list", "model-output"])
+def test_the_first_floating_point_tensor_of_an_output_is_its_features(kind):
+    """(codes, quantized) used to regularize the integer codes (no gradient, no warning)."""
+    x = torch.randn(16, 5, 8)
+    model = nn.Sequential(Returns("dict" if kind == "model-output" else kind))
+    if kind == "model-output":
+        outputs = pytest.importorskip("transformers.modeling_outputs")
+        inner = model[0]
+        model = nn.Sequential(type("HF", (nn.Module,), {
+            "__init__": lambda self: (nn.Module.__init__(self), setattr(self, "inner", inner))[0],
+            "forward": lambda self, x: outputs.BaseModelOutput(
+                last_hidden_state=self.inner(x)["hidden"])})())
+    handle = sigreg.attach(model, "0", sketch_dim=None, keep_features=True)
+    model(x)
+    loss = handle.loss()
+    assert loss.requires_grad
+    lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    torch.testing.assert_close(handle.features()["0"], lin(x).mean(1).detach())
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("integer", r"layer '0''s output is a torch.int64 tensor.*pool=\) a callable"),
+    ("bool", r"layer '0''s output is a torch.bool tensor.*pool=\) a callable"),
+    ("no-float", r"layer '0' returned a tuple with no floating-point tensor.*pool=\) a callable"),
+    ("string", r"layer '0' returned a str.*pool=\) a callable"),
+])
+def test_outputs_a_named_pool_cannot_read_are_refused_naming_layer_type_and_pool(kind, message):
+    model = nn.Sequential(Returns(kind))
+    sigreg.attach(model, "0")
+    with pytest.raises(TypeError, match=message):
+        model(torch.randn(4, 5, 8))
+    handle = sigreg.attach(nn.Sequential(Returns(kind)), "0",
+                           pool=lambda out: torch.randn(4, 3, requires_grad=True))
+    handle._capture.model(torch.randn(4, 5, 8))  # a callable reads anything
+    handle.loss()
+
+
+def test_an_unreadable_shape_names_the_layer_and_pool_callable():
+    model = nn.Sequential(nn.Conv3d(3, 4, 3))
+    handle = sigreg.attach(model, "0", keep_features=True)
+    x = torch.randn(4, 3, 5, 5, 5)
+    out = model(x)  # 5-D (B, C, D, H, W): "mean" averages D, H and W
+    handle.loss()
+    torch.testing.assert_close(handle.features()["0"], out.mean((2, 3, 4)).detach())
+    with pytest.raises(ValueError, match=r"pool='flatten' cannot turn layer '0''s output of "
+                                         r"shape \(4, 4, 3, 3, 3\).*pool=\) a callable"):
+        flat = nn.Sequential(nn.Conv3d(3, 4, 3))
+        sigreg.attach(flat, "0", pool="flatten")
+        flat(x)
+
+
+@pytest.mark.parametrize("pool", ["mean", "flatten", "cls"])
+def test_a_packed_sequence_is_pooled_from_its_real_time_steps(pool):
+    torch.manual_seed(0)
+    rnn = nn.LSTM(4, 6, batch_first=True)
+    model = nn.Sequential()
+    model.rnn = rnn
+    lengths = torch.tensor([5, 3, 2, 5, 1, 4])
+    x = torch.randn(6, 5, 4)
+    handle = sigreg.attach(model, "rnn", pool=pool, sketch_dim=None, keep_features=True)
+    model.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                enforce_sorted=False))
+    handle.loss()
+    steps = [rnn(x[i:i + 1, :n])[0][0].detach() for i, n in enumerate(lengths.tolist())]
+    expected = {"mean": torch.stack([s.mean(0) for s in steps]), "flatten": torch.cat(steps),
+                "cls": torch.stack([s[0] for s in steps])}[pool]
+    got = handle.features()["rnn"]
+    # the same samples, in the packed order: compare sorted rows
+    def by_first_feature(t):
+        return t[torch.argsort(t[:, 0])]
+
+    torch.testing.assert_close(by_first_feature(got), by_first_feature(expected), rtol=1e-5,
+                               atol=1e-6)

@@ -95,11 +95,13 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) ->
 def pool_features(output: Any, pool: Pool, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Turn a layer's output into features (N, C).
 
-    - tuple/list outputs: the first element is used (hidden states, by convention), unless
-      ``pool`` is a callable, which receives the raw output (and ``mask=``, if it takes
-      that keyword) and returns (N, C).
+    - tuple, list, dict (Hugging Face ``ModelOutput``) and dataclass outputs: their first
+      floating-point tensor (integer and bool tensors are passed over); a PackedSequence:
+      its real time steps. Unless ``pool`` is a callable, which receives the raw output
+      (and ``mask=``, if it takes that keyword) and returns (N, C). Other outputs, and
+      integer or bool ones, raise a TypeError (see :func:`sigreg.capture.layer_tensor`).
     - ``"mean"``: (N, C) as is; (B, T, C) mean over tokens (batch-first); (B, C, H, W) mean
-      over H and W.
+      over H and W, (B, C, D, H, W) over D, H and W.
     - ``"flatten"``: (B, T, C) -> (B*T, C), every token a sample (language models).
     - ``"cls"``: (B, T, C) -> (B, C), the first token.
 

@@ -22,6 +22,10 @@ Why the hooks look the way they do:
   after the model's forward returned: those calls find no open pass and are ignored. A
   layer called while no pass is open (a training step that calls ``model.encoder`` rather
   than ``model``) opens one itself, unless autograd is running a backward pass.
+- An in-place op after a layer (``ReLU(inplace=True)``) changes an output kept as it is (or
+  a view of it): eager mode notes the kept tensor's version counter and ``take()`` raises
+  when it moved; a compiled graph has no counters, so there the hook keeps a copy, which
+  inductor removes where nothing changes the output in place.
 - Reentrant checkpointing (``use_reentrant=True``) runs its region under ``no_grad``,
   where an output cannot be regularized: such calls are noted, and a layer that only ran
   that way makes ``loss()`` raise an error naming the fix.
@@ -29,14 +33,16 @@ Why the hooks look the way they do:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.module_tracker import ModuleTracker
 
 Pool = str | Callable[..., torch.Tensor]
@@ -97,14 +103,17 @@ class Call(NamedTuple):
     """One training call of a regularized layer: the layer's index, its pooled output
     (``rows`` samples of C features once reshaped) and the (B, T) padding mask whose
     samples are still to select (None without a mask); see :func:`features_of`. A call
-    recorded under a padding mask holds the raw output instead (``masked``): it is pooled
-    with the mask when the passes are taken, outside any compiled graph, so that a
-    compiled model does not specialise on the mask's length."""
+    recorded under a padding mask holds the layer's output tensor instead (``masked``): it
+    is pooled with the mask when the passes are taken, outside any compiled graph, so that a
+    compiled model does not specialise on the mask's length. ``version``: the ``_version``
+    of the kept tensor when recorded (eager mode), to catch an in-place op that changed it
+    after the layer ran (None: nothing to check)."""
 
     layer: int
     features: Any
     mask: torch.Tensor | None = None
     masked: bool = False
+    version: int | None = None
 
     @property
     def rows(self) -> int:
@@ -131,34 +140,86 @@ def layout(module: nn.Module) -> str:
     return "batch_first"
 
 
+def layer_tensor(output: Any, name: str | None = None) -> torch.Tensor | PackedSequence:
+    """The part of a layer's output that a named pool reads: the output itself when it is a
+    tensor or a PackedSequence, else the first floating-point tensor (or PackedSequence) of
+    a tuple or list, of a dict's values (a Hugging Face ``ModelOutput``: its fields that are
+    not None) or of a dataclass's fields, in order; integer and bool tensors (indices,
+    codes, masks) are passed over there.
+
+    Raises:
+        TypeError naming the layer, if the output is an integer or bool tensor or holds no
+        floating-point tensor: a pool callable reads such outputs.
+    """
+    if isinstance(output, (torch.Tensor, PackedSequence)):
+        x = output
+    else:
+        if isinstance(output, (tuple, list)):
+            items = list(output)
+        elif isinstance(output, Mapping):
+            items = list(output.values())
+        elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+            items = [getattr(output, f.name) for f in dataclasses.fields(output)]
+        else:
+            raise TypeError(f"{_layer(name)} returned a {type(output).__name__}, which a named "
+                            "pool cannot read (it reads a tensor, or the first floating-point "
+                            "tensor of a tuple, list, dict or dataclass): "
+                            f"{_CALLABLE_HINT}")
+        x = None
+        for item in items:
+            if isinstance(item, PackedSequence) or (isinstance(item, torch.Tensor)
+                                                    and item.is_floating_point()):
+                x = item
+                break
+        if x is None:
+            raise TypeError(f"{_layer(name)} returned a {type(output).__name__} with no "
+                            "floating-point tensor in it (a named pool takes the first one): "
+                            f"{_CALLABLE_HINT}")
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+        raise TypeError(f"{_layer(name)}'s output is a {x.dtype} tensor: integer and bool "
+                        "values (indices, codes, masks) are not features to regularize. "
+                        "Regularize a layer whose output is floating-point, or "
+                        f"{_CALLABLE_HINT}")
+    return x
+
+
+_CALLABLE_HINT = "give attach(..., pool=) a callable that returns the features (N, C) from it"
+
+
+def _layer(name: str | None) -> str:
+    return "a layer" if name is None else f"layer {name!r}"
+
+
 def pool_output(output: Any, pool: Pool, mask: torch.Tensor | None = None,
-                pool_takes_mask: bool = False, module: nn.Module | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                pool_takes_mask: bool = False, module: nn.Module | None = None,
+                name: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's output pooled for the statistics, keeping the pooled dimensions, and the
     padding mask still to apply (selecting samples: their number depends on the data, so
     it happens later, outside a compiled graph).
 
     ``mask``: (B, T), true (or nonzero) at real tokens, applied to batch-first (B, T, C)
     outputs only. ``module``: the layer, whose type says how a 3-D output is laid out (see
-    :func:`layout`). Keeping the pooled dimensions makes the pooling's backward one kernel
-    fewer (no unsqueeze), which counts on a GPU where every layer's hooks are launch-bound.
+    :func:`layout`); ``name``: its name, for errors. Keeping the pooled dimensions makes the
+    pooling's backward one kernel fewer (no unsqueeze), which counts on a GPU where every
+    layer's hooks are launch-bound. What a named pool reads: :func:`layer_tensor`.
     """
     if callable(pool):
         x = pool(output, mask=mask) if pool_takes_mask else pool(output)
         if not (isinstance(x, torch.Tensor) and x.dim() == 2):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"a pool callable must return features (N, C), got {shape}")
+            raise ValueError(f"a pool callable must return features (N, C), got {shape}"
+                             + ("" if name is None else f" for layer {name!r}"))
         return x, None
-    x = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"cannot regularize a layer output of type {type(x).__name__}")
+    x = layer_tensor(output, name)
+    if isinstance(x, PackedSequence):  # its data are the real time steps of every sequence
+        return _pool_packed(x, pool), None
     if x.dim() != 3:
         if x.dim() == 2:
             return x, None
-        if pool == "mean" and x.dim() == 4:
-            return x.mean((2, 3), keepdim=True), None
-        raise ValueError(f"pool={pool!r} cannot turn an output of shape {tuple(x.shape)} "
-                         "into (N, C)")
+        if pool == "mean" and x.dim() >= 4:  # (B, C, *spatial): conv maps, video
+            return x.mean(tuple(range(2, x.dim())), keepdim=True), None
+        raise ValueError(f"pool={pool!r} cannot turn {_layer(name)}'s output of shape "
+                         f"{tuple(x.shape)} into features (N, C): {_CALLABLE_HINT}")
     order = "batch_first" if module is None else layout(module)
     if order != "batch_first":
         if mask is not None:
@@ -177,6 +238,27 @@ def pool_output(output: Any, pool: Pool, mask: torch.Tensor | None = None,
     if pool == "flatten":
         return x, None
     return x[:, :1], None  # "cls"
+
+
+def _pool_packed(x: PackedSequence, pool: str) -> torch.Tensor:
+    """A packed batch's features: every real time step (``"flatten"``), each sequence's
+    first step (``"cls"``) or the mean of its steps (``"mean"``); the padding mask does not
+    apply (a packed batch has no padding)."""
+    if pool == "flatten":
+        return x.data
+    if pool == "cls":
+        return x.data[:int(x.batch_sizes[0])]
+    padded, lengths = pad_packed_sequence(x, batch_first=True)
+    return padded.sum(1) / lengths.to(padded.device, padded.dtype).unsqueeze(1)
+
+
+def aliases_output(pool: Pool, features: Any) -> bool:
+    """Whether what a hook keeps may be the layer's output itself or a view of it (so that
+    an in-place op after the layer changes it): everything but a named pool's reductions
+    (token, spatial and packed means)."""
+    if callable(pool) or not isinstance(features, torch.Tensor):
+        return True
+    return pool != "mean" or features.dim() == 2
 
 
 def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> None:
@@ -284,12 +366,48 @@ class _LayerCall(_Hook):
                 return  # recomputed by activation checkpointing
             if not c.passes:
                 c.new_pass()
-        if c.masked:
-            c.passes[-1].append(Call(self.index, output, masked=True))
+        name = c.names[self.index]
+        if c.masked:  # the output tensor (a callable's: the output), pooled at take()
+            features = output if callable(c.pool) else layer_tensor(output, name)
         else:
-            c.passes[-1].append(Call(self.index, pool_output(output, c.pool, None,
-                                                             c.pool_takes_mask, module)[0]))
+            features = pool_output(output, c.pool, None, c.pool_takes_mask, module, name)[0]
+        # An in-place op after the layer (ReLU(inplace=True), x.add_()) would change a kept
+        # output or view: eager mode notes its version, checked at take(); a compiled graph
+        # has no versions to read, so it keeps a copy (inductor removes the copy where
+        # nothing changes the output in place: no extra memory or kernel there).
+        version = None
+        if c.masked or aliases_output(c.pool, features):
+            if torch.compiler.is_compiling():
+                features = _copied(features)
+            else:
+                version = _version_of(features)
+        c.passes[-1].append(Call(self.index, features, masked=c.masked, version=version))
         c.layer_seen = True
+
+
+def _copied(features: Any) -> Any:
+    """A copy inside a compiled graph. ``clone().view(shape)``: inductor drops the copy
+    where the output is not changed in place (the same kernels and buffers as without it),
+    and a bare clone next to a user's ``output.detach().clone()`` hook made inductor's
+    backward fail (torch 2.13: "expected Tensor() for op: input")."""
+    def copy(x: torch.Tensor) -> torch.Tensor:
+        return x.clone().view(x.shape)
+
+    if isinstance(features, torch.Tensor):
+        return copy(features)
+    return torch.utils._pytree.tree_map_only(torch.Tensor, copy, features)
+
+
+def _version_of(features: Any) -> int | None:
+    """The version counter of the tensor kept (of a raw output's first floating-point
+    tensor); a view shares its base's counter."""
+    if isinstance(features, torch.Tensor):
+        return features._version
+    try:
+        x = layer_tensor(features)
+    except TypeError:
+        return None
+    return (x.data if isinstance(x, PackedSequence) else x)._version
 
 
 class LayerCapture:
@@ -302,6 +420,7 @@ class LayerCapture:
     def __init__(self, model: nn.Module, names: list[str], pool: Pool, accumulate: int) -> None:
         modules = dict(model.named_modules())
         self.model = model
+        self.names = names
         self.modules = [modules[n] for n in names]
         self.pool = pool
         self.pool_takes_mask = takes_mask(pool)
@@ -338,16 +457,32 @@ class LayerCapture:
     def take(self) -> tuple[list[list[Call]], int, set[int]]:
         """The recorded passes (calls made under a padding mask pooled with it now), the
         number of forwards they came from (dropped ones included) and the layers called
-        only under no_grad in them; then empty."""
+        only under no_grad in them; then empty.
+
+        Raises:
+            RuntimeError naming the layer if a kept output was changed in place after its
+            layer ran (the passes are dropped).
+        """
         passes, forwards, masks = self.passes, len(self.passes) + self.dropped, iter(self.masks)
         no_grad = self.no_grad_layers - {c.layer for p in passes for c in p if c is not MASKED}
         self.clear()
+        for call in (c for p in passes for c in p if c is not MASKED):
+            if call.version is not None and _version_of(call.features) != call.version:
+                raise RuntimeError(
+                    f"layer {self.names[call.layer]!r}'s output was modified in place after "
+                    "the layer returned it (an in-place op such as nn.ReLU(inplace=True), "
+                    "F.relu_, x.add_(...), in-place dropout), so its features would be the "
+                    "modified values. Make that op out-of-place (inplace=False), regularize "
+                    "the module that ends with it instead, or give attach(..., pool=) a "
+                    "callable that returns a copy (e.g. lambda out: out.clone()). The "
+                    "recorded features were dropped.")
         return [self._pooled(p[1:], next(masks)) if p[:1] == [MASKED] else p
                 for p in passes], forwards, no_grad
 
     def _pooled(self, calls: list[Call], mask: torch.Tensor) -> list[Call]:
         return [Call(c.layer, *pool_output(c.features, self.pool, mask, self.pool_takes_mask,
-                                           self.modules[c.layer])) for c in calls]
+                                           self.modules[c.layer], self.names[c.layer]))
+                for c in calls]
 
     def clear(self) -> None:
         """Drop what was recorded, and the padding masks. New lists rather than .clear(): a
