@@ -681,3 +681,140 @@ def test_a_packed_sequence_is_pooled_from_its_real_time_steps(pool):
 
     torch.testing.assert_close(by_first_feature(got), by_first_feature(expected), rtol=1e-5,
                                atol=1e-6)
+
+
+# ---- steps that call submodules; checkpointing and eval-mode submodules -----------------------
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_steps_that_call_a_submodule_are_delimited_like_forwards_of_the_model():
+    """model.backbone(x) steps used to merge into one pass: 200 steps without loss() held
+    200 calls (and their graphs), and the first loss() regularized stale steps."""
+    model = Net()
+    handle = sigreg.attach(model, "backbone.2", sketch_dim=None, keep_features=True)
+    for _ in range(200):  # a baseline arm: loss() never called
+        model.head(model.backbone(torch.randn(32, 8))).sum().backward()
+    assert sum(len(p) for p in handle._capture.passes) == 1
+    handle.clear()
+    model.backbone(torch.randn(32, 8))
+    model.backbone(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="2 training forward passes"):
+        handle.loss()
+    x = torch.randn(32, 8)
+    model.backbone(x)
+    handle.loss()
+    torch.testing.assert_close(handle.features()["backbone.2"], model.backbone(x).detach())
+    handle.clear()
+
+    views = sigreg.attach(model, "backbone.2", sketch_dim=None, accumulate=2)
+    reference = sigreg.attach(Net(), "backbone.2", sketch_dim=None, accumulate=2)
+    x1, x2 = torch.randn(32, 8), torch.randn(32, 8)
+    handle.remove()
+    model.backbone(x1)
+    model.backbone(x2)
+    reference._capture.model(x1)
+    reference._capture.model(x2)
+    assert views.loss().item() == pytest.approx(reference.loss().item(), rel=1e-6)
+
+
+def test_a_step_that_calls_several_submodules_is_one_pass():
+    """An autoencoder's step z = model.encoder(x); model.decoder(z): one pass; the next
+    step's encoder call opens the next."""
+    class AutoEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.encoder, self.decoder = nn.Linear(8, 4), nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.decoder(self.encoder(x))
+
+    model, x = AutoEncoder(), torch.randn(16, 8)
+    handle = sigreg.attach(model, ["encoder", "decoder"], sketch_dim=None)
+    reference = sigreg.attach(AutoEncoder(), ["encoder", "decoder"], sketch_dim=None)
+    for _ in range(2):
+        model.decoder(model.encoder(x))
+        reference._capture.model(x)
+        assert handle.loss().item() == pytest.approx(reference.loss().item(), rel=1e-6)
+        assert set(handle.layer_losses()) == {"encoder", "decoder"}
+    model.decoder(model.encoder(x))
+    model.decoder(model.encoder(x))
+    with pytest.raises(RuntimeError, match="2 training forward passes"):
+        handle.loss()
+
+
+def test_a_submodule_step_that_raised_is_not_a_pass():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, fail=False):
+            x = self.lin(x)
+            if fail:
+                raise torch.OutOfMemoryError("simulated")
+            return x
+
+    model = nn.Sequential()
+    model.block = Flaky()
+    handle = sigreg.attach(model, "block.lin")
+    with pytest.raises(torch.OutOfMemoryError):
+        model.block(torch.randn(8, 8), fail=True)
+    model.block(torch.randn(8, 8))
+    handle.loss()  # one pass, not two
+
+
+@pytest.mark.parametrize("how", ["checkpoint_sequential", "checkpoint-of-a-submodule"])
+def test_reentrant_checkpointing_outside_the_forward_is_refused_naming_the_fix(how):
+    """checkpoint_sequential calls the model's children, not the model: its checkpointed
+    segments ran under no_grad with no pass open and were dropped without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 4))
+    handle = sigreg.attach(model, nn.Linear, sketch_dim=None)
+    x = torch.randn(32, 8, requires_grad=True)
+    if how == "checkpoint_sequential":
+        out = torch.utils.checkpoint.checkpoint_sequential(model, 2, x, use_reentrant=True)
+    else:
+        out = model[4](checkpoint(model[:4], x, use_reentrant=True))
+    with pytest.raises(RuntimeError, match=r"\['0', '2'\].*no_grad.*use_reentrant=False"
+                       if how != "checkpoint_sequential" else
+                       r"\['0'\].*no_grad.*use_reentrant=False"):
+        handle.combine(out.square().mean())
+    out.square().mean().backward()  # the recomputation in backward records nothing
+    torch.utils.checkpoint.checkpoint_sequential(model, 2, x, use_reentrant=False)
+    handle.loss()
+    assert set(handle.layer_losses()) == {"0", "2", "4"}
+
+
+def test_layers_of_an_eval_mode_submodule_of_a_training_model_are_regularized():
+    """Frozen BatchNorm statistics (model.train(); backbone.eval()) still train the weights:
+    training is the attached model's mode, not each layer's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU())
+                            for _ in range(3)])
+    handle = sigreg.attach(model, "*", sketch_dim=None)
+    x = torch.randn(32, 8)
+    model.train()
+    model[0].eval()
+    model(x)
+    handle.loss()
+    assert len(handle.layer_losses()) == 3
+    for block in model:
+        block.eval()
+    model(x)
+    handle.loss()
+    assert len(handle.layer_losses()) == 3
+    model.eval()  # the model in eval mode: not a training forward
+    model(x)
+    with pytest.raises(RuntimeError, match="no training-mode forward"):
+        handle.loss()

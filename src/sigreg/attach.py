@@ -189,8 +189,11 @@ class SIGRegHandle:
     statistic, per group.
 
     A forward pass is a call of the model given to :func:`attach` in training mode with
-    autograd on (in eval mode, under ``torch.no_grad()`` and inside a backward pass, where
-    activation checkpointing recomputes layers, the hooks record nothing). A layer called
+    autograd on, or a training step's calls of its submodules (until a module that began
+    one of them is called again); a submodule in eval mode inside a training model is
+    still regularized. With the model in eval mode, under ``torch.no_grad()`` and inside a
+    backward pass, where activation checkpointing recomputes layers, the hooks record
+    nothing. A layer called
     several times in one pass contributes the mean of its calls; a layer not called is
     absent from that step's mean. :meth:`loss` covers the latest ``accumulate`` passes
     (default 1: the latest forward); more passes since the last :meth:`loss` raise an error

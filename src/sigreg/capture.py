@@ -295,6 +295,19 @@ def takes_mask(pool: Pool) -> bool:
         return False
 
 
+def _ancestors(modules: dict[str, nn.Module], names: list[str]) -> list[nn.Module]:
+    """The modules between the model and the layers ``names``, the layers included: every
+    module a training step may call instead of the model (each once)."""
+    found: dict[int, nn.Module] = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            module = modules.get(".".join(parts[:i]))
+            if module is not None:
+                found.setdefault(id(module), module)
+    return list(found.values())
+
+
 def _inert(*args: Any) -> None:
     """What a hook becomes when the model is pickled: nothing."""
 
@@ -348,6 +361,47 @@ class _PassEnd(_Hook):
             c.masked = False  # the mask was this forward's (an eval one's too)
 
 
+class _SubmoduleStart(_Hook):
+    """A call of a module between the model and a regularized layer (or of the layer), made
+    while no forward of the model runs: a training step that calls ``model.backbone(x)``.
+    The outermost such call joins the open pass, unless the same module already began a
+    call in it: then it is the next step's, and opens a new pass."""
+
+    def __init__(self, capture: LayerCapture, index: int) -> None:
+        super().__init__(capture)
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        c = self.capture
+        if (module is not c.ancestors[self.index] or c.depth or not c.model.training
+                or in_backward()):
+            return
+        if not torch.is_grad_enabled():
+            return
+        if not c.entered:  # the outermost call
+            if not c.passes or self.index in c.entries:
+                c.new_pass()
+            c.entries.append(self.index)
+        c.entered.append(self.index)
+
+
+class _SubmoduleEnd(_Hook):
+    def __init__(self, capture: LayerCapture, index: int) -> None:
+        super().__init__(capture)
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        c = self.capture
+        if module is not c.ancestors[self.index] or not c.entered or c.entered[-1] != self.index:
+            return
+        c.entered.pop()
+        # The outermost call raised (a skipped bad batch): the pass it opened is dropped.
+        if (not c.entered and output is None and sys.exc_info()[0] is not None and c.passes
+                and c.entries == [self.index]):
+            c.passes.pop()
+            c.entries = []
+
+
 class _LayerCall(_Hook):
     def __init__(self, capture: LayerCapture, index: int) -> None:
         super().__init__(capture)
@@ -355,11 +409,16 @@ class _LayerCall(_Hook):
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         c = self.capture
-        if module is not c.modules[self.index] or not module.training:
+        # Training or not is the attached model's mode, not the layer's: a submodule put in
+        # eval mode to freeze its BatchNorm statistics still trains its weights.
+        if module is not c.modules[self.index] or not c.model.training:
             return
         if not torch.is_grad_enabled():
-            if c.depth:  # inside the forward: reentrant checkpointing?
+            # Inside a training forward or step: reentrant checkpointing (its region runs
+            # under no_grad, and again in backward) or a no_grad target; see take().
+            if c.depth or not in_backward():
                 c.no_grad_layers.add(self.index)
+                c.no_grad_forward = True
             return
         if not c.depth:
             if in_backward():
@@ -433,13 +492,22 @@ class LayerCapture:
         # (its list starts with MASKED); `masked` says whether the next forward has one.
         self.masks: list[torch.Tensor] = []
         self.masked = False
+        self.mask: torch.Tensor | None = None  # the latest one set (submodule steps reuse it)
         self.depth = 0  # calls of the model running (a wrapper may re-enter it: Lightning)
+        # Steps that call submodules (see _SubmoduleStart): the modules whose outermost calls
+        # made the open pass, and the stack of those running.
+        self.entries: list[int] = []
+        self.entered: list[int] = []
         self.layer_seen = False  # a layer call was ever recorded (for the error if none)
         self.removed = False
         self._handles = [model.register_forward_pre_hook(_PassStart(self)),
                          model.register_forward_hook(_PassEnd(self), always_call=True)]
         self._handles += [m.register_forward_hook(_LayerCall(self, i))
                           for i, m in enumerate(self.modules)]
+        self.ancestors = _ancestors(modules, names)
+        for i, m in enumerate(self.ancestors):
+            self._handles += [m.register_forward_pre_hook(_SubmoduleStart(self, i)),
+                              m.register_forward_hook(_SubmoduleEnd(self, i), always_call=True)]
 
     def new_pass(self) -> None:
         if len(self.passes) >= self.accumulate:
@@ -447,12 +515,13 @@ class LayerCapture:
                 self.masks = self.masks[1:]
             self.dropped += 1
         self.passes.append([MASKED] if self.masked else [])
+        self.entries = []
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """The padding mask of the next forward; a mask no forward used is dropped."""
         used = sum(p[:1] == [MASKED] for p in self.passes)
         self.masks = [*self.masks[:used], *([] if mask is None else [mask])]
-        self.masked = mask is not None
+        self.masked, self.mask = mask is not None, mask
 
     def take(self) -> tuple[list[list[Call]], int, set[int]]:
         """The recorded passes (calls made under a padding mask pooled with it now), the
@@ -465,6 +534,7 @@ class LayerCapture:
         """
         passes, forwards, masks = self.passes, len(self.passes) + self.dropped, iter(self.masks)
         no_grad = self.no_grad_layers - {c.layer for p in passes for c in p if c is not MASKED}
+        latest_mask = self.mask  # a submodule step's passes after the first reuse it
         self.clear()
         for call in (c for p in passes for c in p if c is not MASKED):
             if call.version is not None and _version_of(call.features) != call.version:
@@ -476,7 +546,7 @@ class LayerCapture:
                     "the module that ends with it instead, or give attach(..., pool=) a "
                     "callable that returns a copy (e.g. lambda out: out.clone()). The "
                     "recorded features were dropped.")
-        return [self._pooled(p[1:], next(masks)) if p[:1] == [MASKED] else p
+        return [self._pooled(p[1:], next(masks, latest_mask)) if p[:1] == [MASKED] else p
                 for p in passes], forwards, no_grad
 
     def _pooled(self, calls: list[Call], mask: torch.Tensor) -> list[Call]:
@@ -489,6 +559,7 @@ class LayerCapture:
         list taken by :meth:`take` stays intact."""
         self.passes, self.no_grad_layers, self.dropped = [], set(), 0
         self.no_grad_forward, self.masks, self.masked, self.depth = False, [], False, 0
+        self.mask, self.entries, self.entered = None, [], []
 
     def remove(self) -> None:
         for h in self._handles:
