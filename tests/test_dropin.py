@@ -4,6 +4,7 @@ in tests/test_distributed.py."""
 
 import copy
 import dataclasses
+import pickle
 import re
 import warnings
 
@@ -476,6 +477,10 @@ def test_errors_name_their_cause():
     handle = sigreg.attach(model, "blocks.*")
     with pytest.raises(TypeError, match="cannot be copied"):
         copy.deepcopy(handle)
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.copy(handle)  # it used to share the hooks
+    with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict"):
+        pickle.dumps(handle)
     checkpoint(model, x, use_reentrant=True)  # the whole model under no_grad
     with pytest.raises(RuntimeError, match="under torch.no_grad.*use_reentrant=False"):
         handle.loss()
@@ -817,4 +822,49 @@ def test_layers_of_an_eval_mode_submodule_of_a_training_model_are_regularized():
     model.eval()  # the model in eval mode: not a training forward
     model(x)
     with pytest.raises(RuntimeError, match="no training-mode forward"):
+        handle.loss()
+
+
+def test_regularizing_only_layers_no_gradient_reaches_warns_once():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    handle = sigreg.attach(model, "0", sketch_dim=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(torch.randn(16, 8))
+            handle.loss()
+    messages = [str(w.message) for w in caught if "no gradient reaches" in str(w.message)]
+    assert len(messages) == 1 and "['0']" in messages[0]
+    model[0].requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle2 = sigreg.attach(nn.Sequential(nn.Linear(8, 8)), "0", sketch_dim=None)
+        handle2._capture.model(torch.randn(16, 8))
+        handle2.loss()
+
+
+def test_torch_export_of_a_training_model_records_nothing():
+    """export traces the model in training mode with fake tensors: it left a pass, and the
+    next loss() raised '2 training forward passes'."""
+    model, x = mlp(depth=2), torch.randn(16, 32)
+    handle = sigreg.attach(model, "**.0", sketch_dim=None)
+    handle.combine(model(x).square().mean()).backward()
+    exported = torch.export.export(model, (x,))
+    assert handle._capture.passes == []
+    model(x)
+    handle.loss()
+    exported.module()(x)
+    assert handle._capture.passes == []
+
+
+def test_data_parallel_replicas_are_refused_naming_ddp():
+    """nn.DataParallel runs replicas of the model (copies, marked _is_replica) on its GPUs:
+    the hooks skip them, and loss() pointed at torch.compiler.reset()."""
+    model = mlp(depth=2)
+    handle = sigreg.attach(model, "**.0")
+    replica = copy.deepcopy(model)  # what torch.nn.parallel.replicate makes, on one device
+    replica._is_replica = True
+    replica(torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match="DataParallel.*DistributedDataParallel"):
         handle.loss()

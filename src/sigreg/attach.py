@@ -349,6 +349,12 @@ class SIGRegHandle:
         if not entries:
             self._warn_once("none-called", "SIGReg: no regularized layer ran in this forward "
                             "(all skipped?): the step trains on the task loss alone.")
+        elif torch.is_grad_enabled() and not any(e.features.requires_grad for e in entries):
+            self._warn_once("no-gradient", (
+                f"SIGReg: no gradient reaches the regularized layers "
+                f"{sorted({self.names[e.layer] for e in entries})} (frozen, and their inputs "
+                "do not require grad): the regularizer trains nothing. Regularize layers "
+                "that train."))
         self._check_widths(entries)
         if self.keep_features:
             for e in entries:
@@ -358,6 +364,11 @@ class SIGRegHandle:
     def _no_forward_message(self, no_grad_forward: bool) -> str:
         message = ("no training-mode forward pass with autograd since the last loss() call: "
                    "run the model (model.train(), outside torch.no_grad()) first")
+        if self._capture.replica_seen:
+            return ("nn.DataParallel ran replicas of the attached model, which the hooks do not "
+                    "regularize (and their features would be on several devices in one "
+                    "process): use DistributedDataParallel, one process per GPU (global-batch "
+                    "statistics, see the README's Multi-GPU)")
         if no_grad_forward:
             message += (". The model did run in training mode under torch.no_grad(): reentrant "
                         "activation checkpointing around the whole model does this; use "
@@ -560,8 +571,14 @@ class SIGRegHandle:
         self._features = {}
 
     def __deepcopy__(self, memo: dict) -> SIGRegHandle:
-        raise TypeError("a SIGRegHandle cannot be copied: its hooks belong to one model. "
-                        "attach() to the copy of the model instead")
+        raise TypeError(_NO_COPY)
+
+    def __copy__(self) -> SIGRegHandle:
+        raise TypeError(_NO_COPY)
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(_NO_COPY.replace("copied", "copied or pickled") + "; save "
+                        "handle.state_dict() to resume its sketches")
 
     def __enter__(self) -> SIGRegHandle:  # noqa: PYI034
         return self
@@ -572,6 +589,10 @@ class SIGRegHandle:
     def __repr__(self) -> str:
         regularizers = ", ".join(repr(p.regularizer) for p in self._parts)
         return f"SIGRegHandle(layers={self.names}, regularizer={regularizers})"
+
+
+_NO_COPY = ("a SIGRegHandle cannot be copied: its hooks belong to one model. attach() to "
+            "the copy of the model instead")
 
 
 def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:

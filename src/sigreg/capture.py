@@ -99,6 +99,11 @@ def in_backward() -> bool:
     return not torch.compiler.is_compiling() and _BACKWARD.is_bw
 
 
+def _exporting() -> bool:
+    """torch.export traces the model (with fake tensors): not a training forward."""
+    return torch.compiler.is_exporting()
+
+
 class Call(NamedTuple):
     """One training call of a regularized layer: the layer's index, its pooled output
     (``rows`` samples of C features once reshaped) and the (B, T) padding mask whose
@@ -336,7 +341,10 @@ def _inert_hook() -> Callable:
 class _PassStart(_Hook):
     def __call__(self, module: nn.Module, args: Any) -> None:
         c = self.capture
-        if module is not c.model or not module.training or in_backward():
+        if module is not c.model:
+            c.replica_seen = c.replica_seen or getattr(module, "_is_replica", False)
+            return
+        if not module.training or in_backward() or _exporting():
             return
         if not torch.is_grad_enabled():
             c.no_grad_forward = True  # for the error if nothing is recorded
@@ -374,7 +382,7 @@ class _SubmoduleStart(_Hook):
     def __call__(self, module: nn.Module, args: Any) -> None:
         c = self.capture
         if (module is not c.ancestors[self.index] or c.depth or not c.model.training
-                or in_backward()):
+                or in_backward() or _exporting()):
             return
         if not torch.is_grad_enabled():
             return
@@ -411,7 +419,7 @@ class _LayerCall(_Hook):
         c = self.capture
         # Training or not is the attached model's mode, not the layer's: a submodule put in
         # eval mode to freeze its BatchNorm statistics still trains its weights.
-        if module is not c.modules[self.index] or not c.model.training:
+        if module is not c.modules[self.index] or not c.model.training or _exporting():
             return
         if not torch.is_grad_enabled():
             # Inside a training forward or step: reentrant checkpointing (its region runs
@@ -499,6 +507,7 @@ class LayerCapture:
         self.entries: list[int] = []
         self.entered: list[int] = []
         self.layer_seen = False  # a layer call was ever recorded (for the error if none)
+        self.replica_seen = False  # nn.DataParallel ran a replica of the model (not hooked)
         self.removed = False
         self._handles = [model.register_forward_pre_hook(_PassStart(self)),
                          model.register_forward_hook(_PassEnd(self), always_call=True)]
