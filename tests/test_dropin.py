@@ -868,3 +868,31 @@ def test_data_parallel_replicas_are_refused_naming_ddp():
     replica(torch.randn(8, 32))
     with pytest.raises(RuntimeError, match="DataParallel.*DistributedDataParallel"):
         handle.loss()
+
+
+def test_forwards_of_one_sample_are_pooled_by_accumulate_and_otherwise_named():
+    """A per-device batch of one (LLM fine-tuning with gradient accumulation) was never
+    regularized, after one warning blaming 'a last batch of one?' (and listing a layer once
+    per forward); accumulate=k forwards of one sample each now pool their k samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    handle = sigreg.attach(model, "0", sketch_dim=None, accumulate=4, keep_features=True)
+    xs = [torch.randn(1, 12, 8) for _ in range(4)]
+    task = sum(model(x).square().mean() for x in xs)
+    loss = handle.combine(task)
+    expected = sigreg.weak_sigreg(torch.cat([model[0](x).mean(1) for x in xs]))
+    assert handle.layer_losses()["0"] == pytest.approx(expected.item(), rel=1e-5)
+    assert handle.features()["0"].shape == (4, 8)
+    loss.backward()
+    assert model[0].weight.grad is not None
+
+    handle.remove()
+    single = sigreg.attach(model, "0", sketch_dim=None, accumulate=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            single.combine(model(torch.randn(1, 8)).square().mean())
+    too_few = [str(w.message) for w in caught if "too few" in str(w.message)]
+    assert len(too_few) == 1
+    assert "['0'] have 1 sample(s)" in too_few[0] and "per-device batch of one" in too_few[0]
+    assert "accumulate=k" in too_few[0]

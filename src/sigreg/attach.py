@@ -164,6 +164,32 @@ def _needing_grad(entry: _Entry, grad: bool) -> _Entry:
     return entry._replace(features=entry.features.detach().requires_grad_())
 
 
+def _pool_small_calls(passes: list[list[_Entry]]) -> list[_Entry]:
+    """The entries of all passes; a layer's calls with fewer than 2 samples each, made in
+    different passes (``accumulate=k`` forwards of a batch of one), become one entry, their
+    samples pooled, where alone each would be left out."""
+    entries = [e for p in passes for e in p]
+    small: dict[int, list[tuple[int, _Entry]]] = {}
+    for number, entries_of_pass in enumerate(passes):
+        for e in entries_of_pass:
+            if e.rows < 2:
+                small.setdefault(e.layer, []).append((number, e))
+    pooled = {layer: calls for layer, calls in small.items()
+              if len({number for number, _ in calls}) > 1}
+    if not pooled:
+        return entries
+    out, done = [], set()
+    for e in entries:
+        if e.layer not in pooled or e.rows >= 2:
+            out.append(e)
+        elif e.layer not in done:
+            done.add(e.layer)
+            calls = [c for _, c in pooled[e.layer]]
+            features = torch.cat([c.features.reshape(c.rows, c.width) for c in calls])
+            out.append(_Entry(e.layer, features, features.shape[0], e.width))
+    return out
+
+
 def _entries(calls: list[Call]) -> list[_Entry]:
     out, selected = [], {}
     for call in calls:
@@ -343,7 +369,7 @@ class SIGRegHandle:
             )
         if not passes:
             raise RuntimeError(self._no_forward_message(no_grad_forward))
-        entries = _entries([c for p in passes for c in p])
+        entries = _pool_small_calls([_entries(p) for p in passes])
         for e in entries:
             check_has_values(e.features, f"layer {self.names[e.layer]}'s features")
         if not entries:
@@ -486,11 +512,15 @@ class SIGRegHandle:
 
     def _warn_too_few(self, layers: list[int], rows: int, globally: bool = False) -> None:
         where = "the global batch of all ranks" if globally else "this step"
+        names = [self.names[i] for i in dict.fromkeys(layers)]
         self._warn_once("too-few", (
-            f"SIGReg: layers {[self.names[i] for i in layers]} have {rows} sample(s) in "
-            f"{where}, too few for statistics (a last batch of one?): they are left out of "
-            "this step's regularizer (with none left, the step trains on the task loss "
-            "alone)."))
+            f"SIGReg: layers {names} have {rows} sample(s) in {where}, too few for "
+            "statistics: they are left out of this step's regularizer (with none left, the "
+            "step trains on the task loss alone). A last batch of one does this once; if "
+            "every forward has fewer than 2 samples (a per-device batch of one), no step is "
+            "ever regularized: raise the micro-batch, or attach(..., accumulate=k) and one "
+            "loss() for k forwards, which pools their samples (their graphs stay alive "
+            "until that loss's backward)."))
 
     def _warn_full_covariance(self, part: _Part, layers: tuple[int, ...], width: int,
                               projection: torch.Tensor | None) -> None:
@@ -648,7 +678,9 @@ def attach(
         distributed: global-batch statistics under torch.distributed (None: automatic).
         keep_features: keep the latest pooled features for diagnostics.
         accumulate: forward passes one :meth:`~SIGRegHandle.loss` averages (gradient
-            accumulation, several views); 1: the latest forward only.
+            accumulation, several views); 1: the latest forward only. A layer's calls of
+            fewer than 2 samples in different forwards (micro-batches of one) are pooled
+            into one set of samples instead: alone, each would be left out.
         compile: ``True`` (or a dict of ``torch.compile`` options) compiles the batched
             regularizer; the projection draws stay eager. The hooks need nothing: a
             compiled model traces them into its graph (``fullgraph=True`` too); attach
