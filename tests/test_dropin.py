@@ -896,3 +896,50 @@ def test_forwards_of_one_sample_are_pooled_by_accumulate_and_otherwise_named():
     assert len(too_few) == 1
     assert "['0'] have 1 sample(s)" in too_few[0] and "per-device batch of one" in too_few[0]
     assert "accumulate=k" in too_few[0]
+
+
+# ---- padding masks per layer group (encoder-decoder) ------------------------------------------
+
+class EncoderDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.ModuleList([nn.Linear(8, 8)])
+        self.dec = nn.ModuleList([nn.Linear(8, 8)])
+
+    def forward(self, src, tgt):
+        m = torch.tanh(self.enc[0](src))
+        return torch.tanh(self.dec[0](tgt + m.mean(1, keepdim=True)))
+
+
+def test_a_padding_mask_per_layer_group():
+    """set_padding_mask(mask) applied the encoder's mask to the decoder's layers too (silently
+    when source and target had the same length)."""
+    model = EncoderDecoder()
+    handle = sigreg.attach(model, ["enc.*", "dec.*"], sketch_dim=None, keep_features=True)
+    src, tgt = torch.randn(6, 5, 8), torch.randn(6, 5, 8)
+    src_mask = torch.ones(6, 5, dtype=torch.bool)
+    src_mask[1:, 2:] = False
+    tgt_mask = torch.ones(6, 5, dtype=torch.bool)
+    tgt_mask[:3, 4:] = False
+    seen = {}
+    model.dec[0].register_forward_hook(lambda m, i, out: seen.__setitem__("dec", out.detach()))
+    model.enc[0].register_forward_hook(lambda m, i, out: seen.__setitem__("enc", out.detach()))
+
+    def masked_mean(out, mask):
+        return torch.stack([o[k].mean(0) for o, k in zip(out, mask, strict=True)])
+
+    for masks, dec_mask in [({"enc.*": src_mask}, None),
+                            ({"enc.*": src_mask, "dec.*": tgt_mask}, tgt_mask),
+                            ({"enc.*": src_mask, "**": None}, None)]:
+        handle.set_padding_mask(masks)
+        model(src, tgt)
+        handle.loss()
+        features = handle.features()
+        torch.testing.assert_close(features["enc.0"], masked_mean(seen["enc"], src_mask))
+        expected = seen["dec"].mean(1) if dec_mask is None else masked_mean(seen["dec"], dec_mask)
+        torch.testing.assert_close(features["dec.0"], expected)
+    with pytest.raises(ValueError, match=r"keys \['decoder\.\*'\] match none"):
+        handle.set_padding_mask({"enc.*": src_mask, "decoder.*": tgt_mask})
+    with pytest.raises(TypeError, match="padding mask must be a"):
+        handle.set_padding_mask({"enc.*": torch.ones(3)})

@@ -380,3 +380,24 @@ def test_the_cleanup_after_a_failed_attach_does_not_mask_its_error(tmp_path):
     with pytest.raises(ValueError, match="sketch state in the checkpoint does not fit"):
         trainer.train()
     assert all(not m._forward_hooks for m in trainer.model.modules())
+
+
+def test_an_encoder_decoder_takes_each_side_its_own_padding_mask():
+    """The Trainer's attention_mask is the encoder's: decoder layers take
+    decoder_attention_mask (or no mask), not the encoder's."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from sigreg.integrations.transformers import _padding_masks
+
+    config = BartConfig(vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=16)
+    model = BartForConditionalGeneration(config)
+    handle = sigreg.attach(model, ["model.encoder.layers.*", "model.decoder.layers.*"])
+    src, tgt = torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)
+    masks = _padding_masks(model, handle, {"attention_mask": src})
+    assert masks == {"model.encoder.layers.0": src, "model.decoder.layers.0": None}
+    masks = _padding_masks(model, handle, {"attention_mask": src, "decoder_attention_mask": tgt})
+    assert masks == {"model.encoder.layers.0": src, "model.decoder.layers.0": tgt}
+    handle.set_padding_mask(masks)  # accepted by the handle
+    handle.remove()

@@ -296,7 +296,8 @@ class SIGRegHandle:
 
     # ---- the padding mask of the next forward ---------------------------------------------
 
-    def set_padding_mask(self, mask: torch.Tensor | None) -> None:
+    def set_padding_mask(self, mask: torch.Tensor | Mapping[LayerSpec, torch.Tensor | None]
+                         | None) -> None:
         """Pooling of the next training forward ignores padding: ``mask`` (B, T), true (or 1)
         at real tokens, e.g. a tokenizer's ``attention_mask``.
 
@@ -304,9 +305,16 @@ class SIGRegHandle:
         sample), ``"flatten"`` keeps only real tokens as samples, a pool callable that takes
         a ``mask`` keyword receives it; ``"cls"`` and outputs that are not (B, T, C) ignore
         it. It applies to the next forward of the model (an eval one uses it up too) or,
-        when the training step calls a submodule instead, to the calls until :meth:`loss`;
+        when the training step calls submodules instead, to the calls until :meth:`loss`;
         ``None`` clears it. The statistics of a padded batch equal those of the same tokens
         unpadded.
+
+        Layers whose inputs are padded differently (an encoder-decoder's source and target)
+        take a mapping from layer specs (names, globs, types, predicates, as ``layers``) to
+        masks: each layer takes the mask of the first key that matches it, a layer that
+        matches none (or whose mask is None) is pooled with all its tokens, e.g.
+        ``{"encoder.**": src_mask, "decoder.**": tgt_mask}``. Every key must match a
+        regularized layer.
 
         The mask stays out of a compiled model's graph (the calls it applies to are pooled
         when :meth:`loss` takes them), so padded lengths that vary do not recompile it.
@@ -316,9 +324,25 @@ class SIGRegHandle:
                 later if a regularized layer's output is (B', T', C) with
                 (B', T') != (B, T).)
         """
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"the padding mask must be a (B, T) tensor or None, got {shape}")
+        if isinstance(mask, Mapping):
+            for value in mask.values():
+                _check_mask_type(value)
+            modules = dict(self._capture.model.named_modules())
+            per_layer: dict[int, torch.Tensor] = {}
+            used = set()
+            for i, name in enumerate(self.names):
+                key = next((k for k in mask if _matches(k, name, modules[name])), _MISSING)
+                if key is not _MISSING:
+                    used.add(key)
+                    if mask[key] is not None:
+                        per_layer[i] = mask[key]
+            unused = [k for k in mask if k not in used]
+            if unused:
+                raise ValueError(f"padding mask keys {unused} match none of the regularized "
+                                 f"layers {self.names}")
+            self._capture.set_mask(per_layer or None)
+            return
+        _check_mask_type(mask)
         self._capture.set_mask(mask)
 
     # ---- the regularizer of all layers ----------------------------------------------------
@@ -777,6 +801,13 @@ def _sketch_dims(model: nn.Module, names: list[str],
 
 
 _MISSING = object()
+
+
+def _check_mask_type(mask: Any) -> None:
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"the padding mask must be a (B, T) tensor or None (or a mapping from "
+                        f"layer specs to them), got {shape}")
 
 
 def _warn_if_hooked(model: nn.Module, names: list[str]) -> None:

@@ -498,9 +498,9 @@ class LayerCapture:
         self.dropped = 0  # passes dropped beyond `accumulate`
         # Padding masks, kept out of the hooks (see Call): masks[i] is the i-th masked pass's
         # (its list starts with MASKED); `masked` says whether the next forward has one.
-        self.masks: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor | dict[int, torch.Tensor]] = []
         self.masked = False
-        self.mask: torch.Tensor | None = None  # the latest one set (submodule steps reuse it)
+        self.mask: torch.Tensor | dict | None = None  # the latest one set (submodule steps reuse it)
         self.depth = 0  # calls of the model running (a wrapper may re-enter it: Lightning)
         # Steps that call submodules (see _SubmoduleStart): the modules whose outermost calls
         # made the open pass, and the stack of those running.
@@ -526,8 +526,9 @@ class LayerCapture:
         self.passes.append([MASKED] if self.masked else [])
         self.entries = []
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
-        """The padding mask of the next forward; a mask no forward used is dropped."""
+    def set_mask(self, mask: torch.Tensor | dict[int, torch.Tensor] | None) -> None:
+        """The padding mask of the next forward, or one per layer index (layers absent from
+        the dict take none); a mask no forward used is dropped."""
         used = sum(p[:1] == [MASKED] for p in self.passes)
         self.masks = [*self.masks[:used], *([] if mask is None else [mask])]
         self.masked, self.mask = mask is not None, mask
@@ -558,9 +559,12 @@ class LayerCapture:
         return [self._pooled(p[1:], next(masks, latest_mask)) if p[:1] == [MASKED] else p
                 for p in passes], forwards, no_grad
 
-    def _pooled(self, calls: list[Call], mask: torch.Tensor) -> list[Call]:
-        return [Call(c.layer, *pool_output(c.features, self.pool, mask, self.pool_takes_mask,
-                                           self.modules[c.layer], self.names[c.layer]))
+    def _pooled(self, calls: list[Call], mask: torch.Tensor | dict[int, torch.Tensor]
+                ) -> list[Call]:
+        return [Call(c.layer, *pool_output(c.features, self.pool,
+                                           mask.get(c.layer) if isinstance(mask, dict) else mask,
+                                           self.pool_takes_mask, self.modules[c.layer],
+                                           self.names[c.layer]))
                 for c in calls]
 
     def clear(self) -> None:

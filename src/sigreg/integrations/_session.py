@@ -87,9 +87,9 @@ class SIGRegSession:
             return self.handle.combine(task_loss)
         return self.handle.combine(task_loss / reg_scale) * reg_scale
 
-    def set_padding_mask(self, mask: torch.Tensor | None) -> None:
-        """The (B, T) padding mask of the next training forward (see
-        :meth:`SIGRegHandle.set_padding_mask`)."""
+    def set_padding_mask(self, mask: Any) -> None:
+        """The (B, T) padding mask of the next training forward, or a mapping from layer
+        specs to masks (see :meth:`SIGRegHandle.set_padding_mask`)."""
         self.handle.set_padding_mask(mask)
 
     def skip_recorded(self) -> None:

@@ -61,7 +61,7 @@ def regularize(module: pl.LightningModule, task_loss: torch.Tensor) -> torch.Ten
     return task_loss if callback is None else callback.combine(task_loss)
 
 
-def set_padding_mask(module: pl.LightningModule, mask: torch.Tensor | None) -> None:
+def set_padding_mask(module: pl.LightningModule, mask: Any) -> None:
     """Before the forward of a padded batch in ``training_step``: the (B, T) mask, true at
     real tokens, so that pooling takes those only (see
     :meth:`sigreg.SIGRegHandle.set_padding_mask`). Without a :class:`SIGRegCallback`

@@ -33,7 +33,9 @@ here. DDP (torchrun / accelerate) uses global-batch statistics as :func:`sigreg.
 the args get ``use_reentrant=False``: the reentrant variant hides the layers from the hooks.
 A batch's ``attention_mask`` (B, T) is the padding mask of its forward: ``pool="mean"`` and
 ``"flatten"`` take the real tokens only (regularized layers must then output (B, T, C) of the
-inputs' length; an encoder-decoder's decoder layers do not).
+inputs' length). In an encoder-decoder (``model.config.is_encoder_decoder``) it applies to
+the encoder's layers only; the decoder's take ``decoder_attention_mask`` when the batch has
+one, else all their tokens.
 
 Every checkpoint folder the Trainer saves gets ``sigreg_state.pt``, the sketch stream's
 state, and ``train(resume_from_checkpoint=...)`` restores it: a resumed run draws the
@@ -252,9 +254,7 @@ class SIGRegMixin:
             self.sigreg.attach(self.model)
         self.sigreg.skip_recorded()  # training-mode calls of the model outside compute_loss
         # Padded text: the statistics take the real tokens only.
-        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        self.sigreg.set_padding_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2
-                                     else None)
+        self.sigreg.set_padding_mask(_padding_masks(self.model, self.sigreg.handle, inputs))
         if self._sigreg_measure:
             self.sigreg.start_recording()
 
