@@ -310,7 +310,7 @@ def backward_worker(rank, world, rendezvous, results):
                 for mode in MODES:
                     model = Conditional()
                     handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4,
-                                           sketch="fixed")
+                                           sketch_policy="fixed")
                     net = model
                     if mode.startswith("ddp"):
                         net = nn.parallel.DistributedDataParallel(model,
@@ -353,7 +353,7 @@ def one_process_gradients(variant, scenario, mode):
     """One process holding both ranks' batches: each layer's statistic over the rows of the
     ranks that ran it, the task loss the mean of the ranks' means."""
     model = Conditional()
-    reference = sigreg.attach(Conditional(), "layers.*", variant, sketch_dim=4, sketch="fixed")
+    reference = sigreg.attach(Conditional(), "layers.*", variant, sketch_dim=4, sketch_policy="fixed")
     part = reference._parts[0]
     batches = {rank: conditional_batch(rank, scenario) for rank in (0, 1)}
     skips = {rank: SCENARIOS[scenario][rank] for rank in (0, 1)}

@@ -115,7 +115,7 @@ def pool_features(output: Any, pool: Pool, mask: torch.Tensor | None = None) -> 
         torch.Size([4, 16])
         >>> sigreg.pool_features(out, "flatten").shape    # every token a sample
         torch.Size([40, 16])
-        >>> sigreg.pool_features((out, None), "cls").shape   # a tuple: its first element
+        >>> sigreg.pool_features((out, None), "cls").shape   # a tuple: its first float tensor
         torch.Size([4, 16])
         >>> mask = torch.arange(10) < torch.tensor([[10], [7], [3], [5]])   # padding
         >>> sigreg.pool_features(out, "flatten", mask).shape   # the 25 real tokens
@@ -320,8 +320,9 @@ class SIGRegHandle:
         when :meth:`loss` takes them), so padded lengths that vary do not recompile it.
 
         Raises:
-            TypeError: ``mask`` is not a (B, T) tensor. (:meth:`loss` raises ValueError
-                later if a regularized layer's output is (B', T', C) with
+            TypeError: a mask is not a (B, T) tensor.
+            ValueError: a key of the mapping matches no regularized layer. (:meth:`loss`
+                raises ValueError later if a regularized layer's output is (B', T', C) with
                 (B', T') != (B, T).)
         """
         if isinstance(mask, Mapping):

@@ -63,8 +63,8 @@ def regularize(module: pl.LightningModule, task_loss: torch.Tensor) -> torch.Ten
 
 def set_padding_mask(module: pl.LightningModule, mask: Any) -> None:
     """Before the forward of a padded batch in ``training_step``: the (B, T) mask, true at
-    real tokens, so that pooling takes those only (see
-    :meth:`sigreg.SIGRegHandle.set_padding_mask`). Without a :class:`SIGRegCallback`
+    real tokens, so that pooling takes those only, or a mapping from layer specs to masks
+    (see :meth:`sigreg.SIGRegHandle.set_padding_mask`). Without a :class:`SIGRegCallback`
     fitting ``module``, nothing.
 
     Examples:

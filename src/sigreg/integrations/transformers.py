@@ -325,3 +325,24 @@ class SIGRegTrainer(SIGRegMixin, Trainer):
         Traceback (most recent call last):
         TypeError: sigreg= has unknown key(s) ['layer']; valid keys: layers, variant, ...
     """
+
+
+def _mask_of(inputs: Any, key: str) -> torch.Tensor | None:
+    mask = inputs.get(key) if isinstance(inputs, Mapping) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _padding_masks(model: nn.Module, handle: Any, inputs: Any) -> Any:
+    """The batch's padding mask: ``attention_mask``; for an encoder-decoder, per layer:
+    ``attention_mask`` for the encoder's layers, ``decoder_attention_mask`` (or none) for
+    the others."""
+    mask = _mask_of(inputs, "attention_mask")
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or get_encoder is None or handle is None:
+        return mask
+    encoder = {id(m) for m in get_encoder().modules()}
+    modules = dict(model.named_modules())
+    decoder_mask = _mask_of(inputs, "decoder_attention_mask")
+    return {name: mask if id(modules[name]) in encoder else decoder_mask
+            for name in handle.names}
