@@ -80,6 +80,16 @@ def worker(rank, world, rendezvous, results):
 VARIANTS = ("weak", "strong", "vicreg")
 
 
+def on_two_ranks(worker, rendezvous):
+    """``worker(rank, 2, rendezvous, results)`` in 2 spawned processes: their results."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(worker, args=(2, str(rendezvous), results), nprocs=2,
+                           start_method="spawn")
+        return dict(results)
+
+
 def stacked_losses(z):
     """Each loss on a stack of 3 layers (scaled copies of z): one all-reduce per statistic."""
     stack = torch.stack([z, 2 * z + 1, z.tanh()])
@@ -91,13 +101,7 @@ def stacked_losses(z):
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    rendezvous = tmp_path_factory.mktemp("ddp") / "rendezvous"
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(worker, args=(2, str(rendezvous), results), nprocs=2,
-                           start_method="spawn")
-        return dict(results)
+    return on_two_ranks(worker, tmp_path_factory.mktemp("ddp") / "rendezvous")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -191,13 +195,7 @@ def conditional_worker(rank, world, rendezvous, results):
 
 @pytest.fixture(scope="module")
 def conditional_results(tmp_path_factory):
-    rendezvous = tmp_path_factory.mktemp("conditional") / "rendezvous"
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(conditional_worker, args=(2, str(rendezvous), results), nprocs=2,
-                           start_method="spawn")
-        return dict(results)
+    return on_two_ranks(conditional_worker, tmp_path_factory.mktemp("conditional") / "rendezvous")
 
 
 def expected_layer_values(variant, scenario):
@@ -267,12 +265,7 @@ def fsdp_worker(rank, world, rendezvous, results):
 def test_fsdp2_sharded_model_equals_one_process(tmp_path):
     """fully_shard on 2 gloo ranks with half a batch each: per-layer values and gradients
     (averaged by FSDP's reduce-scatter) equal one process with the whole batch."""
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(fsdp_worker, args=(2, str(tmp_path / "rendezvous"), results),
-                           nprocs=2, start_method="spawn")
-        results = dict(results)
+    results = on_two_ranks(fsdp_worker, tmp_path / "rendezvous")
     for variant in VARIANTS:
         model = sharded_model()
         handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch_policy="fixed")
@@ -340,13 +333,7 @@ def backward_worker(rank, world, rendezvous, results):
 
 @pytest.fixture(scope="module")
 def backward_results(tmp_path_factory):
-    rendezvous = tmp_path_factory.mktemp("backward") / "rendezvous"
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(backward_worker, args=(2, str(rendezvous), results), nprocs=2,
-                           start_method="spawn")
-        return dict(results)
+    return on_two_ranks(backward_worker, tmp_path_factory.mktemp("backward") / "rendezvous")
 
 
 def one_process_gradients(variant, scenario, mode):

@@ -369,15 +369,19 @@ class _PassEnd(_Hook):
             c.masked = False  # the mask was this forward's (an eval one's too)
 
 
-class _SubmoduleStart(_Hook):
-    """A call of a module between the model and a regularized layer (or of the layer), made
-    while no forward of the model runs: a training step that calls ``model.backbone(x)``.
-    The outermost such call joins the open pass, unless the same module already began a
-    call in it: then it is the next step's, and opens a new pass."""
+class _IndexedHook(_Hook):
+    """A hook of one of the capture's modules, by index."""
 
     def __init__(self, capture: LayerCapture, index: int) -> None:
         super().__init__(capture)
         self.index = index
+
+
+class _SubmoduleStart(_IndexedHook):
+    """A call of a module between the model and a regularized layer (or of the layer), made
+    while no forward of the model runs: a training step that calls ``model.backbone(x)``.
+    The outermost such call joins the open pass, unless the same module already began a
+    call in it: then it is the next step's, and opens a new pass."""
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         c = self.capture
@@ -393,11 +397,7 @@ class _SubmoduleStart(_Hook):
         c.entered.append(self.index)
 
 
-class _SubmoduleEnd(_Hook):
-    def __init__(self, capture: LayerCapture, index: int) -> None:
-        super().__init__(capture)
-        self.index = index
-
+class _SubmoduleEnd(_IndexedHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         c = self.capture
         if module is not c.ancestors[self.index] or not c.entered or c.entered[-1] != self.index:
@@ -410,11 +410,7 @@ class _SubmoduleEnd(_Hook):
             c.entries = []
 
 
-class _LayerCall(_Hook):
-    def __init__(self, capture: LayerCapture, index: int) -> None:
-        super().__init__(capture)
-        self.index = index
-
+class _LayerCall(_IndexedHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         c = self.capture
         # Training or not is the attached model's mode, not the layer's: a submodule put in
