@@ -419,7 +419,7 @@ class SIGRegHandle:
             return ("nn.DataParallel ran replicas of the attached model, which the hooks do not "
                     "regularize (and their features would be on several devices in one "
                     "process): use DistributedDataParallel, one process per GPU (global-batch "
-                    "statistics, see the README's Multi-GPU)")
+                    "statistics, see docs/guide.md, 'Multi-GPU')")
         if no_grad_forward:
             message += (". The model did run in training mode under torch.no_grad(): reentrant "
                         "activation checkpointing around the whole model does this; use "
