@@ -20,6 +20,7 @@ from torch import nn
 from ._checks import check_choice, check_has_values, check_int
 from ._projections import LayerProjections
 from ._renamed import renamed_keywords
+from .auto import AUTO, AutoWeight
 from .capture import (
     POOLS,
     Call,
@@ -260,7 +261,7 @@ class SIGRegHandle:
         layer_parts: Sequence[int],
         *,
         pool: Pool,
-        alpha: float | None,
+        alpha: float | AutoWeight | None,
         lam: float | None,
         keep_features: bool = False,
         accumulate: int = 1,
@@ -277,11 +278,14 @@ class SIGRegHandle:
         for part in self._parts:  # layer i's fixed projection: from seed + i, saved by name
             part.projections.names = names
         self.pool = pool
-        self.alpha, self.lam = alpha, lam
+        # alpha="auto": the weight sets itself (sigreg.auto); self.alpha is then "auto".
+        self.auto: AutoWeight | None = alpha if isinstance(alpha, AutoWeight) else None
+        self.alpha, self.lam = (AUTO if self.auto else alpha), lam
         self.keep_features = keep_features
         self.accumulate = accumulate
         self.distributed = distributed
         self._capture = LayerCapture(model, names, pool, accumulate)
+        self._capture.measure = self.auto is not None
         self._dynamo_configured = configure_dynamo()
         self._averagings: dict[tuple, torch.Tensor] = {}
         self._last_names: list[str] = []
@@ -291,6 +295,7 @@ class SIGRegHandle:
         self._meta_group: Any = None
         self._features: dict[str, torch.Tensor] = {}
         self._widths: dict[int, int] = {}  # each layer's feature width, to catch a bad layout
+        self._sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # alpha="auto"'s
         for m in self._capture.modules:
             _HOOKED[m] = _HOOKED.get(m, 0) + 1
 
@@ -358,11 +363,16 @@ class SIGRegHandle:
         """
         if not self._dynamo_configured:
             self._dynamo_configured = configure_dynamo()
+        if self.auto is not None:  # last step's gradients set this step's weight
+            self.settle()
         entries = self._take_entries()
         if use_distributed(self.distributed):
             names, values = self._distributed_values(entries)
         else:
             names, values = self._local_values(entries)
+        if self.auto is not None and names:
+            self.auto.watch(self._sources)
+        self._sources = []
         self._skipped = not names
         self._last_names, self._last_values = names, values.detach()
         if not names:
@@ -375,6 +385,8 @@ class SIGRegHandle:
                                "attach() again to regularize")
         no_grad_forward = self._capture.no_grad_forward
         passes, forwards, no_grad = self._capture.take()
+        self._sources = [c.source for p in passes for c in p
+                         if isinstance(c, Call) and c.source is not None]
         if forwards > self.accumulate:
             raise RuntimeError(
                 f"{forwards} training forward passes ran since the last loss(), but loss() "
@@ -571,7 +583,30 @@ class SIGRegHandle:
         reg = self.loss()
         if self._skipped:
             return task_loss
+        return self.weigh(task_loss, reg)
+
+    def weigh(self, task_loss: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+        """``task_loss`` and a regularizer value (:meth:`loss`'s) combined with this handle's
+        weighting: ``(1 - alpha) * task + alpha * reg`` or ``task + lam * reg``; under
+        ``alpha="auto"``, with the alpha in effect for this step (:attr:`weight`)."""
+        if self.auto is not None:
+            return self.auto.combine(task_loss, reg)
         return regularized_loss(task_loss, reg, alpha=self.alpha, lam=self.lam)
+
+    @property
+    def weight(self) -> torch.Tensor | float | None:
+        """The alpha of the next :meth:`combine`: a 0-d tensor under ``alpha="auto"`` (no
+        device sync; it changes at every :meth:`loss`), else the fixed alpha (None with
+        ``lam``)."""
+        return self.auto.alpha if self.auto is not None else self.alpha
+
+    def settle(self) -> None:
+        """``alpha="auto"``: fold the gradients measured by the latest backward into the
+        weight now rather than at the next :meth:`loss` (which does it anyway). Under
+        torch.distributed a collective, so every rank calls it at the same point: before
+        a checkpoint, it makes the state saved by one rank everyone's. Nothing otherwise."""
+        if self.auto is not None:
+            self.auto.settle(use_distributed(self.distributed))
 
     def layer_losses(self) -> dict[str, float]:
         """Per-layer values of the latest :meth:`loss` call, as floats for logging."""
@@ -593,18 +628,27 @@ class SIGRegHandle:
     # ---- checkpointing --------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Sketch state for exact checkpoint resume: the resample draw count and the fixed
-        sketches drawn so far (CPU tensors)."""
+        """State for exact checkpoint resume: the resample draw count and the fixed
+        sketches drawn so far (CPU tensors); under ``alpha="auto"`` also the weight's state
+        (``"auto"``, see :class:`sigreg.auto.AutoWeight`)."""
         states = [part.projections.state_dict() for part in self._parts]
         fixed = {name: t for state in states for name, t in state["fixed"].items()}
-        return {"step": states[0]["step"], "fixed": fixed}
+        out = {"step": states[0]["step"], "fixed": fixed}
+        if self.auto is not None:
+            out["auto"] = self.auto.state_dict()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. Missing, unknown or mismatched entries raise a
-        ValueError."""
+        ValueError. Under ``alpha="auto"``, a state without ``"auto"`` (saved with a fixed
+        alpha) starts the weight over; with a fixed alpha, an ``"auto"`` entry is ignored."""
         if not isinstance(state, dict) or not isinstance(state.get("fixed", {}), dict):
             raise TypeError("a handle state is a dict {'step': int, 'fixed': {layer: tensor}} "
                             "from state_dict()")
+        auto = state.get("auto")
+        state = {k: v for k, v in state.items() if k != "auto"}
+        if self.auto is not None and auto is not None:
+            self.auto.load_state_dict(auto)
         for index, part in enumerate(self._parts):
             mine = {self.names[i] for i, p in enumerate(self._layer_parts) if p == index}
             fixed = {n: t for n, t in state.get("fixed", {}).items()
@@ -669,7 +713,7 @@ def attach(
     *,
     sketch_policy: str = "resample",
     seed: int = 0,
-    alpha: float | None = None,
+    alpha: float | str | AutoWeight | None = None,
     lam: float | None = None,
     distributed: bool | None = None,
     keep_features: bool = False,
@@ -699,6 +743,10 @@ def attach(
         seed: seed of the projection stream. Use the same seed on every rank.
         alpha: weighting used by :meth:`SIGRegHandle.combine`:
             ``(1 - alpha) * task + alpha * reg``. Default (neither given): alpha=0.1.
+            ``alpha="auto"`` (or a :class:`sigreg.auto.AutoWeight` with other constants):
+            the weight sets itself at every step from the regularizer's and the task's
+            gradients at the last regularized layer; see :mod:`sigreg.auto`. The
+            regularized layers must then run eagerly.
         lam: the other weighting, ``task + lam * reg``, instead of ``alpha``.
         distributed: global-batch statistics under torch.distributed (None: automatic).
         keep_features: keep the latest pooled features for diagnostics.
@@ -749,7 +797,16 @@ def attach(
         raise TypeError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
     if alpha is None and lam is None:
         alpha = 0.1
-    _check_weights(alpha, lam)
+    if isinstance(alpha, str) and alpha == AUTO:
+        alpha = AutoWeight()
+    if isinstance(alpha, AutoWeight):
+        if lam is not None:
+            raise ValueError("give exactly one of alpha= ((1-a)*task + a*reg) or lam= "
+                             "(task + l*reg)")
+    else:
+        if isinstance(alpha, str):
+            raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+        _check_weights(alpha, lam)
     if not isinstance(keep_features, bool):
         raise TypeError(f"keep_features must be True or False, got {keep_features!r}")
     check_int(seed, "seed", minimum=-(2**63))

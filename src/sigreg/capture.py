@@ -119,6 +119,7 @@ class Call(NamedTuple):
     mask: torch.Tensor | None = None
     masked: bool = False
     version: int | None = None
+    source: tuple[torch.Tensor, torch.Tensor] | None = None  # (output, its view), measured
 
     @property
     def rows(self) -> int:
@@ -429,6 +430,9 @@ class _LayerCall(_IndexedHook):
                 return  # recomputed by activation checkpointing
             if not c.passes:
                 c.new_pass()
+        source = None
+        if c.measure:  # the regularizer reads a view: its gradient is told apart (sigreg.auto)
+            output, source = _viewed(output)
         name = c.names[self.index]
         if c.masked:  # the output tensor (a callable's: the output), pooled at take()
             features = output if callable(c.pool) else layer_tensor(output, name)
@@ -444,7 +448,8 @@ class _LayerCall(_IndexedHook):
                 features = _copied(features)
             else:
                 version = _version_of(features)
-        c.passes[-1].append(Call(self.index, features, masked=c.masked, version=version))
+        c.passes[-1].append(Call(self.index, features, masked=c.masked, version=version,
+                                 source=source))
         c.layer_seen = True
 
 
@@ -471,6 +476,19 @@ def _version_of(features: Any) -> int | None:
     except TypeError:
         return None
     return (x.data if isinstance(x, PackedSequence) else x)._version
+
+
+def _viewed(output: Any) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``output`` with its tensor (the first element of a tuple or list) replaced by a view
+    of it, and (tensor, view); ``output`` and None when there is no such tensor."""
+    x = output[0] if isinstance(output, (tuple, list)) and output else output
+    if not isinstance(x, torch.Tensor) or not x.requires_grad:
+        return output, None
+    view = x.view_as(x)
+    if x is output:
+        return view, (x, view)
+    return type(output)([view, *output[1:]]) if isinstance(output, list) else \
+        (view, *output[1:]), (x, view)
 
 
 class LayerCapture:
@@ -505,6 +523,7 @@ class LayerCapture:
         self.layer_seen = False  # a layer call was ever recorded (for the error if none)
         self.replica_seen = False  # nn.DataParallel ran a replica of the model (not hooked)
         self.removed = False
+        self.measure = False  # pool from a view of each output (alpha="auto")
         self._handles = [model.register_forward_pre_hook(_PassStart(self)),
                          model.register_forward_hook(_PassEnd(self), always_call=True)]
         self._handles += [m.register_forward_hook(_LayerCall(self, i))
@@ -560,7 +579,7 @@ class LayerCapture:
         return [Call(c.layer, *pool_output(c.features, self.pool,
                                            mask.get(c.layer) if isinstance(mask, dict) else mask,
                                            self.pool_takes_mask, self.modules[c.layer],
-                                           self.names[c.layer]))
+                                           self.names[c.layer]), source=c.source)
                 for c in calls]
 
     def clear(self) -> None:

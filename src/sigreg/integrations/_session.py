@@ -87,6 +87,17 @@ class SIGRegSession:
             return self.handle.combine(task_loss)
         return self.handle.combine(task_loss / reg_scale) * reg_scale
 
+    def settle(self) -> None:
+        """``alpha="auto"``: fold the latest backward's gradients into the weight (see
+        :meth:`SIGRegHandle.settle`; a collective under torch.distributed)."""
+        if self.handle is not None:
+            self.handle.settle()
+
+    def auto_alpha(self) -> torch.Tensor | None:
+        """Under ``alpha="auto"``, the alpha of the latest combine (0-d tensor); else None."""
+        auto = self.handle.auto if self.handle is not None else None
+        return None if auto is None else auto.alpha
+
     def set_padding_mask(self, mask: Any) -> None:
         """The (B, T) padding mask of the next training forward, or a mapping from layer
         specs to masks (see :meth:`SIGRegHandle.set_padding_mask`)."""
@@ -151,10 +162,12 @@ class SIGRegSession:
                              f"({first}): {advice}") from exc
 
 
-def log_entries(prefix: str, layer_values: dict[str, Any], eff_dims: dict[str, float]) -> dict:
+def log_entries(prefix: str, layer_values: dict[str, Any], eff_dims: dict[str, float],
+                alpha: Any = None) -> dict:
     """Log keys shared by every integration: ``{prefix}/loss`` (mean over layers, the value
-    ``combine`` used), ``{prefix}/loss/<layer>`` and ``{prefix}/eff_dim/<layer>``."""
-    out: dict[str, Any] = {}
+    ``combine`` used), ``{prefix}/loss/<layer>``, ``{prefix}/eff_dim/<layer>`` and, under
+    ``alpha="auto"``, ``{prefix}/alpha``, the weight in effect."""
+    out: dict[str, Any] = {} if alpha is None else {f"{prefix}/alpha": alpha}
     if layer_values:
         values = list(layer_values.values())
         out[f"{prefix}/loss"] = sum(values) / len(values)

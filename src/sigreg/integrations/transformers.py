@@ -80,6 +80,10 @@ class _SaveSketchState(TrainerCallback):
     def __init__(self, session: SIGRegSession) -> None:
         self.session = session
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # alpha="auto": the next weight, on every process, before a checkpoint is saved.
+        self.session.settle()
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
@@ -292,8 +296,10 @@ class SIGRegMixin:
         # Over all processes, as the Trainer averages its "loss" (the layer values are global).
         task = nested_gather(self._sigreg_task_sum, self.args.parallel_mode).mean()
         means = {n: float(s) / count for n, s in self._sigreg_sums.items()}
+        alpha = self.sigreg.auto_alpha()
         return {f"{self.sigreg_log_prefix}/task_loss": float(task) / count,
-                **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims)}
+                **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims,
+                              None if alpha is None else float(alpha))}
 
 
 class SIGRegTrainer(SIGRegMixin, Trainer):

@@ -43,6 +43,7 @@ class Setting:
     below_high: bool = False
     none: str | None = None  # what none means, for settings that may be none
     zero: str | None = None  # what 0 means, where it switches something off
+    words: tuple[str, ...] = ()  # numbers: words accepted besides them (alpha's "auto")
     resume: str = ASK  # FREE, ASK (--allow-change) or NEVER
     name: str = ""
     kind: type = str  # str, int, float, bool, tuple (two floats) or dict (model_args)
@@ -73,6 +74,8 @@ class Setting:
             text = "text"
         if self.zero:
             text += f" (0 = {self.zero})"
+        if self.words:
+            text += "".join(f" or {word}" for word in self.words)
         if self.none:
             text += f" or none ({self.none})"
         return text
@@ -145,8 +148,10 @@ class TrainConfig:
     # Regularizer
     sigreg: str = setting("none", "the regularizer (vicreg: VICReg's variance + covariance "
                           "terms, the baseline)", choices=("none", "weak", "strong", "vicreg"))
-    alpha: float = setting(0.1, "its weight: total = (1 - alpha) * task + alpha * reg",
-                           low=0.0, high=1.0)
+    alpha: float | str = setting(
+        0.1, "its weight: total = (1 - alpha) * task + alpha * reg; auto: set at every step "
+        "from the regularizer's and the task's gradients at the last regularized layer "
+        "(sigreg.auto; the model runs uncompiled)", low=0.0, high=1.0, words=("auto",))
     sketch_dim: int | None = setting(64, "K, the sketch's width (weak) or number of directions "
                                      "(strong)", low=1, none="full covariance")
     sketch_dim_per_layer: str | None = setting(
@@ -206,10 +211,13 @@ class TrainConfig:
             value = getattr(self, s.name)
             if s.choices and value not in s.choices:
                 raise ValueError(f"{s.name} must be one of {', '.join(s.choices)}, got {value!r}")
-            if s.low is None or (value is None and s.optional):
+            if s.low is None or (value is None and s.optional) or value in s.words:
                 continue
             if not all(_in_range(v, s) for v in (value if s.kind is tuple else (value,))):
                 raise ValueError(f"{s.name} must be {s.rule()}, got {value!r}")
+        if self.alpha == "auto" and self.compile:
+            raise ValueError("alpha=auto reads gradients with tensor hooks, which a compiled "
+                             "model does not call: set compile=false, or a fixed alpha")
         if self.eta_min > self.lr:
             raise ValueError(f"eta_min must not exceed lr ({self.lr}), got {self.eta_min}")
         if self.data_dir is not None and not self.data_dir.strip():
@@ -283,6 +291,8 @@ def parse_setting(s: Setting, text: str) -> Any:
     look like a number); optional ones read none/null as None.
     """
     text = text.strip()
+    if text.lower() in s.words:
+        return text.lower()
     value = _parse_value(text)
     if s.kind is str:
         return None if value is None and s.optional else text

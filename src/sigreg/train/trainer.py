@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .. import attach
-from ..functional import regularized_loss
 from . import checkpoint
 from .augment import AugmentConfig, BatchAugmenter
 from .config import TrainConfig
@@ -221,6 +220,7 @@ def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
                                    .manual_seed(cfg.seed * 100003 + epoch)).to(rt.device)
             sums = torch.zeros(4, device=rt.device)  # loss, task loss, reg loss, correct
             layer_sums: dict[str, torch.Tensor] = {}
+            alphas: list[torch.Tensor] = []  # alpha=auto: the weight of every step
             bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress and rt.is_main)
             t0 = time.perf_counter()
             for i in range(steps_per_epoch):
@@ -235,7 +235,9 @@ def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
                 task = batch.loss(logits.float())
                 if handle is not None:
                     reg = handle.loss()
-                    loss = regularized_loss(task, reg, alpha=cfg.alpha)
+                    loss = handle.weigh(task, reg)  # alpha=auto: this step's weight
+                    if handle.auto is not None:
+                        alphas.append(handle.auto.alpha)
                 else:
                     reg, loss = torch.zeros((), device=rt.device), task
 
@@ -245,6 +247,8 @@ def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
+                if handle is not None:
+                    handle.settle()  # alpha=auto: the next weight, the same on every rank
 
                 sums += torch.stack([loss.detach(), task.detach(), reg.detach(),
                                      batch.correct(logits.detach())])
@@ -292,6 +296,9 @@ def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
                 "lr": cfg.lr * lr_scale, "epoch_time": train_time,
                 "images_per_s": images_seen / train_time,
             }
+            if alphas:  # the weight's trajectory, one value per step, and its mean
+                row["alpha_steps"] = torch.stack(alphas).tolist()
+                row["alpha"] = sum(row["alpha_steps"]) / len(alphas)
             # Each rank draws its own augmentations: keep every rank's streams (a collective,
             # so all ranks take part; only rank 0 writes).
             rng_ranks = {

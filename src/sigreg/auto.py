@@ -1,0 +1,240 @@
+"""A regularizer weight that sets itself: ``sigreg.attach(..., alpha="auto")``.
+
+What the weight is for. SIGReg is there to keep the regularized layers' features from
+collapsing, not to whiten them at any price. Its two failure modes are (a) too weak: the
+features collapse as they would without it; (b) too strong: its gradient at the regularized
+layers outweighs the task's and the task stops learning (on the 5000-image ViT, weak at
+alpha 0.1 and lr 3e-2 sits at chance from the first epoch where the baseline learns). Both
+are statements about one number, measured where the two losses meet, the outputs of the
+regularized layers: the *share*
+
+    rho = || dR / dX || / || dT / dX ||,
+
+with dT / dX the gradient the task loss T sends to the layers' outputs X (all regularized
+layers together, their squared norms summed) and dR / dX the regularizer's, each as it
+enters the combined loss. A fixed alpha fixes neither: rho drifts by orders of magnitude
+across models, learning rates and training time, which is why the best alpha moves (weak
+0.3-0.5 on the deep MLP, strong 0.01-0.03; strong at 0.1 costs small ViTs 15-25 points).
+
+The rule (gradient-share weighting). Hold rho at a fixed target ``share`` c: at each step,
+with w = alpha / (1 - alpha) the regularizer's weight relative to the task's,
+
+    g_T(t) = || dT/dX ||^2,   g_R(t) = || dR/dX ||^2          (raw: unweighted losses)
+    m_T <- beta m_T + (1 - beta) g_T,   m_R <- beta m_R + (1 - beta) g_R
+    w(t + 1) = clip(c * sqrt(m_T / m_R), w_min, w_max),   alpha = w / (1 + w)
+
+and the combined loss is ``(1 - alpha) * task + alpha * reg`` as with a fixed alpha (so
+the fixed-alpha grid and ``auto`` compare on the same footing, also under plain SGD). The
+regularizer then never takes more than c of the gradient the regularized layers receive
+(mode (b) is excluded by construction for c < 1), and never less (its push against
+collapse does not fade as the task gradient grows or its own raw gradient shrinks). This
+is GradNorm's idea (Chen et al., ICML 2018: weight each loss by the norm of its gradient
+at the shared layers) with the balance point a fixed ratio c instead of equal training
+rates; the exponential moving averages are those of the "not too strong" view (the
+regularizer's gradient against the task's at the regularized layers).
+
+Constants, fixed once (chosen on the design settings of issue 22, seeds 0-2, and reported
+on the others): ``share`` c = 0.25, ``smoothing`` beta = 0.95 (about 20 steps),
+``initial`` w = 0.01 (the first step, before anything is measured), bounds
+w in [1e-4, 100] (alpha in [1e-4, 0.99]).
+
+Cost: no extra backward pass. The regularized layers' outputs are passed to the pooling
+through a view (one autograd node each); two tensor hooks per layer read the two gradients
+during the ordinary backward (the view's is the regularizer's, the output's the sum:
+the task's is the difference), each adding two squared norms to a pending buffer on the
+device (no sync). The next :meth:`~sigreg.SIGRegHandle.loss` (or :meth:`AutoWeight.settle`)
+folds the buffer into the averages: the weight is lagged by one step. The tensor hooks need
+the regularized layers to run eagerly (a model compiled with ``torch.compile`` hides the
+gradients inside its graph): a step whose hooks saw nothing warns, naming this, and the
+weight keeps its value.
+
+Distributed: the squared norms are summed over the ranks in one all-reduce of three numbers
+when they are folded, so every rank takes the same weight (each rank's hooks see its own
+rows of the global-batch gradient). State: the averages, the weight, the pending buffer
+and the number of updates are part of the handle's ``state_dict``: a run cut and resumed
+takes the weights of the uncut run.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._checks import check_number
+
+AUTO = "auto"
+
+
+class AutoWeight:
+    """The state and rule of ``alpha="auto"`` (see the module docstring).
+
+    Args:
+        share: the target ratio c of the regularizer's gradient norm to the task's at the
+            regularized layers' outputs, in (0, 1].
+        smoothing: beta of the moving averages of the squared norms, in [0, 1).
+        initial: the weight w = alpha / (1 - alpha) of the first step, before any gradient
+            was measured.
+        bounds: (w_min, w_max), the range of w.
+    """
+
+    def __init__(self, share: float = 0.25, smoothing: float = 0.95, initial: float = 0.01,
+                 bounds: tuple[float, float] = (1e-4, 100.0)) -> None:
+        self.share = check_number(share, "share")
+        self.smoothing = check_number(smoothing, "smoothing")
+        low, high = (check_number(b, "bounds") for b in bounds)
+        if not 0 < self.share <= 1:
+            raise ValueError(f"share must lie in (0, 1], got {share}")
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}")
+        if not 0 < low <= high < math.inf:
+            raise ValueError(f"bounds must be 0 < w_min <= w_max < inf, got {bounds}")
+        initial = check_number(initial, "initial")
+        if not low <= initial <= high:
+            raise ValueError(f"initial must lie within bounds {bounds}, got {initial}")
+        self.initial, self.bounds = initial, (low, high)
+        self.updates = 0  # folds of measured gradients so far
+        self._w = torch.tensor(initial, dtype=torch.float32)  # the weight w in effect
+        self._averages = torch.zeros(2, dtype=torch.float32)  # m_T, m_R
+        self._pending = torch.zeros(3, dtype=torch.float32)  # sum g_T, sum g_R, backwards
+        self._measured = 0  # hook pairs that fired since the last fold (a Python count)
+        self._expected = 0  # hook pairs registered since the last fold
+        self._watched = False  # watch() was called since the last fold
+        self._warned = False
+
+    # ---- the weight ------------------------------------------------------------------------
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """The alpha in effect, 0-d float32 on the features' device (no sync)."""
+        return self._w / (1 + self._w)
+
+    @property
+    def weight(self) -> float:
+        """The alpha in effect, as a float (a device sync)."""
+        return float(self.alpha)
+
+    def combine(self, task_loss: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+        """``(1 - alpha) * task + alpha * reg`` with the alpha in effect."""
+        a = self.alpha.to(device=reg.device)
+        return (1 - a).to(task_loss.dtype) * task_loss + a.to(reg.dtype) * reg
+
+    # ---- measuring, during the ordinary backward -------------------------------------------
+
+    def watch(self, sources: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hook the pairs (layer output X, the view of it the regularizer was computed
+        from): their gradients in the coming backward are measured."""
+        self._watched = True  # called by every rank's loss() alike: settle() follows this
+        if not sources:
+            return
+        device = sources[0][0].device
+        self._to(device)
+        a = self.alpha  # the weights this step's gradients carry, to divide them out
+        task_scale, reg_scale = (1 - a) ** -2, a ** -2
+        for output, view in sources:
+            if not (output.requires_grad and view.requires_grad):
+                continue
+            self._expected += 1
+            seen: list[torch.Tensor | None] = [None]
+
+            def on_view(grad: torch.Tensor, seen: list = seen) -> None:
+                seen[0] = grad
+
+            def on_output(grad: torch.Tensor, seen: list = seen) -> None:
+                reg = seen[0]
+                task = grad if reg is None else grad - reg
+                reg_sq = grad.new_zeros(()) if reg is None else reg.float().square().sum()
+                self._pending += torch.stack((task.float().square().sum() * task_scale,
+                                              reg_sq * reg_scale, grad.new_ones((), dtype=torch.float32)))
+                seen[0] = None
+                self._measured += 1
+
+            view.register_hook(on_view)
+            output.register_hook(on_output)
+
+    # ---- updating ----------------------------------------------------------------------------
+
+    def settle(self, distributed: bool = False) -> None:
+        """Fold the gradients measured since the last call into the averages and set the
+        next weight. Under torch.distributed (``distributed``), a collective: every rank
+        calls it at the same point (the handle's ``loss()`` does)."""
+        if not self._watched:
+            return
+        expected, measured = self._expected, self._measured
+        self._expected = self._measured = 0
+        self._watched = False
+        if expected and not measured and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "SIGReg alpha='auto' measured no gradient at the regularized layers since the "
+                "last loss(): no backward ran through it, or the model is compiled "
+                "(torch.compile's graph does not call the tensor hooks that read the "
+                "gradients). The weight keeps its value until gradients are measured; run "
+                "the regularized layers eagerly, or use a fixed alpha. Said once.",
+                stacklevel=4)
+        pending = self._pending
+        if distributed:  # every rank calls this: the sums over the ranks, on every rank
+            pending = pending.clone()
+            dist.all_reduce(pending)
+        elif not measured:
+            return
+        self._pending = torch.zeros_like(self._pending)
+        beta, (low, high) = self.smoothing, self.bounds
+        averages = beta * self._averages + (1 - beta) * pending[:2]
+        task, reg = averages.unbind()
+        ratio = self.share * torch.sqrt(task / reg.clamp_min(torch.finfo(reg.dtype).tiny))
+        w = torch.where(task > 0, ratio.clamp(low, high), torch.full_like(ratio, low))
+        # No sync: where no rank measured anything (pending[2] == 0), nothing changes.
+        some = pending[2] > 0
+        self._averages = torch.where(some, averages, self._averages)
+        self._w = torch.where(some, w, self._w)
+        self.updates += 1
+
+    def _to(self, device: torch.device) -> None:
+        if self._w.device != device:
+            self._w, self._averages, self._pending = (
+                t.to(device) for t in (self._w, self._averages, self._pending))
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next weights depend on, as CPU tensors: the weight, the averages,
+        the gradients measured and not yet folded, the number of updates."""
+        return {"weight": self._w.detach().cpu().clone(),
+                "averages": self._averages.detach().cpu().clone(),
+                "pending": self._pending.detach().cpu().clone(), "updates": self.updates,
+                "watched": self._watched}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (ValueError for anything else)."""
+        shapes = {"weight": (), "averages": (2,), "pending": (3,)}
+        if not isinstance(state, dict) or set(state) != {*shapes, "updates", "watched"}:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"an automatic-weight state has keys weight, averages, pending, "
+                             f"updates, watched; got {keys}")
+        for key, shape in shapes.items():
+            t = state[key]
+            if not (isinstance(t, torch.Tensor) and tuple(t.shape) == shape
+                    and t.is_floating_point()):
+                raise ValueError(f"the automatic weight's {key!r} must be a float tensor of "
+                                 f"shape {shape}")
+        updates = state["updates"]
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+            raise ValueError("the automatic weight's 'updates' must be an integer >= 0")
+        if not isinstance(state["watched"], bool):
+            raise ValueError("the automatic weight's 'watched' must be true or false")
+        device = self._w.device
+        self._w = state["weight"].float().to(device).clone()
+        self._averages = state["averages"].float().to(device).clone()
+        self._pending = state["pending"].float().to(device).clone()
+        self.updates = updates
+        # Gradients measured before the save and not folded yet: settle() folds them.
+        self._watched = state["watched"]
+        self._expected = self._measured = int(self._watched)
+
+    def __repr__(self) -> str:
+        return (f"AutoWeight(share={self.share}, smoothing={self.smoothing}, "
+                f"initial={self.initial}, bounds={self.bounds})")
