@@ -131,6 +131,9 @@ RESUME_CONFIGS = {
                          randaugment_ops=1, mixup_alpha=0.8, grad_clip=1.0),
     # A learning rate that changes every step (every preset but the MLP ones uses cosine).
     "mlp-cosine": tiny_mlp(**MIX_WEAK, schedule="cosine", warmup_epochs=0.5),
+    # alpha=auto: the weight of every step (alpha_steps in the rows) depends on the averages
+    # of the gradients measured so far, which the checkpoint must carry.
+    "mlp-auto": tiny_mlp(**MIX_WEAK, alpha="auto"),
 }
 RESUME_CASES = list(RESUME_CONFIGS)
 
@@ -399,11 +402,13 @@ except KeyboardInterrupt:
 """
 
 
-def test_two_cpu_ranks_resume_exactly(tmp_path):
+@pytest.mark.parametrize("alpha", [0.1, "auto"])
+def test_two_cpu_ranks_resume_exactly(alpha, tmp_path):
     # Random crops, flips, RandAugment and MixUp/CutMix drawn independently on each rank:
-    # the checkpoint must carry both ranks' streams for epochs 2-3 to repeat exactly.
+    # the checkpoint must carry both ranks' streams for epochs 2-3 to repeat exactly (and,
+    # with alpha=auto, the weight's state, settled on every rank before the save).
     cfg = tiny_mlp(num_train=32, batch_size=16, sigreg="weak", epochs=3, randaugment_ops=1,
-                   mixup_alpha=0.8, cutmix_alpha=1.0)
+                   mixup_alpha=0.8, cutmix_alpha=1.0, alpha=alpha)
     script = tmp_path / "resume_ddp.py"
     script.write_text(textwrap.dedent(DDP_RESUME_SCRIPT))
     full, stopped = tmp_path / "full", tmp_path / "stopped"
@@ -419,6 +424,25 @@ def test_two_cpu_ranks_resume_exactly(tmp_path):
     for g, w in zip(got[1:], want[1:], strict=True):
         for key in ("train_loss", "task_loss", "reg_loss", "train_acc", "test_loss", "test_acc"):
             assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), key
+        if alpha == "auto":
+            assert g["alpha_steps"] == pytest.approx(w["alpha_steps"], rel=1e-6)
+
+
+def test_two_cpu_ranks_auto_weight_matches_one_process(tmp_path):
+    # alpha=auto on 2 ranks x 8 images: the squared gradient norms are summed over the ranks,
+    # so the weights follow the one-process run on 16 images (and rank 0 writes them).
+    cfg = tiny_mlp(num_train=32, batch_size=16, sigreg="weak", crop_padding=0, flip=False,
+                   epochs=2, alpha="auto")
+    script = tmp_path / "run_ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    proc = run_two_ranks(script, cfg, tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, single = epoch_rows(tmp_path / "ddp"), epoch_rows(_run(cfg, tmp_path / "single"))
+    for got, want in zip(rows, single, strict=True):
+        assert len(got["alpha_steps"]) == 2
+        assert got["alpha_steps"] == pytest.approx(want["alpha_steps"], rel=1e-4)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+    assert rows[0]["alpha_steps"][0] != rows[-1]["alpha_steps"][-1]  # it moved
 
 
 def _run(cfg: TrainConfig, out: Path) -> Path:

@@ -385,8 +385,10 @@ class SIGRegHandle:
                                "attach() again to regularize")
         no_grad_forward = self._capture.no_grad_forward
         passes, forwards, no_grad = self._capture.take()
-        self._sources = [c.source for p in passes for c in p
-                         if isinstance(c, Call) and c.source is not None]
+        # alpha="auto" measures at each pass's last regularized call: the one output whose
+        # gradient holds no other regularized layer's term (none ran after it).
+        lasts = [[c for c in p if isinstance(c, Call)][-1:] for p in passes]
+        self._sources = [c[0].source for c in lasts if c and c[0].source is not None]
         if forwards > self.accumulate:
             raise RuntimeError(
                 f"{forwards} training forward passes ran since the last loss(), but loss() "
