@@ -115,6 +115,7 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
     model = CharTransformer(args.dim, args.depth, args.heads, args.context)
     handle = None if arm == "none" else sigreg.attach(
         model, "blocks.*", arm, args.sketch_dim, pool="flatten", alpha=args.alpha, seed=seed)
+    alphas = []  # alpha="auto": the weight of every step
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     curve, train_loss, start = [], [], time.perf_counter()
@@ -125,6 +126,8 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
         task = loss.item()
         if handle is not None:
             loss = handle.combine(loss)
+            if handle.auto is not None:
+                alphas.append(float(handle.weight))
         if not math.isfinite(loss.item()):
             diverged_at = step
             break
@@ -141,7 +144,8 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
             "best_val_bits": min([b for _, b in curve], default=UNIFORM_BITS),
             "diverged_at": diverged_at, "val_curve": curve,
             "train_bits_last100": statistics.fmean(train_loss[-100:]) if train_loss else None,
-            "seconds": time.perf_counter() - start, "provenance": [record]}
+            "seconds": time.perf_counter() - start, "provenance": [record],
+            **({"alpha": args.alpha, "alpha_steps": alphas} if arm != "none" else {})}
 
 
 def bits(results: list[dict[str, Any]], lr: float, arm: str) -> dict[int, float]:
@@ -192,6 +196,10 @@ def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path:
     plt.close(fig)
 
 
+def _alpha(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -199,7 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", type=Path, default=CORPUS, help="directory of fortune files")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
-    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=2, help="seeds F..F+N-1, F = --first-seed")
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=10)
@@ -209,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--sketch-dim", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=0.01, help="the paper's LM setting")
+    p.add_argument("--alpha", type=_alpha, default=0.01,
+                   help="the paper's LM setting; auto: sigreg.auto's weight")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baseline", default="none", choices=ARMS,
                    help="the arm the paired differences are taken against")
@@ -221,7 +231,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "depth", "heads", "sketch_dim", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < args.alpha < 1 or any(not 0 < lr < math.inf for lr in args.lrs):
+    if args.first_seed < 0:
+        p.error("--first-seed must be >= 0")
+    if (args.alpha != "auto" and not 0 < args.alpha < 1) or \
+            any(not 0 < lr < math.inf for lr in args.lrs):
         p.error("--alpha must lie in (0, 1) and every --lrs value be > 0")
     if args.tables is None and not args.corpus.is_dir():
         p.error(f"--corpus {args.corpus} is not a directory (apt-get install fortunes)")
@@ -241,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [json.loads(line) for line in results_path.read_text().splitlines()
                if line.strip()] if results_path.exists() else []
     done = {(r["arm"], r["lr"], r["seed"]) for r in results}
-    runs = [(a, lr, s) for s in range(args.seeds) for lr in args.lrs for a in args.arms]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = [(a, lr, s) for s in seeds for lr in args.lrs for a in args.arms]
     for i, (arm, lr, seed) in enumerate(runs, 1):
         if (arm, lr, seed) in done:
             continue

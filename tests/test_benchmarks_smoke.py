@@ -29,6 +29,16 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def test_auto_weight_cost_quick(tmp_path):
+    res = run_quick("auto_weight_cost.py", tmp_path / "auto.json", "--threads", "1")
+    assert {"command", "config", "env", "provenance", "step_time", "elapsed_s"} <= set(res)
+    ratios = res["step_time"]["ratios"]
+    assert set(ratios) == {"weak", "strong", "vicreg"}
+    for r in ratios.values():
+        assert positive(r["median"]) and r["ci95_low"] <= r["median"] <= r["ci95_high"]
+    assert len(res["step_time"]["arms"]["weak-auto"]["times_ms"]) == res["config"]["steps"]
+
+
 def test_overhead_quick(tmp_path):
     res = run_quick("overhead.py", tmp_path / "overhead.json")
     assert {"command", "config", "env", "step_time", "weak_memory", "elapsed_s"} <= set(res)

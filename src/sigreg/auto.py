@@ -5,16 +5,18 @@ collapsing, not to whiten them at any price. Its two failure modes are (a) too w
 features collapse as they would without it; (b) too strong: its gradient at the regularized
 layers outweighs the task's and the task stops learning (on the 5000-image ViT, weak at
 alpha 0.1 and lr 3e-2 sits at chance from the first epoch where the baseline learns). Both
-are statements about one number, measured where the two losses meet, the outputs of the
-regularized layers: the *share*
+are statements about one number, measured where the two losses meet: the *share*
 
     rho = || dR / dX || / || dT / dX ||,
 
-with dT / dX the gradient the task loss T sends to the layers' outputs X (all regularized
-layers together, their squared norms summed) and dR / dX the regularizer's, each as it
-enters the combined loss. A fixed alpha fixes neither: rho drifts by orders of magnitude
-across models, learning rates and training time, which is why the best alpha moves (weak
-0.3-0.5 on the deep MLP, strong 0.01-0.03; strong at 0.1 costs small ViTs 15-25 points).
+with X the output of the last regularized layer of the forward pass (in execution order),
+dT / dX the gradient the task loss T sends it and dR / dX the regularizer's (the handle's
+mean over layers), each as it enters the combined loss. The last layer's output is the one
+place where one backward tells the two apart: an earlier layer's output also receives the
+regularizer terms of the layers after it, through them, mixed with the task's. A fixed
+alpha fixes neither gradient: rho drifts by orders of magnitude across models, learning
+rates and training time, which is why the best alpha moves (weak 0.3-0.5 on the deep MLP,
+strong 0.01-0.03; strong at 0.1 costs small ViTs 15-25 points).
 
 The rule (gradient-share weighting). Hold rho at a fixed target ``share`` c: at each step,
 with w = alpha / (1 - alpha) the regularizer's weight relative to the task's,
@@ -24,14 +26,16 @@ with w = alpha / (1 - alpha) the regularizer's weight relative to the task's,
     w(t + 1) = clip(c * sqrt(m_T / m_R), w_min, w_max),   alpha = w / (1 + w)
 
 and the combined loss is ``(1 - alpha) * task + alpha * reg`` as with a fixed alpha (so
-the fixed-alpha grid and ``auto`` compare on the same footing, also under plain SGD). The
-regularizer then never takes more than c of the gradient the regularized layers receive
-(mode (b) is excluded by construction for c < 1), and never less (its push against
-collapse does not fade as the task gradient grows or its own raw gradient shrinks). This
-is GradNorm's idea (Chen et al., ICML 2018: weight each loss by the norm of its gradient
-at the shared layers) with the balance point a fixed ratio c instead of equal training
-rates; the exponential moving averages are those of the "not too strong" view (the
-regularizer's gradient against the task's at the regularized layers).
+the fixed-alpha grid and ``auto`` compare on the same footing, also under plain SGD). At the
+last regularized layer the regularizer then never takes more than c of what the task sends
+(mode (b) is excluded there by construction for c < 1; earlier layers receive the sum of
+the later layers' terms too, which is what a fixed alpha gives them as well), and never
+less (its push against collapse does not fade as the task gradient grows or its own raw
+gradient shrinks). This is GradNorm's device (Chen et al., ICML 2018: weigh each loss by
+the norm of its gradient at the last shared layer, measured during training) with the
+balance point a fixed ratio c instead of equal training rates, and the "not too strong"
+view of the regularizer (its gradient against the task's at the regularized layers) as
+the quantity held.
 
 Constants, fixed once (chosen on the design settings of issue 22, seeds 0-2, and reported
 on the others): ``share`` c = 0.25, ``smoothing`` beta = 0.95 (about 20 steps),
@@ -39,14 +43,14 @@ on the others): ``share`` c = 0.25, ``smoothing`` beta = 0.95 (about 20 steps),
 w in [1e-4, 100] (alpha in [1e-4, 0.99]).
 
 Cost: no extra backward pass. The regularized layers' outputs are passed to the pooling
-through a view (one autograd node each); two tensor hooks per layer read the two gradients
-during the ordinary backward (the view's is the regularizer's, the output's the sum:
-the task's is the difference), each adding two squared norms to a pending buffer on the
-device (no sync). The next :meth:`~sigreg.SIGRegHandle.loss` (or :meth:`AutoWeight.settle`)
-folds the buffer into the averages: the weight is lagged by one step. The tensor hooks need
-the regularized layers to run eagerly (a model compiled with ``torch.compile`` hides the
-gradients inside its graph): a step whose hooks saw nothing warns, naming this, and the
-weight keeps its value.
+through a view (one autograd node each); two tensor hooks on the last one read the two
+gradients during the ordinary backward (the view's is the regularizer's, the output's the
+sum: the task's is the difference) and add two squared norms to a pending buffer on the
+device (no sync). The next :meth:`~sigreg.SIGRegHandle.loss` (or
+:meth:`~sigreg.SIGRegHandle.settle`) folds the buffer into the averages: the weight is
+lagged by one step. The tensor hooks need the regularized layers to run eagerly (a model
+compiled with ``torch.compile`` hides the gradients inside its graph): a step whose hooks
+saw nothing warns, naming this, and the weight keeps its value.
 
 Distributed: the squared norms are summed over the ranks in one all-reduce of three numbers
 when they are folded, so every rank takes the same weight (each rank's hooks see its own
