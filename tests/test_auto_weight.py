@@ -70,7 +70,7 @@ def test_the_weight_holds_the_share():
     torch.manual_seed(0)
     model = Blocks(tokens=False)
     handle = sigreg.attach(model, "blocks.*", sketch_dim=6, sketch="fixed",
-                           alpha=AutoWeight(share=0.3, smoothing=0.0))
+                           alpha=AutoWeight(share=0.3, smoothing=0.0, bounds=(1e-4, 100)))
     x, y = data(False)
     weights = []
     for _ in range(3):
@@ -95,6 +95,7 @@ def test_the_weight_holds_the_share():
 
 
 def test_the_rule_and_its_bounds():
+    assert AutoWeight().bounds == (1e-4, 1.0)
     auto = AutoWeight(share=0.5, smoothing=0.5, initial=0.1, bounds=(0.01, 2.0))
     auto._watched, auto._expected, auto._measured = True, 1, 1
     auto._pending = torch.tensor([4.0, 1.0, 1.0])  # m = (2, 0.5): w = 0.5 * sqrt(4) = 1
@@ -113,7 +114,8 @@ def train_steps(steps: int, state=None, seed: int = 0, start: int = 0):
     (model, optimizer, handle) if given; returns the weights and the final state."""
     torch.manual_seed(seed)
     model = Blocks(tokens=True)
-    handle = sigreg.attach(model, "blocks.*", "weak", sketch_dim=6, alpha="auto", seed=seed)
+    handle = sigreg.attach(model, "blocks.*", "weak", sketch_dim=6, seed=seed,
+                           alpha=AutoWeight(share=0.05))  # below the bound: the weight moves
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     if state is not None:
         model.load_state_dict(state[0])
@@ -209,7 +211,8 @@ def worker(rank, world, rendezvous, results):
         torch.manual_seed(0)
         model = Blocks(tokens=True)
         ddp = nn.parallel.DistributedDataParallel(model)
-        handle = sigreg.attach(model, "blocks.*", "weak", sketch_dim=6, alpha="auto")
+        handle = sigreg.attach(model, "blocks.*", "weak", sketch_dim=6,
+                               alpha=AutoWeight(share=0.05))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, y = data(True)
         half = slice(rank * 16, (rank + 1) * 16)
@@ -232,8 +235,8 @@ def test_two_ranks_take_the_same_weight_as_one_process(tmp_path):
     mp.spawn(worker, args=(2, tmp_path / "rendezvous", results), nprocs=2, join=True)
     torch.manual_seed(0)
     model = Blocks(tokens=True)
-    handle = sigreg.attach(model, "blocks.*", "weak", sketch_dim=6, alpha="auto",
-                           distributed=False)
+    handle = sigreg.attach(model, "blocks.*", "weak", sketch_dim=6,
+                           alpha=AutoWeight(share=0.05), distributed=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data(True)
     single = []

@@ -114,6 +114,27 @@ def test_fit_trains_on_sigreg_and_logs_it_per_layer():
     assert callback.state_dict()["sketch_state"] is not None
 
 
+def test_alpha_auto_takes_the_weights_of_the_plain_loop():
+    # The callback settles the weight after every batch and logs it; the weights are those
+    # of the README's plain loop with alpha="auto" (SGD, the same batch each step).
+    module = Classifier()
+    plain = copy.deepcopy(module)
+    _, _, logger = fit(module, [SIGRegCallback(**{**SETTINGS, "alpha": "auto"})], steps=3)
+    handle = sigreg.attach(plain, **{**SETTINGS, "alpha": "auto"})
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    x, y = data().tensors
+    weights = []
+    for _ in range(3):
+        loss = handle.combine(nn.functional.cross_entropy(plain(x), y))
+        weights.append(float(handle.weight))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert [float(row["sigreg/alpha"]) for row in logger.rows if "sigreg/alpha" in row] == \
+        pytest.approx(weights, rel=1e-5)
+    assert weights[0] != weights[1]  # it moved
+
+
 def test_without_callback_regularize_returns_the_task_loss():
     module = Classifier()
     plain_grads, _ = reference(copy.deepcopy(module), regularized=False)

@@ -144,7 +144,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def lm_run(out, callbacks=(), resume=None):
+def lm_run(out, callbacks=(), resume=None, alpha=None):
     """4 steps of GPT-2 with a resampled weak sketch (K 8 < width 32), checkpoint every 2."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 64, (16, 16), generator=g)
@@ -153,7 +153,8 @@ def lm_run(out, callbacks=(), resume=None):
         output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
         save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, seed=0, logging_steps=100)
-    settings = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8, alpha=ALPHA)
+    settings = dict(layers="transformer.h.*", pool="flatten", sketch_dim=8,
+                    alpha=ALPHA if alpha is None else alpha)
     trainer = SIGRegTrainer(model=gpt2(), args=args, train_dataset=dataset,
                             callbacks=list(callbacks), sigreg=settings)
     trainer.train(resume_from_checkpoint=resume)
@@ -177,6 +178,22 @@ def test_resume_from_a_checkpoint_continues_the_sketch_stream(tmp_path):
     (checkpoint / "sigreg_state.pt").unlink()
     with pytest.warns(UserWarning, match="has no sigreg_state.pt"):
         lm_run(tmp_path / "cut", resume=str(checkpoint))
+
+
+def test_alpha_auto_resumes_exactly_and_is_logged(tmp_path):
+    # alpha="auto": sigreg_state.pt carries the weight's state (settled on every process at
+    # each step's end), so the cut and resumed run ends where the uncut one does.
+    whole = lm_run(tmp_path / "whole", alpha="auto")
+    lm_run(tmp_path / "cut", callbacks=[StopAt(2)], alpha="auto")
+    saved = torch.load(tmp_path / "cut" / "checkpoint-2" / "sigreg_state.pt", weights_only=True)
+    assert saved["auto"]["updates"] == 2 and saved["auto"]["watched"] is False
+    resumed = lm_run(tmp_path / "cut", resume=True, alpha="auto")
+    want, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    assert float(resumed.sigreg.state_dict()["auto"]["weight"]) == \
+        float(whole.sigreg.state_dict()["auto"]["weight"])
+    logs = train_logs(SIGRegTrainer, tmp_path / "log", sigreg={**LM_SETTINGS, "alpha": "auto"})
+    assert logs[0]["sigreg/alpha"] == pytest.approx(0.01 / 1.01)  # the first step's weight
 
 
 def lm_data(rows=8):

@@ -40,7 +40,9 @@ the quantity held.
 Constants, fixed once (chosen on the design settings of issue 22, seeds 0-2, and reported
 on the others): ``share`` c = 0.25, ``smoothing`` beta = 0.95 (about 20 steps),
 ``initial`` w = 0.01 (the first step, before anything is measured), bounds
-w in [1e-4, 100] (alpha in [1e-4, 0.99]).
+w in [1e-4, 1] (alpha in [1e-4, 0.5]: the regularizer never weighs more than the task; where
+the rule asks for more, as while the features of a dead deep MLP are near zero and so is
+the regularizer's gradient, it gets the task's weight).
 
 Cost: no extra backward pass. The regularized layers' outputs are passed to the pooling
 through a view (one autograd node each); two tensor hooks on the last one read the two
@@ -86,7 +88,7 @@ class AutoWeight:
     """
 
     def __init__(self, share: float = 0.25, smoothing: float = 0.95, initial: float = 0.01,
-                 bounds: tuple[float, float] = (1e-4, 100.0)) -> None:
+                 bounds: tuple[float, float] = (1e-4, 1.0)) -> None:
         self.share = check_number(share, "share")
         self.smoothing = check_number(smoothing, "smoothing")
         low, high = (check_number(b, "bounds") for b in bounds)

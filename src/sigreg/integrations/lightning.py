@@ -154,15 +154,15 @@ class SIGRegCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         eff_dims = self.session.stop_recording()
-        self.session.settle()  # alpha="auto": the next weight, on every rank before a save
+        alpha = self.session.auto_alpha()  # alpha="auto": the weight this batch trained with
+        self.session.settle()  # ... and the next one, on every rank, before any save
         if not self._combined:
             if not self._warned:
                 rank_zero_warn("SIGRegCallback: training_step did not return "
                                "regularize(self, loss), so SIGReg is not trained on")
                 self._warned = True
             return
-        values = log_entries(self.log_prefix, self.session.layer_values(), {},
-                             self.session.auto_alpha())
+        values = log_entries(self.log_prefix, self.session.layer_values(), {}, alpha)
         pl_module.log_dict(values, on_step=True, on_epoch=False)
         if eff_dims:
             # Each rank measured its own batch: average them (the losses are global already).

@@ -189,6 +189,7 @@ class SIGRegMixin:
         self._sigreg_sums: dict[str, torch.Tensor] = {}
         self._sigreg_task_sum: torch.Tensor | int = 0
         self._sigreg_count = 0
+        self._sigreg_alpha_sum: torch.Tensor | None = None  # alpha="auto": weights used
         self._sigreg_measure = self.sigreg_log_eff_dim
         self._sigreg_eff_dims: dict[str, float] = {}
 
@@ -269,6 +270,10 @@ class SIGRegMixin:
             self._sigreg_measure = False
         scale = self._sigreg_scale(num_items_in_batch)
         loss = self.sigreg.combine(task_loss, reg_scale=scale)
+        alpha = self.sigreg.auto_alpha()
+        if alpha is not None:
+            total = self._sigreg_alpha_sum
+            self._sigreg_alpha_sum = alpha if total is None else total + alpha
         for name, value in self.sigreg.layer_values().items():
             self._sigreg_sums[name] = self._sigreg_sums.get(name, 0) + value
         # Undo the pre-normalization by the accumulation steps: the scale of the Trainer's "loss".
@@ -296,10 +301,10 @@ class SIGRegMixin:
         # Over all processes, as the Trainer averages its "loss" (the layer values are global).
         task = nested_gather(self._sigreg_task_sum, self.args.parallel_mode).mean()
         means = {n: float(s) / count for n, s in self._sigreg_sums.items()}
-        alpha = self.sigreg.auto_alpha()
+        alpha = self._sigreg_alpha_sum  # alpha="auto": the mean weight since the last log
         return {f"{self.sigreg_log_prefix}/task_loss": float(task) / count,
                 **log_entries(self.sigreg_log_prefix, means, self._sigreg_eff_dims,
-                              None if alpha is None else float(alpha))}
+                              None if alpha is None else float(alpha) / count)}
 
 
 class SIGRegTrainer(SIGRegMixin, Trainer):
