@@ -23,7 +23,15 @@ import statistics
 import time
 
 import torch
-from _timing import bootstrap_ci, command_line, environment, pick_device, quantile, timed, write_json
+from _timing import (
+    bootstrap_ci,
+    command_line,
+    environment,
+    pick_device,
+    quantile,
+    timed,
+    write_json,
+)
 from overhead import CLASSES, ViT, train_step
 
 import sigreg

@@ -152,7 +152,7 @@ def test_bad_states_and_arguments_are_refused():
         handle.load_state_dict({**state, "auto": {"weight": 1.0}})
     with pytest.raises(ValueError, match="'averages'"):
         handle.load_state_dict({**state, "auto": {**state["auto"], "averages": torch.zeros(3)}})
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(TypeError, match="'auto'"):
         sigreg.attach(Blocks(False), "blocks.*", alpha="automatic")
     with pytest.raises(ValueError, match="exactly one"):
         sigreg.attach(Blocks(False), "blocks.*", alpha="auto", lam=0.1)

@@ -807,7 +807,7 @@ def attach(
                              "(task + l*reg)")
     else:
         if isinstance(alpha, str):
-            raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+            raise TypeError(f"alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
         _check_weights(alpha, lam)
     if not isinstance(keep_features, bool):
         raise TypeError(f"keep_features must be True or False, got {keep_features!r}")

@@ -231,7 +231,7 @@ class AutoWeight:
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
             raise ValueError("the automatic weight's 'updates' must be an integer >= 0")
         if not isinstance(state["watched"], bool):
-            raise ValueError("the automatic weight's 'watched' must be true or false")
+            raise TypeError("the automatic weight's 'watched' must be true or false")
         device = self._w.device
         self._w = state["weight"].float().to(device).clone()
         self._averages = state["averages"].float().to(device).clone()
