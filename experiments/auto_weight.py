@@ -28,6 +28,17 @@ setting, where it is judged. Each run trains into ``<out>/<setting>/<arm>-s<seed
     PYTHONPATH=src python3 experiments/auto_weight.py --tables runs/auto-weight/results.jsonl \\
         --figure /tmp/auto_weight.png
 
+Design phase so far (seed 0 only, CPU, to check the rule, not to claim anything): the
+share held by the rule, measured at a held fixed alpha at the last regularized layer, was
+~0 for the first 40 % of training of ``mlp-d10-default`` (features near zero: so is the
+regularizer's gradient) and 0.09 / 0.13 after, under weak alpha 0.1 / 0.3 (68.9 / 71.2 %);
+on ``vit5k-lr0.03`` (2 epochs) under weak alpha 0.1 it was 12-70 (at chance). With
+``alpha=auto`` (share 0.25): ``mlp-d10-default`` weak sat at the bound alpha 0.5 throughout
+(68.2 %); ``vit5k-lr0.03`` weak fell from 0.5 (the first measurement, at initialisation) to
+0.01-0.03 within 10 steps and to 0.008 by epoch 2, and was still at chance after 2 epochs
+(the baseline's 8-epoch run was at 15-18 % then): the rule held the share but did not, in
+that one run, avoid the collapse.
+
 Tables: final test accuracy (%; the LM: validation bits per byte, lower is better) per
 setting and arm, mean ± std; every arm minus the baseline, paired over seeds with its 95 %
 interval; ``auto`` minus each fixed alpha of its variant, paired. Figure: the weight alpha
