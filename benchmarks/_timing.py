@@ -97,3 +97,20 @@ def bootstrap_ci(
     meds = [statistics.median(rng.choices(values, k=n)) for _ in range(n_boot)]
     tail = (1 - level) / 2
     return quantile(meds, tail), quantile(meds, 1 - tail)
+
+
+def add_size_arguments(parser, sizes: dict[str, tuple[object, object]]) -> None:
+    """``--<name>`` for every ``sizes[name] = (full, quick)``, None unless given (see
+    :func:`fill_sizes`)."""
+    for name, (full, quick) in sizes.items():
+        kind = str if isinstance(full, str) else int
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"default {full}, with --quick {quick}")
+
+
+def fill_sizes(args, sizes: dict[str, tuple[object, object]]) -> None:
+    """Every size not given on the command line: its quick value under ``--quick``, else
+    its full one."""
+    for name, (full, quick) in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)

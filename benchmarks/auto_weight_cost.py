@@ -24,9 +24,11 @@ import time
 
 import torch
 from _timing import (
+    add_size_arguments,
     bootstrap_ci,
     command_line,
     environment,
+    fill_sizes,
     pick_device,
     quantile,
     timed,
@@ -97,16 +99,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
-    for name, (full, quick) in SIZES.items():
-        p.add_argument("--" + name, type=int, default=None, help=f"default {full}, --quick {quick}")
+    add_size_arguments(p, SIZES)
     p.add_argument("--sketch-dim", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
     args = p.parse_args(argv)
-    for name, (full, quick) in SIZES.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    fill_sizes(args, SIZES)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args

@@ -36,9 +36,11 @@ import time
 import torch
 import torch.nn.functional as F
 from _timing import (
+    add_size_arguments,
     bootstrap_ci,
     command_line,
     environment,
+    fill_sizes,
     pick_device,
     quantile,
     sync,
@@ -343,14 +345,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
-    for name, (full, quick) in SIZES.items():
-        kind = str if isinstance(full, str) else int
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"default {full}, with --quick {quick}",
-        )
+    add_size_arguments(p, SIZES)
     p.add_argument("--sketch-dim", type=int, default=64, help="K for weak and strong")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model forward")
@@ -358,9 +353,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--mem-case", help=argparse.SUPPRESS)  # internal: one part-2 case
     args = p.parse_args(argv)
-    for name, (full, quick) in SIZES.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    fill_sizes(args, SIZES)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
