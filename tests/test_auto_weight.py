@@ -69,7 +69,7 @@ def test_the_weight_holds_the_share():
     # the regularizer's gradient at the layers is exactly `share` times the task's.
     torch.manual_seed(0)
     model = Blocks(tokens=False)
-    handle = sigreg.attach(model, "blocks.*", sketch_dim=6, sketch="fixed",
+    handle = sigreg.attach(model, "blocks.*", sketch_dim=6, sketch_policy="fixed",
                            alpha=AutoWeight(share=0.3, smoothing=0.0, bounds=(1e-4, 100)))
     x, y = data(False)
     weights = []
