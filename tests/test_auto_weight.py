@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -70,7 +71,8 @@ def test_the_weight_holds_the_share():
     torch.manual_seed(0)
     model = Blocks(tokens=False)
     handle = sigreg.attach(model, "blocks.*", sketch_dim=6, sketch_policy="fixed",
-                           alpha=AutoWeight(share=0.3, smoothing=0.0, bounds=(1e-4, 100)))
+                           alpha=AutoWeight(share=0.3, smoothing=0.0, bounds=(1e-4, 100),
+                                            rate=math.inf))
     x, y = data(False)
     weights = []
     for _ in range(3):
@@ -96,7 +98,8 @@ def test_the_weight_holds_the_share():
 
 def test_the_rule_and_its_bounds():
     assert AutoWeight().bounds == (1e-4, 1.0)
-    auto = AutoWeight(share=0.5, smoothing=0.5, initial=0.1, bounds=(0.01, 2.0))
+    assert (AutoWeight().share, AutoWeight().rate, AutoWeight().initial) == (0.125, 1.05, 0.01)
+    auto = AutoWeight(share=0.5, smoothing=0.5, initial=0.1, bounds=(0.01, 2.0), rate=math.inf)
     auto._watched, auto._expected, auto._measured = True, 1, 1
     auto._pending = torch.tensor([4.0, 1.0, 1.0])  # m = (2, 0.5): w = 0.5 * sqrt(4) = 1
     auto.settle()
@@ -107,6 +110,18 @@ def test_the_rule_and_its_bounds():
     assert float(auto._w) == pytest.approx(2.0)
     auto.settle()  # nothing measured since: nothing changes
     assert float(auto._w) == pytest.approx(2.0) and auto.updates == 2
+
+
+def test_the_weight_rises_by_at_most_rate_and_falls_at_once():
+    auto = AutoWeight(share=0.5, smoothing=0.0, initial=0.1, bounds=(1e-4, 2.0), rate=1.5)
+    rule = []
+    for g_task, g_reg in [(100.0, 1.0), (100.0, 1.0), (100.0, 0.0), (1.0, 100.0), (4.0, 1.0)]:
+        auto._watched, auto._expected, auto._measured = True, 1, 1
+        auto._pending = torch.tensor([g_task, g_reg, 1.0])
+        auto.settle()
+        rule.append(float(auto._w))
+    # w* = 5, 5, unbounded, 0.05, 1: up by x1.5 at most (to the bound 2), down at once.
+    assert rule == pytest.approx([0.15, 0.225, 0.3375, 0.05, 0.075])
 
 
 def train_steps(steps: int, state=None, seed: int = 0, start: int = 0):
@@ -157,7 +172,7 @@ def test_bad_states_and_arguments_are_refused():
     with pytest.raises(ValueError, match="exactly one"):
         sigreg.attach(Blocks(False), "blocks.*", alpha="auto", lam=0.1)
     for bad in (dict(share=0), dict(share=1.5), dict(smoothing=1.0), dict(bounds=(0, 1)),
-                dict(initial=1e3)):
+                dict(initial=1e3), dict(rate=0.9), dict(rate=math.nan)):
         with pytest.raises(ValueError):
             AutoWeight(**bad)
     # A fixed-alpha handle ignores an automatic weight's state; the reverse starts over.

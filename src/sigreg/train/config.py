@@ -150,8 +150,8 @@ class TrainConfig:
                           "terms, the baseline)", choices=("none", "weak", "strong", "vicreg"))
     alpha: float | str = setting(
         0.1, "its weight: total = (1 - alpha) * task + alpha * reg; auto: set at every step "
-        "from the regularizer's and the task's gradients at the last regularized layer "
-        "(sigreg.auto; the model runs uncompiled)", low=0.0, high=1.0, words=("auto",))
+        "from the regularizer's and the task's gradients at the last regularized layer, "
+        "alpha at most 0.5 (sigreg.auto; the model runs uncompiled)", low=0.0, high=1.0, words=("auto",))
     sketch_dim: int | None = setting(64, "K, the sketch's width (weak) or number of directions "
                                      "(strong)", low=1, none="full covariance")
     sketch_dim_per_layer: str | None = setting(
