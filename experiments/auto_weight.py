@@ -32,12 +32,25 @@ Design phase so far (seed 0 only, CPU, to check the rule, not to claim anything)
 share held by the rule, measured at a held fixed alpha at the last regularized layer, was
 ~0 for the first 40 % of training of ``mlp-d10-default`` (features near zero: so is the
 regularizer's gradient) and 0.09 / 0.13 after, under weak alpha 0.1 / 0.3 (68.9 / 71.2 %);
-on ``vit5k-lr0.03`` (2 epochs) under weak alpha 0.1 it was 12-70 (at chance). With
-``alpha=auto`` (share 0.25): ``mlp-d10-default`` weak sat at the bound alpha 0.5 throughout
-(68.2 %); ``vit5k-lr0.03`` weak fell from 0.5 (the first measurement, at initialisation) to
-0.01-0.03 within 10 steps and to 0.008 by epoch 2, and was still at chance after 2 epochs
-(the baseline's 8-epoch run was at 15-18 % then): the rule held the share but did not, in
-that one run, avoid the collapse.
+on ``vit5k-lr0.03`` (2 epochs) under weak alpha 0.1 it was 0.0, 0.4, 4.5, 16 over the first
+steps, then 12-110 (at chance). First design (share 0.25, w set to the rule's value at
+once): ``mlp-d10-default`` weak sat at the bound alpha 0.5 throughout (68.2 %);
+``vit5k-lr0.03`` weak took alpha 0.5 for one step (the first measurement, at
+initialisation), then 0.01-0.03, and stayed at chance. Second design (share 0.125, start at
+alpha 0.01, up by at most x1.05 per step, down at once), ``--set alpha=auto seed=0
+device=cpu`` (the ViT: ``lr=0.03 epochs=2``): ``mlp-d10-default`` weak 70.87 % (alpha 0.5
+while the features are dead, epochs 1-2, then 0.21-0.26; fixed 0.3: 71.17, 0.1: 68.87);
+``vit5k-lr0.03`` weak 11.35 % (alpha 0.010-0.011 for three steps, then 0.003-0.0025; at
+chance after epoch 1, train accuracy 10 %), where the baseline with the same 2-epoch
+schedule reaches 16.7 / 23.7 % (epochs 1 / 2): holding the share at the last regularized
+layer does not avoid the collapse there. Fixed weak alpha 0.001 (below anything auto chose)
+is at chance too (10.0 %). The monitor says why: the baseline's residual stream grows to a
+per-feature variance of ~4e4 by step 25 and ~1.4e5 by step 50 with its samples spread (mean
+cosine at ``blocks.5`` 0.19-0.26 after step 25), while weak SIGReg at alpha 0.001-0.01 holds
+that variance near 1-6 and the samples point one way (mean cosine 0.999-1.0 from step 25).
+Its pull toward unit covariance points the same way at every step; the task's gradient,
+larger per step, does not, and under AdamW's momentum the consistent pull wins. A per-step
+norm share does not see that.
 
 Tables: final test accuracy (%; the LM: validation bits per byte, lower is better) per
 setting and arm, mean ± std; every arm minus the baseline, paired over seeds with its 95 %
