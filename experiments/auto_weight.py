@@ -47,7 +47,7 @@ layer does not avoid the collapse there. Fixed weak alpha 0.001 (below anything 
 is at chance too (10.0 %). The monitor says why: the baseline's residual stream grows to a
 per-feature variance of ~4e4 by step 25 and ~1.4e5 by step 50 with its samples spread (mean
 cosine at ``blocks.5`` 0.19-0.26 after step 25), while weak SIGReg at alpha 0.001-0.01 holds
-that variance near 1-6 and the samples point one way (mean cosine 0.999-1.0 from step 25).
+that variance at 0.5-6 and the samples point one way (mean cosine 0.999-1.0 from step 25).
 Its pull toward unit covariance points the same way at every step; the task's gradient,
 larger per step, does not, and under AdamW's momentum the consistent pull wins. A per-step
 norm share does not see that.
