@@ -52,6 +52,26 @@ Its pull toward unit covariance points the same way at every step; the task's gr
 larger per step, does not, and under AdamW's momentum the consistent pull wins. A per-step
 norm share does not see that.
 
+Third round (seed 0, 8 epochs, ``experiments/auto-weight-design3-cpu.jsonl``, with each
+run's code and command; design only): at lr 3e-2 the baseline ends at 25.3 % with the last
+block's effective dimension at 1.03-1.05 (rank-one features, per-feature variance 2.6e5-3.5e5):
+the paper's dimensional collapse, which section 7b's short runs had not shown. A fixed weak
+alpha of 1e-6 does not collapse the run and more than doubles that: 47.6 % (effective
+dimension 3.4-3.6, variance 2e3-4e3). So the best fixed weak alpha at 3e-2 lies at or below
+1e-6 (1e-3 and up: chance), five orders of magnitude below lr 1e-3's 0.1 (66.3 %). Weighed in
+loss terms (alpha * reg / task), 1e-6 is ~0.03 there (reg ~6e4), lr 1e-3's 0.1 is ~0.4 and the
+MLP's 0.3 is ~1-3. A loss-ratio rule (w = c * task / reg each step: the weights of
+uncertainty weighting, Kendall et al. 2018, at their optimum; an uncommitted probe patch, see
+the raw rows' ``code``) shows it: c = 0.4 sends lr 3e-2 to chance (alpha 0.04-0.11, features
+at variance 0.15 all pointing one way, mean cosine 1.0); c = 0.03 keeps it alive (43.4 %;
+alpha ~1e-6, at the probe's lower clamp, from epoch 2) but gives up most of lr 1e-3's gain
+(59.9 % against 66.3 at alpha 0.1, baseline 57.3). Neither the gradient share nor the loss
+share at the best fixed weights is one number across these settings; what separates them is
+the features' scale (per-feature variance ~1e-3-1 where alpha 0.1-0.3 is best, 1e3-1e5 where
+1e-6 is). Next candidate, not yet tried: a weight that falls with that scale above unit
+variance (the regularizer's pull on a huge residual stream is what collapses it), rising as
+the gradient-share rule does below it.
+
 Tables: final test accuracy (%; the LM: validation bits per byte, lower is better) per
 setting and arm, mean ± std; every arm minus the baseline, paired over seeds with its 95 %
 interval; ``auto`` minus each fixed alpha of its variant, paired. Figure: the weight alpha
