@@ -686,8 +686,8 @@ def attach(
         variant: ``"weak"`` (covariance), ``"strong"`` (characteristic function), or
             ``"vicreg"``, VICReg's variance + covariance terms, a baseline to compare with
             (full covariance: ``sketch_dim``, ``sketch_policy`` and ``seed`` do not apply).
-        sketch_dim: K, sketch width (weak) or number of directions (strong), an integer
-            >= 1. Weak: None or K >= C means the full covariance. A mapping from layer specs
+        sketch_dim: K, sketch width (weak) or number of directions (strong), an
+            integer of at least 1. Weak: None or K >= C means the full covariance. A mapping from layer specs
             to K sets it per layer: each layer takes the value of the first key that matches
             it (``{"blocks.0": 16, "**": 64}``); every layer must match a key and every key a
             layer. Layers with different K are computed in separate groups.
@@ -716,7 +716,7 @@ def attach(
             ``var_weight``, ``cov_weight``, ``eps``.
 
     Returns:
-        A :class:`SIGRegHandle`: ``handle.loss()``, ``handle.combine(task)``,
+        SIGRegHandle: ``handle.loss()``, ``handle.combine(task)``,
         ``handle.layer_losses()``, ``handle.remove()``.
 
     Raises:

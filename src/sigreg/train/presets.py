@@ -187,7 +187,7 @@ register("resnet18-sgd-mix-weak", **RESNET18_SGD_MIX, sigreg="weak", sketch_dim=
 
 # --------------------------------------------------------------------------- Fashion-MNIST (CPU)
 # CPU scale: Fashion-MNIST (Debian's dataset-fashion-mnist). Settings found by
-# experiments/demo_search.py; see docs/cpu-scale-results.md. fmnist-mlp-* is the demo.
+# experiments/demo_search.py; see docs/cpu-scale-results.md. fmnist-mlp-* was the first demo.
 FMNIST_MLP = dict(dataset="fashion-mnist", model="mlp", epochs=5, batch_size=128, optimizer="sgd",
                   lr=0.1, weight_decay=0.0, momentum=0.0, schedule="constant", grad_clip=1.0,
                   crop_padding=2, flip=True, alpha=0.1, sketch_policy="resample", t_max=3.0,
