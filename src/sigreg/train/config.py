@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._renamed import renamed_message
+from ._words import did_you_mean
 from .augment import NUM_BINS
 from .data import DATASETS
 
@@ -309,6 +310,11 @@ def parse_setting(s: Setting, text: str) -> Any:
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     """A copy of ``cfg`` with ``key=value`` items applied (``model.KEY=V`` for model args)."""
     cfg = dataclasses.replace(cfg, model_args=dict(cfg.model_args))
+    keys = {item.partition("=")[0].strip() for item in items}
+    for old, new in RENAMED_SETTINGS.items():
+        if old in keys and new in keys:
+            raise ValueError(f"--set got both {old!r} (deprecated) and {new!r}; give only "
+                             f"{new!r}")
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -323,7 +329,8 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
             continue
         if key not in SETTINGS or SETTINGS[key].kind is dict:
             valid = ", ".join(k for k, s in SETTINGS.items() if s.kind is not dict)
-            raise ValueError(f"unknown setting {key!r}; valid: {valid}, model.<arg>")
+            raise ValueError(f"unknown setting {key!r}{did_you_mean(key, SETTINGS)}; valid: "
+                             f"{valid}, model.<arg>")
         setattr(cfg, key, parse_setting(SETTINGS[key], text))
     return cfg.validate()
 

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ._words import did_you_mean
 from .config import TrainConfig
 
 
@@ -444,9 +445,11 @@ register("fmnist-vit-5k-vicreg", **FMNIST_VIT_5K, sigreg="vicreg", sketch_dim=No
 
 
 def get_preset(name: str) -> Preset:
-    """The preset ``name``; ValueError listing the valid names otherwise."""
+    """The preset ``name``; ValueError naming the closest and listing the valid names
+    otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; valid "
+                         f"presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
