@@ -56,6 +56,12 @@ def worker(rank, world, results):
     strong = sigreg.strong_sigreg(z[half], sigreg.draw_directions(6, 5, sigreg.seeded_generator(0))).item()
     local = sigreg.weak_sigreg(z[half], distributed=False).item()
     stacked = stacked_losses(z[half])
+    invariant = sigreg.weak_sigreg(torch.stack([z[half], 50 * z[half] + 9]),
+                                   scale_invariant=True).tolist()
+    model = make_model()
+    handle = sigreg.attach(model, nn.Linear, sketch_dim=8, scale_invariant=True)
+    _, grads = step(nn.parallel.DistributedDataParallel(model), handle, x[half], y[half])
+    results[rank, "scale_invariant"] = (invariant, grads)
     # A regularized training step under DDP, for each variant.
     for variant in VARIANTS:
         model = make_model()
@@ -144,6 +150,21 @@ def test_two_ranks_equal_one_process(variant, ddp_results):
             torch.testing.assert_close(g_ddp, g_one, rtol=1e-4, atol=1e-6)
     # The two ranks' losses average to the single-process loss (same-size halves).
     assert (results[0][3] + results[1][3]) / 2 == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_scale_invariant_weak_on_two_ranks_equals_one_process(ddp_results):
+    """The root mean square it divides by is the global batch's, as the covariance is."""
+    x, y = make_batch()
+    z = x @ torch.linspace(-1, 1, 10 * 6).reshape(10, 6)
+    want = sigreg.weak_sigreg(torch.stack([z, 50 * z + 9]), scale_invariant=True).tolist()
+    model = make_model()
+    _, grads = step(model, sigreg.attach(model, nn.Linear, sketch_dim=8, scale_invariant=True),
+                    x, y)
+    for rank in (0, 1):
+        invariant, r_grads = ddp_results[rank, "scale_invariant"]
+        assert invariant == pytest.approx(want, rel=1e-5)
+        for g_ddp, g_one in zip(r_grads, grads):
+            torch.testing.assert_close(g_ddp, g_one, rtol=1e-4, atol=1e-6)
 
 
 # ---- layers that run on some ranks only (LayerDrop, experts without tokens) ---------------

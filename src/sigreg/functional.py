@@ -77,7 +77,8 @@ def _project(z: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
 
 
 def weak_sigreg(
-    z: torch.Tensor, sketch: torch.Tensor | None = None, *, distributed: bool | None = None
+    z: torch.Tensor, sketch: torch.Tensor | None = None, *, distributed: bool | None = None,
+    scale_invariant: bool = False,
 ) -> torch.Tensor:
     """Weak-SIGReg: ``|| Cov(Z S) - I_K ||_F`` (Frobenius norm, not squared), per layer.
 
@@ -88,6 +89,11 @@ def weak_sigreg(
             None for the full (C, C) covariance.
         distributed: statistics over the global batch of all ranks. None: whenever a
             process group with more than one rank is initialised.
+        scale_invariant: ``|| Cov(Z S / r) - I_K ||_F`` with r the root mean square of
+            Z S over the samples and the K columns (the mean included; r is a scale, not
+            differentiated): isotropy at the features' own power instead of unit variance.
+            The loss then does not change when Z is scaled, so neither does the weight it
+            needs. Not in the paper (see the note below).
 
     Returns:
         Float32 tensor of shape (*): a scalar for (N, C) input. Covariance is unbiased
@@ -95,6 +101,9 @@ def weak_sigreg(
 
     Reference: Weak-SIGReg, arXiv 2603.05924, eq. L = L_CE + lambda ||Cov(ZS) - I||_F.
     The definition, in a few lines: :func:`sigreg.reference.weak_sigreg_reference`.
+    ``scale_invariant`` is ours: the unit target pulls a residual stream whose scale grows
+    (a pre-norm transformer at a high learning rate) back to unit spread while its common
+    mean keeps growing, until every sample points one way (docs/studies.md, section 14).
 
     Examples:
         >>> import torch, sigreg
@@ -110,13 +119,21 @@ def weak_sigreg(
         >>> layers = torch.randn(3, 256, 32, generator=gen)       # a stack of 3 layers
         >>> sigreg.weak_sigreg(layers, sketch).shape               # one value per layer
         torch.Size([3])
+        >>> invariant = [sigreg.weak_sigreg(c * z, sketch, scale_invariant=True)
+        ...              for c in (0.1, 1.0, 1000.0)]            # the same at any scale
+        >>> print(" ".join(f"{v:.2f}" for v in invariant))
+        1.43 1.43 1.43
     """
     distributed = use_distributed(distributed)
     _check_features(z, min_rows=0 if distributed else 2)
     if sketch is not None:
         _check_projection(sketch, z, "sketch")
+    if not isinstance(scale_invariant, bool):
+        raise TypeError(f"scale_invariant must be True or False, got {scale_invariant!r}")
     with torch.autocast(device_type=z.device.type, enabled=False):
         y = _project(z, sketch)
+        if scale_invariant:
+            y = y / _root_mean_square(y, distributed)
         if distributed:
             return torch.linalg.matrix_norm(_covariance(y, distributed, minus_identity=True))
         flat = y.reshape(y.shape[:-2].numel(), *y.shape[-2:])
@@ -164,6 +181,18 @@ def _identity(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
     :func:`_quadrature`, and never modified in place)."""
     with torch.inference_mode(False):
         return torch.eye(size, device=device, dtype=dtype)
+
+
+def _root_mean_square(y: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """(*, 1, 1) root mean square of each layer of y (*, N, K) over N and K, the mean not
+    removed, over the global batch when distributed; detached (a scale, not a statistic)."""
+    with torch.no_grad():
+        power = y.square().sum((-2, -1))
+        n = y.shape[-2]
+        if distributed:
+            power, n = all_reduce_with_count(power, n)
+        rms = (power / (n * y.shape[-1])).sqrt()
+        return rms.clamp_min(torch.finfo(y.dtype).tiny).unsqueeze(-1).unsqueeze(-1)
 
 
 def _covariance(y: torch.Tensor, distributed: bool, minus_identity: bool = False) -> torch.Tensor:

@@ -158,6 +158,8 @@ class TrainConfig:
     t_max: float = setting(3.0, "strong: the quadrature interval [0, t_max]", low=0.0,
                            above_low=True)
     num_points: int = setting(17, "strong: trapezoid nodes on [0, t_max]", low=2)
+    scale_invariant: bool = setting(False, "weak: isotropy at the features' own power, not "
+                                    "unit variance (not in the paper)")
     vicreg_var_weight: float = setting(25.0, "VICReg's mu (sigreg=vicreg)", low=0.0)
     vicreg_cov_weight: float = setting(1.0, "VICReg's nu (sigreg=vicreg)", low=0.0)
     # Run
@@ -211,6 +213,8 @@ class TrainConfig:
                 continue
             if not all(_in_range(v, s) for v in (value if s.kind is tuple else (value,))):
                 raise ValueError(f"{s.name} must be {s.rule()}, got {value!r}")
+        if self.scale_invariant and self.sigreg != "weak":
+            raise ValueError(f"scale_invariant applies to sigreg=weak only, got sigreg={self.sigreg}")
         if self.eta_min > self.lr:
             raise ValueError(f"eta_min must not exceed lr ({self.lr}), got {self.eta_min}")
         if self.data_dir is not None and not self.data_dir.strip():
