@@ -90,3 +90,11 @@ def test_a_cell_of_one_value_has_no_spread():
     assert cell([56.0, 58.0]) == "57.00 ± 1.41 (n=2)"
     assert cell([56.0]) == "56.00 (n=1)" and cell([56.0], count=False) == "56.00"
     assert cell([]) == "-"
+
+
+def test_scale_invariant(capsys):
+    import scale_invariant
+    assert scale_invariant.main(["--tables", raw("scale-invariant-report-cpu.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "| vit5k-lr0.03 | 26.15 ± 2.88 (n=5) | 45.09 ± 3.30 (n=5) |" in out
+    assert "| vit5k-lr0.03 | +18.9 [+12.1, +25.8] (5/5) |" in out
