@@ -140,7 +140,8 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
     if handle is not None:
         handle.remove()
     final = UNIFORM_BITS if diverged_at else curve[-1][1]
-    return {"arm": arm, "lr": lr, "seed": seed, "final_val_bits": final,
+    return {"arm": arm, "lr": lr, "seed": seed, "alpha": None if handle is None else args.alpha,
+            "sketch_dim": args.sketch_dim, "steps": args.steps, "final_val_bits": final,
             "best_val_bits": min([b for _, b in curve], default=UNIFORM_BITS),
             "diverged_at": diverged_at, "val_curve": curve,
             "train_bits_last100": statistics.fmean(train_loss[-100:]) if train_loss else None,
