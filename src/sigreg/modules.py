@@ -147,8 +147,8 @@ class WeakSIGReg(_ProjectedSIGReg):
         seed: seed of the sketch stream; use the same on every rank.
         distributed: statistics over the global batch (None: whenever torch.distributed
             is initialised with more than one rank).
-        scale_invariant: isotropy at the features' own power, not unit variance (see
-            :func:`sigreg.weak_sigreg`); not in the paper.
+        scale_invariant: above unit power, isotropy at the features' own power, not unit
+            variance (see :func:`sigreg.weak_sigreg`); not in the paper.
 
     Shape: input (N, C) or a stack of layers (*, N, C) (one sketch per layer, drawn in one
     call), output (*) (a scalar for (N, C)).

@@ -26,8 +26,8 @@ def weak_sigreg_reference(z: torch.Tensor, sketch: torch.Tensor | None = None,
     Args:
         z: features (N, C) or (*, N, C).
         sketch: S (C, K) or (*, C, K), or None for the full (C, C) covariance (K = C).
-        scale_invariant: Z S divided first by its root mean square over N and K (the mean
-            included, not differentiated): ``|| Cov(Z S / r) - I_K ||_F``.
+        scale_invariant: Z S divided first by max(1, its root mean square over N and K)
+            (the mean included, not differentiated): ``|| Cov(Z S / max(1, r)) - I_K ||_F``.
 
     Returns:
         The loss of each layer, shape (*), z's dtype.
@@ -36,7 +36,7 @@ def weak_sigreg_reference(z: torch.Tensor, sketch: torch.Tensor | None = None,
     """
     y = z if sketch is None else z @ sketch.to(z.dtype)  # (*, N, K)
     if scale_invariant:
-        y = y / y.detach().square().mean((-2, -1), keepdim=True).sqrt()
+        y = y / y.detach().square().mean((-2, -1), keepdim=True).sqrt().clamp_min(1.0)
     centred = y - y.mean(-2, keepdim=True)
     cov = centred.mT @ centred / (y.shape[-2] - 1)  # (*, K, K)
     identity = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)

@@ -158,8 +158,8 @@ class TrainConfig:
     t_max: float = setting(3.0, "strong: the quadrature interval [0, t_max]", low=0.0,
                            above_low=True)
     num_points: int = setting(17, "strong: trapezoid nodes on [0, t_max]", low=2)
-    scale_invariant: bool = setting(False, "weak: isotropy at the features' own power, not "
-                                    "unit variance (not in the paper)")
+    scale_invariant: bool = setting(False, "weak: above unit power, isotropy at the features' "
+                                    "own power, not unit variance (not in the paper)")
     vicreg_var_weight: float = setting(25.0, "VICReg's mu (sigreg=vicreg)", low=0.0)
     vicreg_cov_weight: float = setting(1.0, "VICReg's nu (sigreg=vicreg)", low=0.0)
     # Run
