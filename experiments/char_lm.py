@@ -243,13 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables:
         print(markdown(read_jsonl(args.tables), args.lrs, args.arms, args.baseline))
         return 0
+    results_path = args.out / "results.jsonl"
+    results = [json.loads(line) for line in results_path.read_text().splitlines()
+               if line.strip()] if results_path.exists() else []
+    # A finished run is known by (arm, lr, seed): rows trained with other settings in the same
+    # folder would be taken for this call's runs and averaged with them.
+    for r in results:
+        ran = {"sketch_dim": args.sketch_dim, "steps": args.steps,
+               "alpha": None if r["arm"] == "none" else args.alpha}
+        other = {k: r[k] for k in ran if k in r and r[k] != ran[k]}
+        if other:
+            print(f"char_lm.py: error: {results_path} holds runs with {other}, not this call's "
+                  f"settings; give another --out", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     train, val = load_corpus(args.corpus)
     print(f"corpus: {train.numel()} training bytes, {val.numel()} validation bytes", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "results.jsonl"
-    results = [json.loads(line) for line in results_path.read_text().splitlines()
-               if line.strip()] if results_path.exists() else []
     done = {(r["arm"], r["lr"], r["seed"]) for r in results}
     runs = [(a, lr, s) for s in range(args.first_seed, args.first_seed + args.seeds) for lr in args.lrs for a in args.arms]
     for i, (arm, lr, seed) in enumerate(runs, 1):

@@ -1,8 +1,8 @@
 """The report phase of docs/studies.md section 14: the scale-invariant weak SIGReg
 (``weak_sigreg(..., scale_invariant=True)``) against no regularizer and the paper's weak form
 at each fixed alpha, on the report seeds 3-7 (the form and its alpha 0.1 were chosen on seed 0),
-in the settings the section names: the deep MLPs at depths 10 and 20 with default and He init,
-the 5000-image ViT at lr 1e-3, 1e-2 and 3e-2, the byte-level LM at lr 1e-3 and 3e-2.
+in the settings the issue named: the deep MLPs at depths 10 and 20 with default and He init,
+the 5000-image ViT at lr 1e-3, 1e-2 (not run) and 3e-2, the byte-level LM at lr 1e-3 and 3e-2.
 
 ``--collect`` builds one raw file from what ran: every run folder under the given roots (a
 ``summary.json`` whose config says what ran: its model, depth, init, lr, alpha, and whether
@@ -12,9 +12,9 @@ initialisation control's none / weak 0.1 MLP runs, section 12's ViT runs), each 
 provenance and naming its source. ``--tables`` prints, per setting, mean ± std over seeds for
 every arm; every arm minus the baseline, paired over seeds; and the scale-invariant arm minus
 the best fixed alpha of the paper's form there (best by its mean on these seeds, which favours
-the fixed grid).
+the fixed grid; ties go to the smallest alpha).
 
-    PYTHONPATH=src python experiments/scale_invariant.py --collect runs/si-report \\
+    PYTHONPATH=src python experiments/scale_invariant.py --collect runs/si \\
         --reuse experiments/mlp-init-cpu.jsonl experiments/vit-5k-heldout-cpu.jsonl \\
         --out experiments/scale-invariant-report-cpu.jsonl
     PYTHONPATH=src python experiments/scale_invariant.py --tables \\
@@ -48,8 +48,12 @@ def arm_name(sigreg: str, alpha: float | None, scale_invariant: bool,
 
 
 def from_run(summary: dict[str, Any], run_dir: Path, form: str) -> dict[str, Any] | None:
-    """A trainer run folder's row, or None for a model outside the report."""
-    c = summary["config"]
+    """A trainer run folder's row, or None for a run outside the report (another model, or a
+    summary.json that is not a trainer run's)."""
+    c = summary.get("config")
+    if not isinstance(c, dict) or not isinstance(c.get("alpha"), (int, float)) \
+            or "final_test_acc" not in summary:
+        return None
     if c["model"] == "mlp":
         setting = f"mlp d{c['model_args']['depth']} {c['model_args'].get('init', 'default')}"
     elif (c.get("preset") or "").startswith("fmnist-vit-5k"):
@@ -57,7 +61,7 @@ def from_run(summary: dict[str, Any], run_dir: Path, form: str) -> dict[str, Any
     else:
         return None
     return {"setting": setting,
-            "arm": arm_name(c["sigreg"], c["alpha"], c["scale_invariant"], form),
+            "arm": arm_name(c["sigreg"], c["alpha"], c.get("scale_invariant", False), form),
             "seed": c["seed"], "metric": "test accuracy (%)",
             "value": 100 * summary["final_test_acc"], "source": str(run_dir),
             "provenance": run_provenance(run_dir)}
@@ -65,6 +69,9 @@ def from_run(summary: dict[str, Any], run_dir: Path, form: str) -> dict[str, Any
 
 def from_char_lm(row: dict[str, Any], path: Path, form: str) -> dict[str, Any]:
     variant, _, scaled = row["arm"].partition("-")
+    if "alpha" not in row:
+        raise ValueError(f"{path}: a row without its alpha (written before char_lm.py recorded "
+                         "it); rerun it or leave that folder out")
     return {"setting": f"lm lr {row['lr']:g}",
             "arm": arm_name(variant, row["alpha"], bool(scaled), form),
             "seed": row["seed"], "metric": "validation bits per byte",
@@ -99,11 +106,14 @@ def collect(roots: list[Path], reuse: list[Path], form: str = SCALE_INVARIANT) -
     for path in reuse:
         rows += [from_committed(r, path) for r in read_jsonl(path)]
     rows = [r for r in rows if r and r["setting"] in SETTINGS and r["seed"] in REPORT_SEEDS]
+    if not rows:
+        raise ValueError("nothing to collect: no finished run of the report's settings and "
+                         f"seeds {REPORT_SEEDS} under the given folders")
     seen: dict[tuple, str] = {}
     for r in rows:  # one value per (setting, arm, seed): a second would be a rerun to choose from
         key = (r["setting"], r["arm"], r["seed"])
         if key in seen:
-            raise SystemExit(f"{key} twice: {seen[key]} and {r['source']}")
+            raise ValueError(f"{key} twice: {seen[key]} and {r['source']}")
         seen[key] = r["source"]
     return sorted(rows, key=lambda r: (SETTINGS.index(r["setting"]), r["arm"], r["seed"]))
 
@@ -115,7 +125,8 @@ def _alpha(arm: str) -> float:
 def _best_fixed(rows: list[dict[str, Any]], setting: str, lower_better: bool) -> str | None:
     """The paper's weak form at the alpha with the best mean in ``setting`` (these seeds)."""
     means = {}
-    for arm in {r["arm"] for r in rows if r["setting"] == setting and r["arm"].startswith("weak ")}:
+    arms = {r["arm"] for r in rows if r["setting"] == setting and r["arm"].startswith("weak ")}
+    for arm in sorted(arms, key=_alpha):  # max / min keep the first: ties go to the smallest
         values = [r["value"] for r in rows if r["setting"] == setting and r["arm"] == arm]
         means[arm] = sum(values) / len(values)
     return (min if lower_better else max)(means, key=means.get, default=None)
@@ -206,39 +217,57 @@ def tables(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--collect", nargs="+", type=Path, metavar="ROOT",
-                        help="folders holding the report's run folders and char_lm results")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--collect", nargs="+", type=Path, metavar="ROOT",
+                      help="folders holding the report's run folders and char_lm results")
     parser.add_argument("--reuse", nargs="*", type=Path, default=[], metavar="RAW",
                         help="committed raw files whose report-seed rows the report reuses")
     parser.add_argument("--out", type=Path, help="the raw file to write (with --collect)")
     parser.add_argument("--form", default=SCALE_INVARIANT,
                         help="with --collect: the scale-invariant arm's name (another form of "
                              "it than today's: e.g. scale-invariant-r for r at every scale)")
-    parser.add_argument("--tables", type=Path, metavar="RAW", help="print a raw file's tables")
+    mode.add_argument("--tables", type=Path, metavar="RAW", help="print a raw file's tables")
     parser.add_argument("--figure", type=Path, help="with --tables: also draw the paired "
                                                     "differences here (a .png)")
     args = parser.parse_args(argv)
     if args.collect:
         if args.out is None:
             parser.error("--collect needs --out")
+        if args.figure:
+            parser.error("--figure goes with --tables")
+        if not args.out.parent.is_dir():
+            parser.error(f"--out: no folder {args.out.parent}")
         missing = [p for p in [*args.collect, *args.reuse] if not p.exists()]
         if missing:
             parser.error(f"not found: {', '.join(map(str, missing))}")
         if not args.form.startswith(SCALE_INVARIANT) or " " in args.form:
             parser.error(f"--form must start with {SCALE_INVARIANT!r} and hold no space, "
                          f"got {args.form!r}")
-        rows = collect(args.collect, args.reuse, args.form)
+        try:
+            rows = collect(args.collect, args.reuse, args.form)
+        except ValueError as err:  # nothing is written
+            parser.error(str(err))
         write_jsonl(args.out, rows)
         print(tables(rows))
-    elif args.tables:
+    else:
+        if args.out or args.reuse or args.form != SCALE_INVARIANT:
+            parser.error("--out, --reuse and --form go with --collect")
         if args.figure and args.figure.suffix != ".png":
             parser.error(f"--figure must name a .png file, got {args.figure}")
-        rows = read_jsonl(args.tables)
+        if args.figure and not args.figure.parent.is_dir():
+            parser.error(f"--figure: no folder {args.figure.parent}")
+        if not args.tables.is_file():
+            parser.error(f"--tables: no file {args.tables}")
+        try:
+            rows = read_jsonl(args.tables)
+        except json.JSONDecodeError as err:
+            parser.error(f"--tables: {args.tables} is not a JSON-lines file ({err})")
+        if not rows or any({"setting", "arm", "seed", "metric", "value"} - set(r) for r in rows):
+            parser.error(f"--tables: {args.tables} is not a raw file of this report (rows need "
+                         "setting, arm, seed, metric, value)")
         print(tables(rows))
         if args.figure:
             figure(rows, args.figure)
-    else:
-        parser.error("give --collect ROOT ... --out FILE, or --tables FILE")
     return 0
 
 

@@ -57,6 +57,17 @@ def test_scale_invariant_arm_on_held_out_seeds(corpus: Path, tmp_path: Path, one
     assert "| lr | weak | weak-scale-invariant |" in (out / "char_lm.md").read_text()
 
 
+def test_a_folder_of_runs_with_other_settings_is_refused(corpus: Path, tmp_path: Path, capsys,
+                                                         one_thread):
+    out = tmp_path / "lm"
+    assert char_lm.main(["--out", str(out), "--corpus", str(corpus), *TINY, "--arms", "weak"]) == 0
+    before = (out / "results.jsonl").read_text()
+    argv = ["--out", str(out), "--corpus", str(corpus), *TINY, "--arms", "weak", "--alpha", "0.3"]
+    assert char_lm.main(argv) == 2
+    assert "holds runs with {'alpha': 0.01}" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == before
+
+
 def test_missing_corpus_is_a_clean_error(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exc:
         char_lm.main(["--out", str(tmp_path / "lm"), "--corpus", str(tmp_path / "nowhere")])

@@ -134,8 +134,17 @@ def test_scale_invariant_collects_what_ran(tmp_path, capsys):
     assert "| mlp d10 he | 81.00 ± 1.41 (n=2) | 81.00 (n=1) | 79.50 ± 0.71 (n=2) |" in text
     assert "| lm lr 0.03 | 3.700 (n=1) | 3.400 (n=1) |" in text
     run("again", 3, 0.7, sigreg="none")
-    with pytest.raises(SystemExit, match="twice"):
+    out.unlink()
+    with pytest.raises(SystemExit) as exc:
         scale_invariant.main(argv)
+    assert exc.value.code == 2 and "twice" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        scale_invariant.main(["--collect", str(empty), "--out", str(out)])
+    assert exc.value.code == 2 and "nothing to collect" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_scale_invariant_refuses_a_bad_form_or_figure(tmp_path, capsys):
@@ -144,7 +153,9 @@ def test_scale_invariant_refuses_a_bad_form_or_figure(tmp_path, capsys):
     for argv, words in ((["--collect", str(tmp_path), "--out", str(tmp_path / "r.jsonl"),
                           "--form", "mine"], "--form must start with 'scale-invariant'"),
                         (["--tables", raw("scale-invariant-report-cpu.jsonl"), "--figure",
-                          str(tmp_path / "f.pdf")], "--figure must name a .png file")):
+                          str(tmp_path / "f.pdf")], "--figure must name a .png file"),
+                        (["--tables", raw("char-lm-cpu.jsonl")], "is not a raw file of this report"),
+                        (["--tables", str(tmp_path / "none.jsonl")], "--tables: no file")):
         with pytest.raises(SystemExit) as exc:
             scale_invariant.main(argv)
         assert exc.value.code == 2 and words in capsys.readouterr().err

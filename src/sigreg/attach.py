@@ -713,7 +713,8 @@ def attach(
         variant_kwargs: strong: ``t_max`` (half-width of [-t_max, t_max], default 3) and
             ``num_points`` (trapezoid nodes on [0, t_max] only, default 17; the paper's
             code's 17 points on [-5, 5] are ``t_max=5, num_points=9``); vicreg: ``gamma``,
-            ``var_weight``, ``cov_weight``, ``eps``.
+            ``var_weight``, ``cov_weight``, ``eps``; weak: ``scale_invariant`` (see
+            :func:`sigreg.weak_sigreg`).
 
     Returns:
         SIGRegHandle: ``handle.loss()``, ``handle.combine(task)``,

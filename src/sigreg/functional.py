@@ -97,8 +97,13 @@ def weak_sigreg(
             scaled. Not in the paper (see the note below).
 
     Returns:
-        Float32 tensor of shape (*): a scalar for (N, C) input. Covariance is unbiased
-        (divides by N - 1).
+        Tensor of shape (*), float32 (float64 for float64 input): a scalar for (N, C) input.
+        Covariance is unbiased (divides by N - 1).
+
+    Raises:
+        ValueError: z not (N, C) or (*, N, C), fewer than 2 samples (on one process), or a
+            sketch whose shape does not fit z.
+        TypeError: scale_invariant not a bool.
 
     Reference: Weak-SIGReg, arXiv 2603.05924, eq. L = L_CE + lambda ||Cov(ZS) - I||_F.
     The definition, in a few lines: :func:`sigreg.reference.weak_sigreg_reference`.

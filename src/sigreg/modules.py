@@ -184,6 +184,9 @@ class WeakSIGReg(_ProjectedSIGReg):
             raise TypeError(f"scale_invariant must be True or False, got {scale_invariant!r}")
         self.scale_invariant = scale_invariant
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", scale_invariant=True" if self.scale_invariant else "")
+
     def draw(self, in_features, generator, device, batch=()):
         k = self.sketch_dim
         if k is None or k >= in_features:
