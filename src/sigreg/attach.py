@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_has_values, check_int
+from ._checks import check_choice, check_flag, check_has_values, check_int
 from ._projections import LayerProjections
 from ._renamed import renamed_keywords
 from .capture import (
@@ -751,8 +751,7 @@ def attach(
     if alpha is None and lam is None:
         alpha = 0.1
     _check_weights(alpha, lam)
-    if not isinstance(keep_features, bool):
-        raise TypeError(f"keep_features must be True or False, got {keep_features!r}")
+    check_flag(keep_features, "keep_features")
     check_int(seed, "seed", minimum=-(2**63))
     check_int(accumulate, "accumulate")
     if not isinstance(compile, (bool, dict)):

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from . import reference  # the definition's pieces: read from there, written once
-from ._checks import check_has_values, check_int, check_number, check_positive
+from ._checks import check_flag, check_has_values, check_int, check_number, check_positive
 from ._renamed import renamed_keywords
 from .distributed import (
     all_reduce_sum,
@@ -136,8 +136,7 @@ def weak_sigreg(
     _check_features(z, min_rows=0 if distributed else 2)
     if sketch is not None:
         _check_projection(sketch, z, "sketch")
-    if not isinstance(scale_invariant, bool):
-        raise TypeError(f"scale_invariant must be True or False, got {scale_invariant!r}")
+    check_flag(scale_invariant, "scale_invariant")
     with torch.autocast(device_type=z.device.type, enabled=False):
         y = _project(z, sketch)
         if scale_invariant:

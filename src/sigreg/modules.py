@@ -37,6 +37,7 @@ from torch import nn
 
 from ._checks import (
     check_choice,
+    check_flag,
     check_has_values,
     check_int,
     check_optional_bool,
@@ -180,8 +181,7 @@ class WeakSIGReg(_ProjectedSIGReg):
         scale_invariant: bool = False,
     ) -> None:
         super().__init__(sketch_dim, sketch_policy, seed, distributed)
-        if not isinstance(scale_invariant, bool):
-            raise TypeError(f"scale_invariant must be True or False, got {scale_invariant!r}")
+        check_flag(scale_invariant, "scale_invariant")
         self.scale_invariant = scale_invariant
 
     def extra_repr(self) -> str:
