@@ -232,7 +232,7 @@ def run_arms(tag: str, lr: float, seed: int, epochs: int, deadline: float,
         logs[arm] = base / f"{arm}.log"
         with logs[arm].open("w") as log:
             procs[arm] = subprocess.Popen(commands[arm], stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=ROOT)
+                                          cwd=ROOT, preexec_fn=interruptible)  # noqa: PLW1509 (no threads here)
     ends: dict[str, list[float]] = {arm: [] for arm in ARMS}  # s since launch, per epoch row
     gpu: list[list[float]] = []  # [s, utilisation %, memory MiB]: did four fill the device?
     while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
@@ -258,6 +258,13 @@ def run_arms(tag: str, lr: float, seed: int, epochs: int, deadline: float,
              "exit_status": procs[arm].returncode, "ends": ends[arm], "wall_s": round(wall, 1),
              "command": "PYTHONPATH=src " + shlex.join(commands[arm]), "settings": settings,
              "gpu_samples": gpu} for arm in ARMS]
+
+
+def interruptible() -> None:
+    """In a child before it starts: SIGINT back to its default. A shell runs a command started
+    with ``&`` with SIGINT ignored, and a Python started with it ignored never raises
+    KeyboardInterrupt, so the SIGINT that cuts a run at the deadline would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def train_command(arm: str, run: Path, settings: list[str]) -> list[str]:

@@ -45,7 +45,8 @@ from torch import nn
 import sigreg
 from sigreg.train.provenance import provenance
 
-ARMS = ("none", "weak", "strong")
+# "weak-scale-invariant": weak with scale_invariant=True (docs/studies.md, section 14).
+ARMS = ("none", "weak", "strong", "weak-scale-invariant")
 LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 CORPUS = Path("/usr/share/games/fortunes")
 UNIFORM_BITS = 8.0  # a uniform guess over 256 byte values
@@ -113,8 +114,10 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
     record = provenance("cpu")  # taken at the start, like a run directory's
     torch.manual_seed(seed)
     model = CharTransformer(args.dim, args.depth, args.heads, args.context)
+    variant, _, form = arm.partition("-")
     handle = None if arm == "none" else sigreg.attach(
-        model, "blocks.*", arm, args.sketch_dim, pool="flatten", alpha=args.alpha, seed=seed)
+        model, "blocks.*", variant, args.sketch_dim, pool="flatten", alpha=args.alpha, seed=seed,
+        **({"scale_invariant": True} if form else {}))
     alphas = []  # alpha="auto": the weight of every step
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -140,7 +143,8 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
     if handle is not None:
         handle.remove()
     final = UNIFORM_BITS if diverged_at else curve[-1][1]
-    return {"arm": arm, "lr": lr, "seed": seed, "final_val_bits": final,
+    return {"arm": arm, "lr": lr, "seed": seed, "alpha": None if handle is None else args.alpha,
+            "sketch_dim": args.sketch_dim, "steps": args.steps, "final_val_bits": final,
             "best_val_bits": min([b for _, b in curve], default=UNIFORM_BITS),
             "diverged_at": diverged_at, "val_curve": curve,
             "train_bits_last100": statistics.fmean(train_loss[-100:]) if train_loss else None,
@@ -178,13 +182,15 @@ def plot(results: list[dict[str, Any]], lrs: list[float], arms: list[str], path:
 
     fig, axes = plt.subplots(1, len(lrs), figsize=(3.2 * len(lrs), 3.2), sharey=True,
                              squeeze=False)
-    colors = dict(zip(ARMS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
+    colors = dict(zip(ARMS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+    labelled = set()
     for ax, lr in zip(axes[0], lrs, strict=True):
         for r in results:
             if r["lr"] == lr and r["arm"] in arms and r["val_curve"]:
                 steps, bits = zip(*r["val_curve"], strict=True)
                 ax.plot(steps, bits, color=colors[r["arm"]], alpha=0.8,
-                        label=r["arm"] if r["seed"] == 0 else None)
+                        label=None if r["arm"] in labelled else r["arm"])
+                labelled.add(r["arm"])
         ax.set_title(f"lr {lr:g}", fontsize=9)
         ax.set_xlabel("step")
     lowest = min((b for r in results for _, b in r["val_curve"]), default=0.0)
@@ -205,10 +211,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/char-lm"))
     p.add_argument("--corpus", type=Path, default=CORPUS, help="directory of fortune files")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=list(ARMS[:3]), choices=ARMS)
     p.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
-    p.add_argument("--seeds", type=int, default=2, help="seeds F..F+N-1, F = --first-seed")
-    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=2, help="how many seeds: --first-seed onwards")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="held-out seeds for a setting chosen on seeds 0-2: --first-seed 3")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=10)
@@ -232,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.first_seed < 0:
-        p.error("--first-seed must be >= 0")
+        p.error("--first-seed must be at least 0")
     if (args.alpha != "auto" and not 0 < args.alpha < 1) or \
             any(not 0 < lr < math.inf for lr in args.lrs):
         p.error("--alpha must lie in (0, 1) and every --lrs value be > 0")
@@ -246,13 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables:
         print(markdown(read_jsonl(args.tables), args.lrs, args.arms, args.baseline))
         return 0
+    results_path = args.out / "results.jsonl"
+    results = [json.loads(line) for line in results_path.read_text().splitlines()
+               if line.strip()] if results_path.exists() else []
+    # A finished run is known by (arm, lr, seed): rows trained with other settings in the same
+    # folder would be taken for this call's runs and averaged with them.
+    for r in results:
+        ran = {"sketch_dim": args.sketch_dim, "steps": args.steps,
+               "alpha": None if r["arm"] == "none" else args.alpha}
+        other = {k: r[k] for k in ran if k in r and r[k] != ran[k]}
+        if other:
+            print(f"char_lm.py: error: {results_path} holds runs with {other}, not this call's "
+                  f"settings; give another --out", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     train, val = load_corpus(args.corpus)
     print(f"corpus: {train.numel()} training bytes, {val.numel()} validation bytes", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "results.jsonl"
-    results = [json.loads(line) for line in results_path.read_text().splitlines()
-               if line.strip()] if results_path.exists() else []
     done = {(r["arm"], r["lr"], r["seed"]) for r in results}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     runs = [(a, lr, s) for s in seeds for lr in args.lrs for a in args.arms]

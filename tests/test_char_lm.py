@@ -46,6 +46,28 @@ def test_trains_every_arm_and_a_rerun_skips_them(corpus: Path, tmp_path: Path, o
     assert (out / "results.jsonl").read_text().splitlines() == lines
 
 
+def test_scale_invariant_arm_on_held_out_seeds(corpus: Path, tmp_path: Path, one_thread):
+    out = tmp_path / "lm"
+    argv = ["--out", str(out), "--corpus", str(corpus), *TINY, "--first-seed", "3",
+            "--arms", "weak", "weak-scale-invariant"]
+    assert char_lm.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["seed"]) for r in rows] == [("weak", 3), ("weak-scale-invariant", 3)]
+    assert rows[0]["final_val_bits"] != rows[1]["final_val_bits"]  # another loss trained it
+    assert "| lr | weak | weak-scale-invariant |" in (out / "char_lm.md").read_text()
+
+
+def test_a_folder_of_runs_with_other_settings_is_refused(corpus: Path, tmp_path: Path, capsys,
+                                                         one_thread):
+    out = tmp_path / "lm"
+    assert char_lm.main(["--out", str(out), "--corpus", str(corpus), *TINY, "--arms", "weak"]) == 0
+    before = (out / "results.jsonl").read_text()
+    argv = ["--out", str(out), "--corpus", str(corpus), *TINY, "--arms", "weak", "--alpha", "0.3"]
+    assert char_lm.main(argv) == 2
+    assert "holds runs with {'alpha': 0.01}" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == before
+
+
 def test_missing_corpus_is_a_clean_error(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exc:
         char_lm.main(["--out", str(tmp_path / "lm"), "--corpus", str(tmp_path / "nowhere")])

@@ -1,6 +1,7 @@
 """Two gloo processes, each with half a batch, equal one process with all of it."""
 
 import contextlib
+import datetime
 import os
 import warnings
 
@@ -46,27 +47,54 @@ def counting_all_reduces(calls):
         dist.all_reduce = original
 
 
-def worker(rank, world, rendezvous, results):
+def worker(rank, world, results):
+    x, y = make_batch()
+    half = slice(rank * 16, (rank + 1) * 16)
+    # Functional losses: the global value from each rank's half.
+    z = x @ torch.linspace(-1, 1, 10 * 6).reshape(10, 6)
+    weak = sigreg.weak_sigreg(z[half]).item()
+    strong = sigreg.strong_sigreg(z[half], sigreg.draw_directions(6, 5, sigreg.seeded_generator(0))).item()
+    local = sigreg.weak_sigreg(z[half], distributed=False).item()
+    stacked = stacked_losses(z[half])
+    invariant = sigreg.weak_sigreg(torch.stack([z[half], 50 * z[half] + 9]),
+                                   scale_invariant=True).tolist()
+    model = make_model()
+    handle = sigreg.attach(model, nn.Linear, sketch_dim=8, scale_invariant=True)
+    _, grads = step(nn.parallel.DistributedDataParallel(model), handle, x[half], y[half])
+    results[rank, "scale_invariant"] = (invariant, grads)
+    # A regularized training step under DDP, for each variant.
+    for variant in VARIANTS:
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        handle = sigreg.attach(model, nn.Linear, variant=variant, sketch_dim=8)
+        collectives = []
+        loss, grads = step(ddp, handle, x[half], y[half], collectives)
+        results[rank, variant] = (weak, strong, local, loss.item(), grads,
+                                  handle.layer_losses(), stacked, len(collectives))
+
+
+VARIANTS = ("weak", "strong", "vicreg")
+
+
+def on_two_ranks(worker, rendezvous, timeout=None):
+    """``worker(rank, 2, results)`` in 2 spawned processes, each in a gloo group: their
+    results (``timeout``: the group's, a timedelta; None: torch's default)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(in_group, args=(worker, 2, str(rendezvous), results, timeout),
+                           nprocs=2, start_method="spawn")
+        return dict(results)
+
+
+def in_group(rank, worker, world, rendezvous, results, timeout):
+    """One spawned rank: joins the gloo group, runs the worker, leaves."""
     # A file rendezvous: no port to pick, so no race with other processes for one.
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    options = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, **options)
     try:
-        x, y = make_batch()
-        half = slice(rank * 16, (rank + 1) * 16)
-        # Functional losses: the global value from each rank's half.
-        z = x @ torch.linspace(-1, 1, 10 * 6).reshape(10, 6)
-        weak = sigreg.weak_sigreg(z[half]).item()
-        strong = sigreg.strong_sigreg(z[half], sigreg.draw_directions(6, 5, sigreg.seeded_generator(0))).item()
-        local = sigreg.weak_sigreg(z[half], distributed=False).item()
-        stacked = stacked_losses(z[half])
-        # A regularized training step under DDP, for each variant.
-        for variant in VARIANTS:
-            model = make_model()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            handle = sigreg.attach(model, nn.Linear, variant=variant, sketch_dim=8)
-            collectives = []
-            loss, grads = step(ddp, handle, x[half], y[half], collectives)
-            results[rank, variant] = (weak, strong, local, loss.item(), grads,
-                                      handle.layer_losses(), stacked, len(collectives))
+        worker(rank, world, results)
     finally:
         dist.destroy_process_group()
     # Leave without interpreter shutdown once the results are stored: under torch 2.13 a DDP
@@ -75,19 +103,6 @@ def worker(rank, world, rendezvous, results):
     # interpreter finalizes aborts the process ("terminate called without an active
     # exception"; see sigreg/train/runtime.py). A failure above still raises normally.
     os._exit(0)
-
-
-VARIANTS = ("weak", "strong", "vicreg")
-
-
-def on_two_ranks(worker, rendezvous):
-    """``worker(rank, 2, rendezvous, results)`` in 2 spawned processes: their results."""
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(worker, args=(2, str(rendezvous), results), nprocs=2,
-                           start_method="spawn")
-        return dict(results)
 
 
 def stacked_losses(z):
@@ -137,6 +152,21 @@ def test_two_ranks_equal_one_process(variant, ddp_results):
     assert (results[0][3] + results[1][3]) / 2 == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_scale_invariant_weak_on_two_ranks_equals_one_process(ddp_results):
+    """The root mean square it divides by is the global batch's, as the covariance is."""
+    x, y = make_batch()
+    z = x @ torch.linspace(-1, 1, 10 * 6).reshape(10, 6)
+    want = sigreg.weak_sigreg(torch.stack([z, 50 * z + 9]), scale_invariant=True).tolist()
+    model = make_model()
+    _, grads = step(model, sigreg.attach(model, nn.Linear, sketch_dim=8, scale_invariant=True),
+                    x, y)
+    for rank in (0, 1):
+        invariant, r_grads = ddp_results[rank, "scale_invariant"]
+        assert invariant == pytest.approx(want, rel=1e-5)
+        for g_ddp, g_one in zip(r_grads, grads):
+            torch.testing.assert_close(g_ddp, g_one, rtol=1e-4, atol=1e-6)
+
+
 # ---- layers that run on some ranks only (LayerDrop, experts without tokens) ---------------
 
 class Conditional(nn.Module):
@@ -172,25 +202,20 @@ def conditional_batch(rank, scenario):
     return torch.randn(32, 8, generator=torch.Generator().manual_seed(5))[rank * 16:][:rows]
 
 
-def conditional_worker(rank, world, rendezvous, results):
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        for variant in VARIANTS:
-            for scenario, skips in SCENARIOS.items():
-                model = Conditional()
-                handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4,
-                                       sketch_policy="fixed")
-                model(conditional_batch(rank, scenario), skips[rank])
-                collectives = []
-                with counting_all_reduces(collectives), warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    loss = handle.loss()
-                results[rank, variant, scenario] = (
-                    loss.item(), handle.layer_losses(), len(collectives),
-                    [str(w.message) for w in caught])
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # see worker()
+def conditional_worker(rank, world, results):
+    for variant in VARIANTS:
+        for scenario, skips in SCENARIOS.items():
+            model = Conditional()
+            handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4,
+                                   sketch_policy="fixed")
+            model(conditional_batch(rank, scenario), skips[rank])
+            collectives = []
+            with counting_all_reduces(collectives), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loss = handle.loss()
+            results[rank, variant, scenario] = (
+                loss.item(), handle.layer_losses(), len(collectives),
+                [str(w.message) for w in caught])
 
 
 @pytest.fixture(scope="module")
@@ -240,26 +265,21 @@ def sharded_model() -> nn.Module:
                          nn.Linear(8, 4))
 
 
-def fsdp_worker(rank, world, rendezvous, results):
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def fsdp_worker(rank, world, results):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
-        for variant in VARIANTS:
-            model = sharded_model()
-            handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch_policy="fixed")
-            for block in list(model)[:3]:  # each block its own unit, then the root
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            x = conditional_batch(rank, "each-skips-another")
-            handle.combine(model(x).square().mean()).backward()
-            results[rank, variant] = (handle.layer_losses(),
-                                      [p.grad.full_tensor() for p in model.parameters()])
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # see worker()
+    mesh = init_device_mesh("cpu", (world,))
+    for variant in VARIANTS:
+        model = sharded_model()
+        handle = sigreg.attach(model, "*.0", variant, sketch_dim=4, sketch_policy="fixed")
+        for block in list(model)[:3]:  # each block its own unit, then the root
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x = conditional_batch(rank, "each-skips-another")
+        handle.combine(model(x).square().mean()).backward()
+        results[rank, variant] = (handle.layer_losses(),
+                                  [p.grad.full_tensor() for p in model.parameters()])
 
 
 def test_fsdp2_sharded_model_equals_one_process(tmp_path):
@@ -284,56 +304,49 @@ BACKWARD_SCENARIOS = ("each-skips-another", "stacks-of-different-sizes")
 MODES = ("plain", "ddp", "ddp-no-sync", "fsdp2")
 
 
-def backward_worker(rank, world, rendezvous, results):
+def backward_worker(rank, world, results):
     """A combined loss's backward on each rank, the layers skipped differing by rank: plain
     (the gradients averaged here), DDP(find_unused_parameters=True), DDP with a first
     micro-batch under no_sync(), FSDP2 (fully_shard on the root). Every rank must run the
     same collectives in backward, or gloo waits for a peer that never comes."""
-    import datetime
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,))
-        for variant in VARIANTS:
-            for scenario in BACKWARD_SCENARIOS:
-                for mode in MODES:
-                    model = Conditional()
-                    handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4,
-                                           sketch_policy="fixed")
-                    net = model
-                    if mode.startswith("ddp"):
-                        net = nn.parallel.DistributedDataParallel(model,
-                                                                  find_unused_parameters=True)
-                    elif mode == "fsdp2":
-                        fully_shard(model, mesh=mesh)
-                    x, skip = conditional_batch(rank, scenario), SCENARIOS[scenario][rank]
-                    micro = [(x[:8], skip), (x[8:], ())] if mode == "ddp-no-sync" else [(x, skip)]
-                    for i, (xs, skips) in enumerate(micro):
-                        sync = net.no_sync() if i < len(micro) - 1 else contextlib.nullcontext()
-                        with sync:
-                            out = net(xs, skips, touch_skipped=mode == "fsdp2")
-                            handle.combine(out.square().mean()).backward()
-                    grads = []
-                    for p in model.parameters():
-                        g = p.grad.full_tensor() if mode == "fsdp2" else p.grad
-                        g = torch.zeros_like(p) if g is None else g.clone()
-                        if mode == "plain":  # what DDP does: the mean over ranks
-                            dist.all_reduce(g)
-                            g /= world
-                        grads.append(g.tolist())
-                    results[rank, variant, scenario, mode] = grads
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # see worker()
+    mesh = init_device_mesh("cpu", (world,))
+    for variant in VARIANTS:
+        for scenario in BACKWARD_SCENARIOS:
+            for mode in MODES:
+                model = Conditional()
+                handle = sigreg.attach(model, "layers.*", variant, sketch_dim=4,
+                                       sketch_policy="fixed")
+                net = model
+                if mode.startswith("ddp"):
+                    net = nn.parallel.DistributedDataParallel(model,
+                                                              find_unused_parameters=True)
+                elif mode == "fsdp2":
+                    fully_shard(model, mesh=mesh)
+                x, skip = conditional_batch(rank, scenario), SCENARIOS[scenario][rank]
+                micro = [(x[:8], skip), (x[8:], ())] if mode == "ddp-no-sync" else [(x, skip)]
+                for i, (xs, skips) in enumerate(micro):
+                    sync = net.no_sync() if i < len(micro) - 1 else contextlib.nullcontext()
+                    with sync:
+                        out = net(xs, skips, touch_skipped=mode == "fsdp2")
+                        handle.combine(out.square().mean()).backward()
+                grads = []
+                for p in model.parameters():
+                    g = p.grad.full_tensor() if mode == "fsdp2" else p.grad
+                    g = torch.zeros_like(p) if g is None else g.clone()
+                    if mode == "plain":  # what DDP does: the mean over ranks
+                        dist.all_reduce(g)
+                        g /= world
+                    grads.append(g.tolist())
+                results[rank, variant, scenario, mode] = grads
 
 
 @pytest.fixture(scope="module")
 def backward_results(tmp_path_factory):
-    return on_two_ranks(backward_worker, tmp_path_factory.mktemp("backward") / "rendezvous")
+    return on_two_ranks(backward_worker, tmp_path_factory.mktemp("backward") / "rendezvous",
+                        timeout=datetime.timedelta(seconds=60))
 
 
 def one_process_gradients(variant, scenario, mode):

@@ -59,6 +59,11 @@ def test_the_docs_build_strictly(tmp_path):
             "api/sketch", "api/integrations"} <= pages
     losses = (site / "api" / "losses" / "index.html").read_text()
     assert "weak_sigreg" in losses and "Examples" in losses  # rendered from the docstrings
+    # Sphinx roles of the docstrings read as code (docs/griffe_roles.py), not literally.
+    for page in ("attach", "losses", "sketch", "integrations"):
+        html = (site / "api" / page / "index.html").read_text()
+        assert not re.search(r":(func|class|meth|attr|mod):", html), page
+    assert "<code>sigreg.attach</code>" in (site / "api" / "attach" / "index.html").read_text()
     # The pages that include other files hold them.
     assert "Benchmark results" in (site / "benchmarks" / "index.html").read_text()
     assert "0.2.0" in (site / "changelog" / "index.html").read_text()

@@ -90,3 +90,91 @@ def test_a_cell_of_one_value_has_no_spread():
     assert cell([56.0, 58.0]) == "57.00 ± 1.41 (n=2)"
     assert cell([56.0]) == "56.00 (n=1)" and cell([56.0], count=False) == "56.00"
     assert cell([]) == "-"
+
+
+def test_scale_invariant_collects_what_ran(tmp_path, capsys):
+    """--collect labels each run from its own config (not its folder's name), keeps the report
+    seeds, takes char_lm rows and committed rows, and refuses a second value for a cell."""
+    import json
+
+    import scale_invariant
+
+    def run(name, seed, acc, **config):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        base = {"model": "mlp", "model_args": {"depth": 10, "width": 256, "init": "he"},
+                "preset": "fmnist-mlp-d10-weak", "lr": 0.1, "sigreg": "weak", "alpha": 0.1,
+                "scale_invariant": False, "seed": seed}
+        (d / "summary.json").write_text(json.dumps(
+            {"final_test_acc": acc, "config": {**base, **config}}))
+
+    for seed, (none, ours) in zip((3, 4, 2), ((0.80, 0.79), (0.82, 0.80), (0.5, 0.5))):
+        run(f"a-{seed}", seed, none, sigreg="none")
+        run(f"misnamed-none-{seed}", seed, ours, scale_invariant=True)
+    lm = tmp_path / "runs" / "lm"
+    lm.mkdir()
+    (lm / "results.jsonl").write_text("".join(json.dumps(
+        {"arm": arm, "lr": 0.03, "seed": 3, "alpha": alpha, "final_val_bits": bits,
+         "provenance": []}) + "\n" for arm, alpha, bits in
+        (("none", None, 3.7), ("weak-scale-invariant", 0.01, 3.4))))
+    committed = tmp_path / "init.jsonl"
+    committed.write_text(json.dumps({"depth": 10, "init": "he", "arm": "weak", "seed": 3,
+                                     "state": "finished", "final_test_acc": 0.81,
+                                     "provenance": []}) + "\n")
+    out = tmp_path / "raw.jsonl"
+    argv = ["--collect", str(tmp_path / "runs"), "--reuse", str(committed), "--out", str(out)]
+    assert scale_invariant.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["setting"], r["arm"], r["seed"]) for r in rows} == {
+        ("mlp d10 he", "none", 3), ("mlp d10 he", "none", 4),
+        ("mlp d10 he", "scale-invariant 0.1", 3), ("mlp d10 he", "scale-invariant 0.1", 4),
+        ("mlp d10 he", "weak 0.1", 3), ("lm lr 0.03", "none", 3),
+        ("lm lr 0.03", "scale-invariant 0.01", 3)}  # seed 2 chose the design: left out
+    text = capsys.readouterr().out
+    assert "| mlp d10 he | 81.00 ± 1.41 (n=2) | 81.00 (n=1) | 79.50 ± 0.71 (n=2) |" in text
+    assert "| lm lr 0.03 | 3.700 (n=1) | 3.400 (n=1) |" in text
+    run("again", 3, 0.7, sigreg="none")
+    out.unlink()
+    with pytest.raises(SystemExit) as exc:
+        scale_invariant.main(argv)
+    assert exc.value.code == 2 and "twice" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        scale_invariant.main(["--collect", str(empty), "--out", str(out)])
+    assert exc.value.code == 2 and "nothing to collect" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_scale_invariant_refuses_a_bad_form_or_figure(tmp_path, capsys):
+    import scale_invariant
+
+    for argv, words in ((["--collect", str(tmp_path), "--out", str(tmp_path / "r.jsonl"),
+                          "--form", "mine"], "--form must start with 'scale-invariant'"),
+                        (["--tables", raw("scale-invariant-report-cpu.jsonl"), "--figure",
+                          str(tmp_path / "f.pdf")], "--figure must name a .png file"),
+                        (["--tables", raw("char-lm-cpu.jsonl")], "is not a raw file of this report"),
+                        (["--tables", str(tmp_path / "none.jsonl")], "--tables: no file")):
+        with pytest.raises(SystemExit) as exc:
+            scale_invariant.main(argv)
+        assert exc.value.code == 2 and words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scale_invariant(capsys, tmp_path):
+    import scale_invariant
+    figure = tmp_path / "report.png"
+    argv = ["--tables", raw("scale-invariant-report-cpu.jsonl"), "--figure", str(figure)]
+    assert scale_invariant.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| vit-5k lr 0.03 | 26.15 ± 2.88 (n=5) | - | 36.24 ± 6.85 (n=5) |" in out
+    assert ("| vit-5k lr 0.03 | - | +10.1 [+1.4, +18.8] (5/5) | - | - | -16.1 [-19.7, -12.5] "
+            "(0/5) | - | +15.0 [+8.0, +22.0] (5/5) | +4.9 [-9.3, +19.1] (3/5) (best: weak 1e-06) |"
+            ) in out
+    assert "-5.7 [-11.4, -0.1] (1/5) (best: weak 0.3) |" in out
+    assert "| lm lr 0.03 | - | -0.40 [-0.52, -0.27] (0/5) | - |" in out
+    assert figure.stat().st_size > 0
+    assert scale_invariant.main(["--tables", raw("scale-invariant-first-form-cpu.jsonl")]) == 0
+    assert "| mlp d10 he | -0.0 [-1.2, +1.1] (2/5) | -0.8 [-1.5, -0.1] (0/5) | -3.6 [-4.9, -2.3] " \
+        "(0/5) |" in capsys.readouterr().out

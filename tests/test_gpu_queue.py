@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -148,8 +149,14 @@ def test_a_run_still_going_at_the_deadline_is_cut(queue_env, monkeypatch):
               "(run / 'metrics.jsonl').write_text(json.dumps(row) + '\\n'); time.sleep(60)")
     monkeypatch.setattr(gpu_queue, "train_command",
                         lambda arm, run, settings: [sys.executable, "-c", script, str(run)])
-    start = time.monotonic()
-    runs = gpu_queue.run_arms("cut", 1e-3, 0, 5, start + 3, queue_env)
+    # As under `make test &` or `nohup ... &`: a background job starts with SIGINT ignored, and
+    # its children inherit that unless the queue gives them back the default.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        start = time.monotonic()
+        runs = gpu_queue.run_arms("cut", 1e-3, 0, 5, start + 3, queue_env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 20
     for run in runs:
         record = gpu_queue.run_record("vit-full-lr1e-3", 1e-3, 0, 5, {}, run, {}, {})

@@ -267,7 +267,8 @@ def test_unknown_sigreg_keys_are_refused_when_the_trainer_is_built(tmp_path):
                       sigreg={**LM_SETTINGS, "alpah": 0.1, "pooling": "cls"})
     named = set(str(error.value).split("valid keys: ")[1].split(", "))
     takes = set(inspect.signature(sigreg.attach).parameters) - {"model", "variant_kwargs"}
-    variant_options = {"t_max", "num_points", "gamma", "var_weight", "cov_weight", "eps"}
+    variant_options = {"t_max", "num_points", "gamma", "var_weight", "cov_weight", "eps",
+                       "scale_invariant"}
     assert named == takes | variant_options | {"log_prefix", "log_eff_dim"}
 
 

@@ -154,6 +154,26 @@ def test_set_sketch_is_sketch_policy():
     assert old.sketch_policy == "fixed"
 
 
+def test_set_refuses_the_old_and_the_new_name_together():
+    with pytest.raises(ValueError, match=r"--set got both 'sketch' \(deprecated\) and "
+                                         r"'sketch_policy'; give only 'sketch_policy'"):
+        apply_overrides(TrainConfig(), ["sketch=fixed", "sketch_policy=resample"])
+
+
+def test_the_command_prints_the_rename_as_one_line(tmp_path, capsys):
+    """The command line prints warnings as it prints errors: one ``sigreg: warning:`` line
+    (not Python's two, the second the source line that warned)."""
+    from sigreg.train import cli
+    out = tmp_path / "run"
+    assert cli.main(["train", "--preset", "fmnist-mlp-d10-weak", "--out", str(out),
+                     "--no-progress", "--set", "sketch=fixed", "dataset=synthetic", "epochs=1",
+                     "num_train=64", "num_test=64", "batch_size=32", "device=cpu"]) == 0
+    err = capsys.readouterr().err
+    assert ("sigreg: warning: --set: the setting 'sketch' is deprecated and will be removed in "
+            "the next release; use 'sketch_policy' (same meaning, same values)\n") in err
+    assert "FutureWarning" not in err and "warnings.warn" not in err
+
+
 def test_config_saved_before_the_rename_loads():
     """A config as the version before the rename wrote it (checkpoints, config.json)."""
     saved = TrainConfig(sigreg="weak", sketch_policy="fixed").to_dict()

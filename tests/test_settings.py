@@ -109,13 +109,24 @@ def test_presets_show_prints_every_setting(name, capsys):
 
 
 def test_presets_show_of_an_unknown_name_is_one_line(capsys):
-    assert cli.main(["presets", "--show", "fmnist-mlp-medium"]) == 2
+    assert cli.main(["presets", "--show", "no-such-recipe"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     err = captured.err
-    assert err.startswith("sigreg: error: unknown preset 'fmnist-mlp-medium'; valid presets: ")
+    assert err.startswith("sigreg: error: unknown preset 'no-such-recipe'; valid presets: ")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert all(name in err for name in PRESETS)
+
+
+def test_a_mistyped_name_gets_the_closest_first(capsys):
+    assert cli.main(["presets", "--show", "fmnist-vit-5k-waek"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sigreg: error: unknown preset 'fmnist-vit-5k-waek' (did you mean "
+                          "'fmnist-vit-5k-weak'?); valid presets: ")
+    assert err.count("\n") == 1
+    with pytest.raises(ValueError, match=r"unknown setting 'alhpa' \(did you mean 'alpha'\?\); "
+                                         r"valid: dataset, "):
+        apply_overrides(TrainConfig(), ["alhpa=0.1"])
 
 
 def test_shown_settings_rebuild_every_preset():

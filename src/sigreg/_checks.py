@@ -34,6 +34,12 @@ def check_positive(value: object, name: str, allow_zero: bool = False) -> float:
     return x
 
 
+def check_flag(value: object, name: str) -> None:
+    """A keyword that must be a real bool (1, "true" or a 0-d tensor is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_choice(value: object, name: str, allowed: Sequence[object]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_has_values, check_int
+from ._checks import check_choice, check_flag, check_has_values, check_int
 from ._projections import LayerProjections
 from ._renamed import renamed_keywords
 from .auto import AUTO, AutoWeight
@@ -732,8 +732,8 @@ def attach(
         variant: ``"weak"`` (covariance), ``"strong"`` (characteristic function), or
             ``"vicreg"``, VICReg's variance + covariance terms, a baseline to compare with
             (full covariance: ``sketch_dim``, ``sketch_policy`` and ``seed`` do not apply).
-        sketch_dim: K, sketch width (weak) or number of directions (strong), an integer
-            >= 1. Weak: None or K >= C means the full covariance. A mapping from layer specs
+        sketch_dim: K, sketch width (weak) or number of directions (strong), an
+            integer of at least 1. Weak: None or K >= C means the full covariance. A mapping from layer specs
             to K sets it per layer: each layer takes the value of the first key that matches
             it (``{"blocks.0": 16, "**": 64}``); every layer must match a key and every key a
             layer. Layers with different K are computed in separate groups.
@@ -763,10 +763,11 @@ def attach(
         variant_kwargs: strong: ``t_max`` (half-width of [-t_max, t_max], default 3) and
             ``num_points`` (trapezoid nodes on [0, t_max] only, default 17; the paper's
             code's 17 points on [-5, 5] are ``t_max=5, num_points=9``); vicreg: ``gamma``,
-            ``var_weight``, ``cov_weight``, ``eps``.
+            ``var_weight``, ``cov_weight``, ``eps``; weak: ``scale_invariant`` (see
+            :func:`sigreg.weak_sigreg`).
 
     Returns:
-        A :class:`SIGRegHandle`: ``handle.loss()``, ``handle.combine(task)``,
+        SIGRegHandle: ``handle.loss()``, ``handle.combine(task)``,
         ``handle.layer_losses()``, ``handle.remove()``.
 
     Raises:
@@ -809,8 +810,7 @@ def attach(
         if isinstance(alpha, str):
             raise TypeError(f"alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
         _check_weights(alpha, lam)
-    if not isinstance(keep_features, bool):
-        raise TypeError(f"keep_features must be True or False, got {keep_features!r}")
+    check_flag(keep_features, "keep_features")
     check_int(seed, "seed", minimum=-(2**63))
     check_int(accumulate, "accumulate")
     if not isinstance(compile, (bool, dict)):

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from . import reference  # the definition's pieces: read from there, written once
-from ._checks import check_has_values, check_int, check_number, check_positive
+from ._checks import check_flag, check_has_values, check_int, check_number, check_positive
 from ._renamed import renamed_keywords
 from .distributed import (
     all_reduce_sum,
@@ -77,7 +77,8 @@ def _project(z: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
 
 
 def weak_sigreg(
-    z: torch.Tensor, sketch: torch.Tensor | None = None, *, distributed: bool | None = None
+    z: torch.Tensor, sketch: torch.Tensor | None = None, *, distributed: bool | None = None,
+    scale_invariant: bool = False,
 ) -> torch.Tensor:
     """Weak-SIGReg: ``|| Cov(Z S) - I_K ||_F`` (Frobenius norm, not squared), per layer.
 
@@ -88,13 +89,29 @@ def weak_sigreg(
             None for the full (C, C) covariance.
         distributed: statistics over the global batch of all ranks. None: whenever a
             process group with more than one rank is initialised.
+        scale_invariant: ``|| Cov(Z S / max(1, r)) - I_K ||_F`` with r the root mean
+            square of Z S over the samples and the K columns (the mean included; a scale,
+            not differentiated). Below unit power this is the paper's loss; above it, the
+            target is isotropy at the features' own power, so the loss never pulls large
+            features back to unit variance, and its value does not change when they are
+            scaled. Not in the paper (see the note below).
 
     Returns:
-        Float32 tensor of shape (*): a scalar for (N, C) input. Covariance is unbiased
-        (divides by N - 1).
+        Tensor of shape (*), float32 (float64 for float64 input): a scalar for (N, C) input.
+        Covariance is unbiased (divides by N - 1).
+
+    Raises:
+        ValueError: z not (N, C) or (*, N, C), fewer than 2 samples (on one process), or a
+            sketch whose shape does not fit z.
+        TypeError: scale_invariant not a bool.
 
     Reference: Weak-SIGReg, arXiv 2603.05924, eq. L = L_CE + lambda ||Cov(ZS) - I||_F.
     The definition, in a few lines: :func:`sigreg.reference.weak_sigreg_reference`.
+    ``scale_invariant`` is ours: the unit target pulls a residual stream whose scale grows
+    (a pre-norm transformer at a high learning rate) back to unit spread while its common
+    mean keeps growing, until every sample points one way (docs/studies.md, section 14).
+    Dividing by r at every scale instead of max(1, r) also revives vanished signals, but
+    costs healthy nets 3.6-4.8 points (the same section).
 
     Examples:
         >>> import torch, sigreg
@@ -110,13 +127,20 @@ def weak_sigreg(
         >>> layers = torch.randn(3, 256, 32, generator=gen)       # a stack of 3 layers
         >>> sigreg.weak_sigreg(layers, sketch).shape               # one value per layer
         torch.Size([3])
+        >>> invariant = [sigreg.weak_sigreg(c * z, sketch, scale_invariant=True)
+        ...              for c in (0.1, 10.0, 1000.0)]  # the paper's below unit power,
+        >>> print(" ".join(f"{v:.2f}" for v in invariant))   # the same at any scale above
+        2.80 1.43 1.43
     """
     distributed = use_distributed(distributed)
     _check_features(z, min_rows=0 if distributed else 2)
     if sketch is not None:
         _check_projection(sketch, z, "sketch")
+    check_flag(scale_invariant, "scale_invariant")
     with torch.autocast(device_type=z.device.type, enabled=False):
         y = _project(z, sketch)
+        if scale_invariant:
+            y = y / _scale_above_unit(y, distributed)
         if distributed:
             return torch.linalg.matrix_norm(_covariance(y, distributed, minus_identity=True))
         flat = y.reshape(y.shape[:-2].numel(), *y.shape[-2:])
@@ -164,6 +188,19 @@ def _identity(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
     :func:`_quadrature`, and never modified in place)."""
     with torch.inference_mode(False):
         return torch.eye(size, device=device, dtype=dtype)
+
+
+def _scale_above_unit(y: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """(*, 1, 1) max(1, root mean square) of each layer of y (*, N, K) over N and K, the mean
+    not removed, over the global batch when distributed; detached (a scale, not a
+    statistic)."""
+    with torch.no_grad():
+        power = y.square().sum((-2, -1))
+        n = y.shape[-2]
+        if distributed:
+            power, n = all_reduce_with_count(power, n)
+        rms = (power / (n * y.shape[-1])).sqrt()
+        return rms.clamp_min(1.0).unsqueeze(-1).unsqueeze(-1)
 
 
 def _covariance(y: torch.Tensor, distributed: bool, minus_identity: bool = False) -> torch.Tensor:

@@ -37,6 +37,7 @@ from torch import nn
 
 from ._checks import (
     check_choice,
+    check_flag,
     check_has_values,
     check_int,
     check_optional_bool,
@@ -147,6 +148,8 @@ class WeakSIGReg(_ProjectedSIGReg):
         seed: seed of the sketch stream; use the same on every rank.
         distributed: statistics over the global batch (None: whenever torch.distributed
             is initialised with more than one rank).
+        scale_invariant: above unit power, isotropy at the features' own power, not unit
+            variance (see :func:`sigreg.weak_sigreg`); not in the paper.
 
     Shape: input (N, C) or a stack of layers (*, N, C) (one sketch per layer, drawn in one
     call), output (*) (a scalar for (N, C)).
@@ -175,8 +178,14 @@ class WeakSIGReg(_ProjectedSIGReg):
         sketch_policy: str = "resample",
         seed: int = 0,
         distributed: bool | None = None,
+        scale_invariant: bool = False,
     ) -> None:
         super().__init__(sketch_dim, sketch_policy, seed, distributed)
+        check_flag(scale_invariant, "scale_invariant")
+        self.scale_invariant = scale_invariant
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", scale_invariant=True" if self.scale_invariant else "")
 
     def draw(self, in_features, generator, device, batch=()):
         k = self.sketch_dim
@@ -185,7 +194,8 @@ class WeakSIGReg(_ProjectedSIGReg):
         return draw_sketch(in_features, k, generator, device, batch)
 
     def compute(self, z, projection):
-        return weak_sigreg(z, projection, distributed=self.distributed)
+        return weak_sigreg(z, projection, distributed=self.distributed,
+                           scale_invariant=self.scale_invariant)
 
 
 class StrongSIGReg(_ProjectedSIGReg):
@@ -301,7 +311,7 @@ VARIANTS = {"weak": WeakSIGReg, "strong": StrongSIGReg, "vicreg": VarCovReg}
 _PROJECTION_KWARGS = ("sketch_policy", "seed")
 # The options each variant takes besides sketch_dim (for clear errors on unknown ones).
 VARIANT_OPTIONS = {
-    "weak": ("sketch_policy", "seed", "distributed"),
+    "weak": ("sketch_policy", "seed", "distributed", "scale_invariant"),
     "strong": ("t_max", "num_points", "sketch_policy", "seed", "distributed"),
     "vicreg": ("gamma", "var_weight", "cov_weight", "eps", "distributed", *_PROJECTION_KWARGS),
 }

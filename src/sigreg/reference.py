@@ -18,13 +18,16 @@ from __future__ import annotations
 import torch
 
 
-def weak_sigreg_reference(z: torch.Tensor, sketch: torch.Tensor | None = None) -> torch.Tensor:
+def weak_sigreg_reference(z: torch.Tensor, sketch: torch.Tensor | None = None,
+                          scale_invariant: bool = False) -> torch.Tensor:
     """Weak-SIGReg: ``|| Cov(Z S) - I_K ||_F``, the plain Frobenius norm (not squared), with
     the unbiased covariance (divides by N - 1).
 
     Args:
         z: features (N, C) or (*, N, C).
         sketch: S (C, K) or (*, C, K), or None for the full (C, C) covariance (K = C).
+        scale_invariant: Z S divided first by max(1, its root mean square over N and K)
+            (the mean included, not differentiated): ``|| Cov(Z S / max(1, r)) - I_K ||_F``.
 
     Returns:
         The loss of each layer, shape (*), z's dtype.
@@ -32,6 +35,8 @@ def weak_sigreg_reference(z: torch.Tensor, sketch: torch.Tensor | None = None) -
     Source: Weak-SIGReg, arXiv 2603.05924, L = L_CE + lambda || Cov(Z S) - I ||_F.
     """
     y = z if sketch is None else z @ sketch.to(z.dtype)  # (*, N, K)
+    if scale_invariant:
+        y = y / y.detach().square().mean((-2, -1), keepdim=True).sqrt().clamp_min(1.0)
     centred = y - y.mean(-2, keepdim=True)
     cov = centred.mT @ centred / (y.shape[-2] - 1)  # (*, K, K)
     identity = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)

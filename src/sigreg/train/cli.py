@@ -6,6 +6,7 @@ import argparse
 import errno
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -222,6 +223,13 @@ CONTINUE = {
 }
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: object = None, line: str | None = None) -> None:
+    """A warning as one line, as errors are (Python's own form takes two, the second the
+    source line of the call that warned, meaningless to someone who typed a command)."""
+    print(f"sigreg: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -229,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     goes_on = CONTINUE.get(args.command)
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.func(args)
     except (ValueError, DataError, TrainingDiverged, OSError) as exc:
         text = str(exc).strip() or type(exc).__name__
         if isinstance(exc, WriteError) and goes_on:

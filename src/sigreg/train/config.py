@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._renamed import renamed_message
+from ._words import did_you_mean
 from .augment import NUM_BINS
 from .data import DATASETS
 
@@ -162,6 +163,8 @@ class TrainConfig:
     t_max: float = setting(3.0, "strong: the quadrature interval [0, t_max]", low=0.0,
                            above_low=True)
     num_points: int = setting(17, "strong: trapezoid nodes on [0, t_max]", low=2)
+    scale_invariant: bool = setting(False, "weak: above unit power, isotropy at the features' "
+                                    "own power, not unit variance (not in the paper)")
     vicreg_var_weight: float = setting(25.0, "VICReg's mu (sigreg=vicreg)", low=0.0)
     vicreg_cov_weight: float = setting(1.0, "VICReg's nu (sigreg=vicreg)", low=0.0)
     # Run
@@ -218,6 +221,8 @@ class TrainConfig:
         if self.alpha == "auto" and self.compile:
             raise ValueError("alpha=auto reads gradients with tensor hooks, which a compiled "
                              "model does not call: set compile=false, or a fixed alpha")
+        if self.scale_invariant and self.sigreg != "weak":
+            raise ValueError(f"scale_invariant applies to sigreg=weak only, got sigreg={self.sigreg}")
         if self.eta_min > self.lr:
             raise ValueError(f"eta_min must not exceed lr ({self.lr}), got {self.eta_min}")
         if self.data_dir is not None and not self.data_dir.strip():
@@ -319,6 +324,11 @@ def parse_setting(s: Setting, text: str) -> Any:
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     """A copy of ``cfg`` with ``key=value`` items applied (``model.KEY=V`` for model args)."""
     cfg = dataclasses.replace(cfg, model_args=dict(cfg.model_args))
+    keys = {item.partition("=")[0].strip() for item in items}
+    for old, new in RENAMED_SETTINGS.items():
+        if old in keys and new in keys:
+            raise ValueError(f"--set got both {old!r} (deprecated) and {new!r}; give only "
+                             f"{new!r}")
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -333,7 +343,8 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
             continue
         if key not in SETTINGS or SETTINGS[key].kind is dict:
             valid = ", ".join(k for k, s in SETTINGS.items() if s.kind is not dict)
-            raise ValueError(f"unknown setting {key!r}; valid: {valid}, model.<arg>")
+            raise ValueError(f"unknown setting {key!r}{did_you_mean(key, SETTINGS)}; valid: "
+                             f"{valid}, model.<arg>")
         setattr(cfg, key, parse_setting(SETTINGS[key], text))
     return cfg.validate()
 

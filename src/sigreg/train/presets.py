@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ._words import did_you_mean
 from .config import TrainConfig
 
 
@@ -187,7 +188,7 @@ register("resnet18-sgd-mix-weak", **RESNET18_SGD_MIX, sigreg="weak", sketch_dim=
 
 # --------------------------------------------------------------------------- Fashion-MNIST (CPU)
 # CPU scale: Fashion-MNIST (Debian's dataset-fashion-mnist). Settings found by
-# experiments/demo_search.py; see docs/cpu-scale-results.md. fmnist-mlp-* is the demo.
+# experiments/demo_search.py; see docs/cpu-scale-results.md. fmnist-mlp-* was the first demo.
 FMNIST_MLP = dict(dataset="fashion-mnist", model="mlp", epochs=5, batch_size=128, optimizer="sgd",
                   lr=0.1, weight_decay=0.0, momentum=0.0, schedule="constant", grad_clip=1.0,
                   crop_padding=2, flip=True, alpha=0.1, sketch_policy="resample", t_max=3.0,
@@ -444,9 +445,11 @@ register("fmnist-vit-5k-vicreg", **FMNIST_VIT_5K, sigreg="vicreg", sketch_dim=No
 
 
 def get_preset(name: str) -> Preset:
-    """The preset ``name``; ValueError listing the valid names otherwise."""
+    """The preset ``name``; ValueError naming the closest and listing the valid names
+    otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; valid "
+                         f"presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 

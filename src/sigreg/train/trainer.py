@@ -170,7 +170,8 @@ def _train(start: Start, out_dir: Path, progress: bool, log) -> dict[str, Any]:
                             in_channels=channels, **cfg.model_args).to(rt.device)
         handle = None
         if cfg.sigreg != "none":
-            extra = {"strong": {"t_max": cfg.t_max, "num_points": cfg.num_points},
+            extra = {"weak": {"scale_invariant": cfg.scale_invariant},
+                     "strong": {"t_max": cfg.t_max, "num_points": cfg.num_points},
                      "vicreg": {"var_weight": cfg.vicreg_var_weight,
                                 "cov_weight": cfg.vicreg_cov_weight}}.get(cfg.sigreg, {})
             handle = attach(model, model.sigreg_layers, cfg.sigreg, _sketch_dim(cfg, model),
