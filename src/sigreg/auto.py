@@ -107,46 +107,42 @@ import torch.distributed as dist
 from ._checks import check_number
 
 AUTO = "auto"
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class AutoWeight:
     """The state and rule of ``alpha="auto"`` (see the module docstring).
 
     Args:
-        share: the target ratio c of the regularizer's gradient norm to the task's at the
-            regularized layers' outputs, in (0, 1].
-        smoothing: beta of the moving averages of the squared norms, in [0, 1).
-        initial: the weight w = alpha / (1 - alpha) of the first step, before any gradient
-            was measured.
-        bounds: (w_min, w_max), the range of w.
-        rate: the largest factor by which w may grow in one update, >= 1 (math.inf: no
-            limit); it may fall to the rule's value at once.
+        base: the alpha in effect while the regularizer pulls the features inward (and at
+            the start), in (0, 0.5].
+        high: the largest alpha, reached while the regularizer pushes them outward, in
+            [base, 0.5].
+        smoothing: beta of the moving average of the radial cosine, in [0, 1).
+        rate: the factor by which w = alpha / (1 - alpha) moves in one update, > 1.
     """
 
-    def __init__(self, share: float = 0.125, smoothing: float = 0.95, initial: float = 0.01,
-                 bounds: tuple[float, float] = (1e-4, 1.0), rate: float = 1.05) -> None:
-        self.share = check_number(share, "share")
+    def __init__(self, base: float = 0.1, high: float = 0.5, smoothing: float = 0.9,
+                 rate: float = 1.05) -> None:
+        self.base = check_number(base, "base")
+        self.high = check_number(high, "high")
         self.smoothing = check_number(smoothing, "smoothing")
         self.rate = check_number(rate, "rate")
-        if not self.rate >= 1:
-            raise ValueError(f"rate must be >= 1, got {rate}")
-        low, high = (check_number(b, "bounds") for b in bounds)
-        if not 0 < self.share <= 1:
-            raise ValueError(f"share must lie in (0, 1], got {share}")
+        if not 0 < self.base <= 0.5:
+            raise ValueError(f"base must lie in (0, 0.5], got {base}")
+        if not self.base <= self.high <= 0.5:
+            raise ValueError(f"high must lie in [base, 0.5] = [{base}, 0.5], got {high}")
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}")
-        if not 0 < low <= high < math.inf:
-            raise ValueError(f"bounds must be 0 < w_min <= w_max < inf, got {bounds}")
-        initial = check_number(initial, "initial")
-        if not low <= initial <= high:
-            raise ValueError(f"initial must lie within bounds {bounds}, got {initial}")
-        self.initial, self.bounds = initial, (low, high)
+        if not 1 < self.rate < math.inf:
+            raise ValueError(f"rate must be > 1 and finite, got {rate}")
+        self.bounds = (self.base / (1 - self.base), self.high / (1 - self.high))  # of w
         self.updates = 0  # folds of measured gradients so far
-        self._w = torch.tensor(initial, dtype=torch.float32)  # the weight w in effect
-        self._averages = torch.zeros(2, dtype=torch.float32)  # m_T, m_R
-        self._pending = torch.zeros(3, dtype=torch.float32)  # sum g_T, sum g_R, backwards
-        self._measured = 0  # hook pairs that fired since the last fold (a Python count)
-        self._expected = 0  # hook pairs registered since the last fold
+        self._w = torch.tensor(self.bounds[0], dtype=torch.float32)  # the weight w in effect
+        self._average = torch.zeros((), dtype=torch.float32)  # of the radial cosine
+        self._pending = torch.zeros(2, dtype=torch.float32)  # sum of cosines, their number
+        self._measured = 0  # hooks that fired since the last fold (a Python count)
+        self._expected = 0  # hooks registered since the last fold
         self._watched = False  # watch() was called since the last fold
         self._warned = False
 
@@ -171,39 +167,32 @@ class AutoWeight:
 
     def watch(self, sources: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Hook the pairs (layer output X, the view of it the regularizer was computed
-        from): their gradients in the coming backward are measured."""
+        from): the regularizer's gradient at X in the coming backward is measured."""
         self._watched = True  # called by every rank's loss() alike: settle() follows this
         if not sources:
             return
-        device = sources[0][0].device
-        self._to(device)
-        a = self.alpha  # the weights this step's gradients carry, to divide them out
-        task_scale, reg_scale = (1 - a) ** -2, a ** -2
+        self._to(sources[0][0].device)
         for output, view in sources:
-            if not (output.requires_grad and view.requires_grad):
+            if not view.requires_grad:
                 continue
             self._expected += 1
-            seen: list[torch.Tensor | None] = [None]
+            features = output.detach()
 
-            def on_view(grad: torch.Tensor, seen: list = seen) -> None:
-                seen[0] = grad
-
-            def on_output(grad: torch.Tensor, seen: list = seen) -> None:
-                reg = seen[0]
-                task = grad if reg is None else grad - reg
-                reg_sq = grad.new_zeros(()) if reg is None else reg.float().square().sum()
-                self._pending += torch.stack((task.float().square().sum() * task_scale,
-                                              reg_sq * reg_scale, grad.new_ones((), dtype=torch.float32)))
-                seen[0] = None
+            def on_view(grad: torch.Tensor, x: torch.Tensor = features) -> None:
+                # Each tensor over its largest entry first: features of 1e-8 and their
+                # gradients would underflow float32's products.
+                g = grad.float() / grad.abs().amax().float().clamp_min(_TINY)
+                x = x.float() / x.abs().amax().float().clamp_min(_TINY)
+                cosine = (g * x).sum() / (g.norm() * x.norm()).clamp_min(_TINY)
+                self._pending += torch.stack((cosine, cosine.new_ones(())))
                 self._measured += 1
 
             view.register_hook(on_view)
-            output.register_hook(on_output)
 
     # ---- updating ----------------------------------------------------------------------------
 
     def settle(self, distributed: bool = False) -> None:
-        """Fold the gradients measured since the last call into the averages and set the
+        """Fold the gradients measured since the last call into the average and set the
         next weight. Under torch.distributed (``distributed``), a collective: every rank
         calls it at the same point (the handle's ``loss()`` does)."""
         if not self._watched:
@@ -227,23 +216,22 @@ class AutoWeight:
         elif not measured:
             return
         self._pending = torch.zeros_like(self._pending)
-        beta, (low, high) = self.smoothing, self.bounds
-        averages = beta * self._averages + (1 - beta) * pending[:2]
-        task, reg = averages.unbind()
-        ratio = self.share * torch.sqrt(task / reg.clamp_min(torch.finfo(reg.dtype).tiny))
-        # Up by at most `rate`, down at once (see the module docstring).
-        ratio = torch.minimum(ratio, self._w * self.rate) if math.isfinite(self.rate) else ratio
-        w = torch.where(task > 0, ratio.clamp(low, high), torch.full_like(ratio, low))
-        # No sync: where no rank measured anything (pending[2] == 0), nothing changes.
-        some = pending[2] > 0
-        self._averages = torch.where(some, averages, self._averages)
+        total, count = pending.unbind()
+        cosine = total / count.clamp_min(1)
+        average = self.smoothing * self._average + (1 - self.smoothing) * cosine
+        # Outward (cosine < 0: a descent step grows X): up by `rate`; inward: down by it.
+        step = torch.where(average < 0, self.rate, 1 / self.rate)
+        w = (self._w * step).clamp(*self.bounds)
+        # No sync: where no rank measured anything (count == 0), nothing changes.
+        some = count > 0
+        self._average = torch.where(some, average, self._average)
         self._w = torch.where(some, w, self._w)
         self.updates += 1
 
     def _to(self, device: torch.device) -> None:
         if self._w.device != device:
-            self._w, self._averages, self._pending = (
-                t.to(device) for t in (self._w, self._averages, self._pending))
+            self._w, self._average, self._pending = (
+                t.to(device) for t in (self._w, self._average, self._pending))
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -251,16 +239,16 @@ class AutoWeight:
         """Everything the next weights depend on, as CPU tensors: the weight, the averages,
         the gradients measured and not yet folded, the number of updates."""
         return {"weight": self._w.detach().cpu().clone(),
-                "averages": self._averages.detach().cpu().clone(),
+                "average": self._average.detach().cpu().clone(),
                 "pending": self._pending.detach().cpu().clone(), "updates": self.updates,
                 "watched": self._watched}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (ValueError for anything else)."""
-        shapes = {"weight": (), "averages": (2,), "pending": (3,)}
+        shapes = {"weight": (), "average": (), "pending": (2,)}
         if not isinstance(state, dict) or set(state) != {*shapes, "updates", "watched"}:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"an automatic-weight state has keys weight, averages, pending, "
+            raise ValueError(f"an automatic-weight state has keys weight, average, pending, "
                              f"updates, watched; got {keys}")
         for key, shape in shapes.items():
             t = state[key]
@@ -275,7 +263,7 @@ class AutoWeight:
             raise TypeError("the automatic weight's 'watched' must be true or false")
         device = self._w.device
         self._w = state["weight"].float().to(device).clone()
-        self._averages = state["averages"].float().to(device).clone()
+        self._average = state["average"].float().to(device).clone()
         self._pending = state["pending"].float().to(device).clone()
         self.updates = updates
         # Gradients measured before the save and not folded yet: settle() folds them.
@@ -283,5 +271,5 @@ class AutoWeight:
         self._expected = self._measured = int(self._watched)
 
     def __repr__(self) -> str:
-        return (f"AutoWeight(share={self.share}, smoothing={self.smoothing}, "
-                f"initial={self.initial}, bounds={self.bounds}, rate={self.rate})")
+        return (f"AutoWeight(base={self.base}, high={self.high}, smoothing={self.smoothing}, "
+                f"rate={self.rate})")
