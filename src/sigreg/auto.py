@@ -140,7 +140,8 @@ class AutoWeight:
         self.updates = 0  # folds of measured gradients so far
         self._w = torch.tensor(self.bounds[0], dtype=torch.float32)  # the weight w in effect
         self._average = torch.zeros((), dtype=torch.float32)  # of the radial cosine
-        self._pending = torch.zeros(2, dtype=torch.float32)  # sum of cosines, their number
+        # sums of <g, X>, |g|^2 and |X|^2 over the hooks (and ranks); the hooks that fired
+        self._pending = torch.zeros(4, dtype=torch.float32)
         self._measured = 0  # hooks that fired since the last fold (a Python count)
         self._expected = 0  # hooks registered since the last fold
         self._watched = False  # watch() was called since the last fold
@@ -179,12 +180,9 @@ class AutoWeight:
             features = output.detach()
 
             def on_view(grad: torch.Tensor, x: torch.Tensor = features) -> None:
-                # Each tensor over its largest entry first: features of 1e-8 and their
-                # gradients would underflow float32's products.
-                g = grad.float() / grad.abs().amax().float().clamp_min(_TINY)
-                x = x.float() / x.abs().amax().float().clamp_min(_TINY)
-                cosine = (g * x).sum() / (g.norm() * x.norm()).clamp_min(_TINY)
-                self._pending += torch.stack((cosine, cosine.new_ones(())))
+                g, x = grad.float(), x.float()
+                self._pending += torch.stack((
+                    (g * x).sum(), g.square().sum(), x.square().sum(), g.new_ones(())))
                 self._measured += 1
 
             view.register_hook(on_view)
@@ -216,8 +214,9 @@ class AutoWeight:
         elif not measured:
             return
         self._pending = torch.zeros_like(self._pending)
-        total, count = pending.unbind()
-        cosine = total / count.clamp_min(1)
+        dot, gg, xx, count = pending.unbind()
+        # sqrt of each: features of 1e-10 would underflow the product |g|^2 |X|^2.
+        cosine = dot / (gg.sqrt() * xx.sqrt()).clamp_min(_TINY)
         average = self.smoothing * self._average + (1 - self.smoothing) * cosine
         # Outward (cosine < 0: a descent step grows X): up by `rate`; inward: down by it.
         step = torch.where(average < 0, self.rate, 1 / self.rate)
@@ -245,7 +244,7 @@ class AutoWeight:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (ValueError for anything else)."""
-        shapes = {"weight": (), "average": (), "pending": (2,)}
+        shapes = {"weight": (), "average": (), "pending": (4,)}
         if not isinstance(state, dict) or set(state) != {*shapes, "updates", "watched"}:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"an automatic-weight state has keys weight, average, pending, "
