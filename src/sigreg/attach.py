@@ -746,9 +746,11 @@ def attach(
         alpha: weighting used by :meth:`SIGRegHandle.combine`:
             ``(1 - alpha) * task + alpha * reg``. Default (neither given): alpha=0.1.
             ``alpha="auto"`` (or a :class:`sigreg.auto.AutoWeight` with other constants):
-            the weight sets itself at every step from the regularizer's and the task's
-            gradients at the last regularized layer; see :mod:`sigreg.auto`. The
-            regularized layers must then run eagerly.
+            the weight starts at 0.1 and rises (to at most 0.5) while the regularizer's
+            gradient at the last regularized layer grows its features (a dead or collapsed
+            layer), falling back to 0.1 while it shrinks them; see :mod:`sigreg.auto`. Use
+            it with ``scale_invariant=True`` (weak). The regularized layers must run
+            eagerly (a tensor hook reads that gradient).
         lam: the other weighting, ``task + lam * reg``, instead of ``alpha``.
         distributed: global-batch statistics under torch.distributed (None: automatic).
         keep_features: keep the latest pooled features for diagnostics.

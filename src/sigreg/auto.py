@@ -1,98 +1,64 @@
 """A regularizer weight that sets itself: ``sigreg.attach(..., alpha="auto")``.
 
 What the weight is for. SIGReg is there to keep the regularized layers' features from
-collapsing, not to whiten them at any price. Its two failure modes are (a) too weak: the
-features collapse as they would without it; (b) too strong: its gradient at the regularized
-layers outweighs the task's and the task stops learning (on the 5000-image ViT, weak at
-alpha 0.1 and lr 3e-2 sits at chance from the first epoch where the baseline learns). Both
-are statements about one number, measured where the two losses meet: the *share*
+collapsing, not to whiten them at any price. Both halves of that can be read off one
+number, measured where the regularizer acts: the direction of its gradient at a layer's
+output X relative to X itself, the *radial cosine*
 
-    rho = || dR / dX || / || dT / dX ||,
+    cos = < g, X > / (|g| |X|),     g = d(alpha * reg) / dX,
 
-with X the output of the last regularized layer of the forward pass (in execution order),
-dT / dX the gradient the task loss T sends it and dR / dX the regularizer's (the handle's
-mean over layers), each as it enters the combined loss. The last layer's output is the one
-place where one backward tells the two apart: an earlier layer's output also receives the
-regularizer terms of the layers after it, through them, mixed with the task's. A fixed
-alpha fixes neither gradient: rho drifts by orders of magnitude across models, learning
-rates and training time, which is why the best alpha moves (weak 0.3-0.5 on the deep MLP,
-strong 0.01-0.03; strong at 0.1 costs small ViTs 15-25 points).
+a gradient-descent step moves X along -g, so cos < 0 means the step *grows* the features
+(the regularizer is pushing them outward: a dead layer whose features are far below unit
+power, or features that point one way), and cos > 0 means it *shrinks* them (the
+regularizer buys isotropy with the features' power: weak SIGReg's || Cov - I || is lowered by
+scaling anisotropic features down until their largest variances are about 1, which is what
+costs He-initialised MLPs accuracy under a large fixed alpha: their features' variance falls
+from ~0.6 to ~0.01 during training at alpha 0.1, where the baseline's grows to ~1.4).
 
-The rule (gradient-share weighting, second design). Hold rho at or below a target
-``share`` c: at each step, with w = alpha / (1 - alpha) the regularizer's weight relative to
-the task's,
+The rule. Start at the paper's weight (``base``, alpha 0.1). After each backward, with m the
+moving average of cos at the last regularized layer (``smoothing`` beta 0.9),
 
-    g_T(t) = || dT/dX ||^2,   g_R(t) = || dR/dX ||^2          (raw: unweighted losses)
-    m_T <- beta m_T + (1 - beta) g_T,   m_R <- beta m_R + (1 - beta) g_R
-    w*(t) = c * sqrt(m_T / m_R)                                (the weight giving rho = c)
-    w(t + 1) = clip(min(w*(t), rate * w(t)), w_min, w_max),    alpha = w / (1 + w)
+    w = alpha / (1 - alpha),
+    w <- clip(w * rate,  w(base), w(high))   if m < 0   (the regularizer is reviving the layer)
+    w <- clip(w / rate,  w(base), w(high))   otherwise  (it pulls inward: back to the paper's)
 
-and the combined loss is ``(1 - alpha) * task + alpha * reg`` as with a fixed alpha (so
-the fixed-alpha grid and ``auto`` compare on the same footing, also under plain SGD). At the
-last regularized layer the regularizer then takes about c of what the task sends: mode (b)
-is excluded there by construction for c < 1 (earlier layers receive the sum of the later
-layers' terms too, which is what a fixed alpha gives them as well), and its push against
-collapse does not fade as the task gradient grows or its own raw gradient shrinks. This is
-GradNorm's device (Chen et al., ICML 2018: weigh each loss by the norm of its gradient at
-the last shared layer, measured during training) with the balance point a fixed ratio c
-instead of equal training rates, and the "not too strong" view of the regularizer (its
-gradient against the task's at the regularized layers) as the quantity held.
+with ``rate`` 1.05 (alpha 0.1 to 0.5 in 45 steps) and ``high`` alpha 0.5 (the regularizer
+never weighs more than the task). The combined loss is ``(1 - alpha) * task + alpha * reg``
+as with a fixed alpha. So the weight is raised only while the regularizer does what it is
+for, and only for as long as it does; it never goes below the paper's weight. It is a
+Lagrange-multiplier update in the manner of GECO (Rezende and Viola, "Taming VAEs", 2018:
+the multiplier of a constraint grows while the constraint is violated and shrinks when it
+holds), with the constraint "the regularizer needs not push the features outward" and a
+sign step; the measured quantity is the "not too strong" view of the regularizer's gradient
+against the layer, not against the task.
 
-Why the weight rises slowly and falls at once (what the first design showed). The first
-design set w = w* directly. On the 5000-image ViT at lr 3e-2 the regularizer's gradient is
-~0 at initialisation (the share at alpha 0.1 was 0.0, 0.4, 4.5, 16, ... 110 over the first
-ten steps: the task's large first AdamW steps blow the features' scale up, and weak
-SIGReg's gradient grows like the cube of that scale), so the first measurement asked for the
-largest weight, alpha 0.5 for one step, exactly when the regularizer was about to dominate;
-the run never left chance although alpha fell to ~0.01 after. The rule's evidence is a
-gradient ratio measured one step late, and it says nothing about what a larger weight will
-do once the features move. So the weight starts small (``initial`` w = 0.01) and may grow by
-at most a factor ``rate`` (1.05) per update, the multiplicative ramp of a warm-up (0.01 to 1
-takes ~94 steps); it may fall to w* in one update, because falling is the safe direction
-(the failure that a late weight causes is mode (b)). The same ramp covers the case where the
-rule asks for an unbounded weight: while the features of a dead deep MLP are near zero, so
-is the regularizer's gradient (the share at a held alpha was ~0 for the first 40 % of
-training), and w climbs to ``w_max`` = 1. That bound is safe in the rule's own terms: the
-regularizer's weighted gradient is then w ||dR/dX|| < c ||dT/dX|| (it is below target: the
-rule wanted more), so a dead layer's large weight pushes with less than c of the task's
-gradient, and the ramp and the immediate fall keep the weight from overshooting when the
-features come alive.
-
-Constants, fixed once, to be judged on other settings and seeds (``experiments/auto_weight.py``,
-report phase). c = 0.125: the share measured on seed 0 at the last hidden layer of the deep
-MLP under weak alpha 0.3, its best fixed alpha (0.13 after the features came alive; 0.09 at
-alpha 0.1), so that on that setting the rule lands near the best fixed weight; the first
-design's c = 0.25 asked for more than alpha 0.5 there throughout (68.2 % against alpha 0.3's
-71.2 %). On the ViT at lr 3e-2, where weak alpha 0.1 gave shares of 12-110 (the collapse),
-c = 0.125 asks for alpha ~1e-3. ``smoothing`` beta = 0.95 (about 20 steps), ``initial`` w =
-0.01, ``rate`` = 1.05, bounds w in [1e-4, 1] (alpha in [1e-4, 0.5]: the regularizer never
-weighs more than the task).
-
-What the second design showed (seed 0; ``experiments/auto_weight.py`` has the numbers): on
-the deep MLP the rule lands within 0.3 points of the best fixed alpha (70.9 % against 71.2),
-at alpha 0.5 while the features are dead and 0.21-0.26 after. On the ViT at lr 3e-2 it
-keeps alpha at 0.003-0.011 and the run still sits at chance, as does a fixed alpha of 0.001:
-there the regularizer, pulling the residual stream's variance (the baseline's grows to
-~1e5) toward 1 in the same direction at every step, collapses the features at any weight
-tried, although its gradient per step is an eighth of the task's. The share of gradient
-norms per step does not measure a small pull that never changes direction; that case is
-open.
+Why the last regularized layer: its output is the one place where one backward tells the
+regularizer's gradient apart from everything else (the regularizer reads a view of it, whose
+gradient is the regularizer's alone; an earlier layer's output also receives the later
+layers' terms). Why a sign and not the share of the task's gradient: the second design held
+that share (GradNorm's device, Chen et al. 2018) at 0.125; on the He-initialised deep MLP it
+asked for alpha 0.35-0.5 (76.6 % against the baseline's 81.4, seed 0), because the share
+is the same whether the regularizer revives dead features or shrinks living ones, and at
+lr 3e-2 on the small ViT a loss share kept the paper's form at chance (docs/studies.md,
+section 15, has the design history and the constants' seeds). Under the paper's loss the
+rule cannot remove that collapse, which the regularizer causes by pulling a growing
+residual stream inward at a small weight; use it with ``scale_invariant=True`` (weak), whose
+gradient never pulls features above unit power inward.
 
 Cost: no extra backward pass. The regularized layers' outputs are passed to the pooling
-through a view (one autograd node each); two tensor hooks on the last one read the two
-gradients during the ordinary backward (the view's is the regularizer's, the output's the
-sum: the task's is the difference) and add two squared norms to a pending buffer on the
-device (no sync). The next :meth:`~sigreg.SIGRegHandle.loss` (or
-:meth:`~sigreg.SIGRegHandle.settle`) folds the buffer into the averages: the weight is
-lagged by one step. The tensor hooks need the regularized layers to run eagerly (a model
-compiled with ``torch.compile`` hides the gradients inside its graph): a step whose hooks
-saw nothing warns, naming this, and the weight keeps its value.
+through a view (one autograd node each); a tensor hook on the last one's view reads the
+regularizer's gradient during the ordinary backward and adds <g, X>, |g|^2 and |X|^2 to a
+pending buffer on the device (no sync). The next :meth:`~sigreg.SIGRegHandle.loss` (or
+:meth:`~sigreg.SIGRegHandle.settle`) folds the buffer into the average: the weight is lagged
+by one step. The tensor hook needs the regularized layers to run eagerly (a model compiled
+with ``torch.compile`` hides the gradients inside its graph): a step whose hook saw nothing
+warns, naming this, and the weight keeps its value.
 
-Distributed: the squared norms are summed over the ranks in one all-reduce of three numbers
-when they are folded, so every rank takes the same weight (each rank's hooks see its own
-rows of the global-batch gradient). State: the averages, the weight, the pending buffer
-and the number of updates are part of the handle's ``state_dict``: a run cut and resumed
-takes the weights of the uncut run.
+Distributed: the three sums are added over the ranks in one all-reduce of four numbers when
+they are folded, so every rank takes the same weight, the one a single process with the
+global batch would take. State: the average, the weight, the pending sums and the number of
+updates are part of the handle's ``state_dict``: a run cut and resumed takes the weights of
+the uncut run.
 """
 
 from __future__ import annotations
