@@ -149,7 +149,7 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
             "diverged_at": diverged_at, "val_curve": curve,
             "train_bits_last100": statistics.fmean(train_loss[-100:]) if train_loss else None,
             "seconds": time.perf_counter() - start, "provenance": [record],
-            **({"alpha": args.alpha, "alpha_steps": alphas} if arm != "none" else {})}
+            **({"alpha_steps": alphas} if handle is not None and args.alpha == "auto" else {})}
 
 
 def bits(results: list[dict[str, Any]], lr: float, arm: str) -> dict[int, float]:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import auto_weight
 import demo_search
 import init_control
 import k_layers
@@ -207,39 +206,3 @@ def test_init_control_refuses_a_bad_setting_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "i").exists()
 
 
-def test_auto_weight_commands_then_collect(tmp_path, one_thread, capsys):
-    out = tmp_path / "auto"
-    grid = ["--out", str(out), "--settings", "mlp-d10-default", "--variants", "weak",
-            "--seeds", "3", "4", "--set", *TINY, "model.width=16", "model.depth=3"]
-    assert auto_weight.main([*grid, "--commands"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 12  # (baseline, 4 fixed alphas, auto) x 2 seeds, seed-major
-    assert "alpha=0.03" in lines[1] and "alpha=auto" in lines[5] and "seed=4" in lines[6]
-    for line in lines:
-        _run, *command = shlex.split(line)
-        assert command[:3] == ["python3", "-m", "sigreg.train.cli"]
-        assert cli.main(command[3:]) == 0
-    capsys.readouterr()
-    assert auto_weight.main([*grid, "--collect"]) == 0
-    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["state"] for r in rows] == ["finished"] * 12
-    for row in rows:
-        assert len(row["provenance"]) == 1 and 0 <= row["score"] <= 100
-        # The weight's trajectory, one value per step (32 images / 16 = 2), auto runs only.
-        assert len(row["alpha_steps"]) == (2 if row["arm"] == "weak-auto" else 0)
-    table = (out / "auto_weight.md").read_text()
-    assert "| mlp-d10-default | " in table and "weak-auto - weak-a0.3" in table
-    assert (out / "auto_weight.png").stat().st_size > 0
-    capsys.readouterr()
-    assert auto_weight.main([*grid[2:], "--tables", str(out / "results.jsonl")]) == 0
-    assert capsys.readouterr().out.strip() == table.strip()
-
-
-def test_auto_weight_lm_commands(capsys):
-    assert auto_weight.main(["--settings", "lm-lr0.03", "--commands", "--seeds", "5"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 11
-    auto = shlex.split(next(line for line in lines if "weak-auto" in line))
-    assert auto[1:3] == ["python3", "experiments/char_lm.py"]
-    assert auto[auto.index("--alpha") + 1] == "auto" and auto[auto.index("--first-seed") + 1] == "5"
-    assert auto[auto.index("--lrs") + 1] == "0.03"

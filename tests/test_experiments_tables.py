@@ -97,7 +97,7 @@ def test_scale_invariant_collects_what_ran(tmp_path, capsys):
     seeds, takes char_lm rows and committed rows, and refuses a second value for a cell."""
     import json
 
-    import scale_invariant
+    import strength
 
     def run(name, seed, acc, **config):
         d = tmp_path / "runs" / name
@@ -123,7 +123,7 @@ def test_scale_invariant_collects_what_ran(tmp_path, capsys):
                                      "provenance": []}) + "\n")
     out = tmp_path / "raw.jsonl"
     argv = ["--collect", str(tmp_path / "runs"), "--reuse", str(committed), "--out", str(out)]
-    assert scale_invariant.main(argv) == 0
+    assert strength.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["setting"], r["arm"], r["seed"]) for r in rows} == {
         ("mlp d10 he", "none", 3), ("mlp d10 he", "none", 4),
@@ -136,19 +136,19 @@ def test_scale_invariant_collects_what_ran(tmp_path, capsys):
     run("again", 3, 0.7, sigreg="none")
     out.unlink()
     with pytest.raises(SystemExit) as exc:
-        scale_invariant.main(argv)
+        strength.main(argv)
     assert exc.value.code == 2 and "twice" in capsys.readouterr().err
     assert not out.exists()  # nothing written
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit) as exc:
-        scale_invariant.main(["--collect", str(empty), "--out", str(out)])
+        strength.main(["--collect", str(empty), "--out", str(out)])
     assert exc.value.code == 2 and "nothing to collect" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_scale_invariant_refuses_a_bad_form_or_figure(tmp_path, capsys):
-    import scale_invariant
+    import strength
 
     for argv, words in ((["--collect", str(tmp_path), "--out", str(tmp_path / "r.jsonl"),
                           "--form", "mine"], "--form must start with 'scale-invariant'"),
@@ -157,16 +157,16 @@ def test_scale_invariant_refuses_a_bad_form_or_figure(tmp_path, capsys):
                         (["--tables", raw("char-lm-cpu.jsonl")], "is not a raw file of this report"),
                         (["--tables", str(tmp_path / "none.jsonl")], "--tables: no file")):
         with pytest.raises(SystemExit) as exc:
-            scale_invariant.main(argv)
+            strength.main(argv)
         assert exc.value.code == 2 and words in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_scale_invariant(capsys, tmp_path):
-    import scale_invariant
+    import strength
     figure = tmp_path / "report.png"
     argv = ["--tables", raw("scale-invariant-report-cpu.jsonl"), "--figure", str(figure)]
-    assert scale_invariant.main(argv) == 0
+    assert strength.main(argv) == 0
     out = capsys.readouterr().out
     assert "| vit-5k lr 0.03 | 26.15 ± 2.88 (n=5) | - | 36.24 ± 6.85 (n=5) |" in out
     assert ("| vit-5k lr 0.03 | - | +10.1 [+1.4, +18.8] (5/5) | - | - | -16.1 [-19.7, -12.5] "
@@ -175,6 +175,57 @@ def test_scale_invariant(capsys, tmp_path):
     assert "-5.7 [-11.4, -0.1] (1/5) (best: weak 0.3) |" in out
     assert "| lm lr 0.03 | - | -0.40 [-0.52, -0.27] (0/5) | - |" in out
     assert figure.stat().st_size > 0
-    assert scale_invariant.main(["--tables", raw("scale-invariant-first-form-cpu.jsonl")]) == 0
+    assert strength.main(["--tables", raw("scale-invariant-first-form-cpu.jsonl")]) == 0
     assert "| mlp d10 he | -0.0 [-1.2, +1.1] (2/5) | -0.8 [-1.5, -0.1] (0/5) | -3.6 [-4.9, -2.3] " \
         "(0/5) |" in capsys.readouterr().out
+
+
+def test_strength_collects_auto_runs_with_their_weight(tmp_path, capsys):
+    """An alpha="auto" run is its own arm, keeps its weight over training (thinned), is judged
+    against the best fixed alpha like the scale-invariant arm, and --weights draws it; a raw
+    file of an earlier report is reused row for row."""
+    import json
+
+    import strength
+
+    def run(name, seed, acc, alphas=None, **config):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        base = {"model": "mlp", "model_args": {"depth": 10, "width": 256, "init": "default"},
+                "preset": "fmnist-mlp-d10-weak", "lr": 0.1, "sigreg": "weak", "alpha": 0.1,
+                "scale_invariant": True, "seed": seed}
+        (d / "summary.json").write_text(json.dumps(
+            {"final_test_acc": acc, "config": {**base, **config}}))
+        if alphas is not None:
+            (d / "metrics.jsonl").write_text("".join(json.dumps(
+                {"kind": "epoch", "epoch": e + 1, "alpha_steps": chunk}) + "\n"
+                for e, chunk in enumerate((alphas[:300], alphas[300:]))))
+
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text("".join(json.dumps(
+        {"setting": "mlp d10 default", "arm": arm, "seed": seed, "metric": "test accuracy (%)",
+         "value": value, "source": "x", "provenance": []}) + "\n"
+        for arm, seed, value in (("none", 3, 56.0), ("none", 4, 58.0), ("weak 0.1", 3, 66.0),
+                                 ("weak 0.1", 4, 64.0), ("weak 0.3", 3, 72.0),
+                                 ("weak 0.3", 4, 70.0))))
+    steps = [0.1 + 0.4 * (i < 100) for i in range(450)]
+    run("auto-3", 3, 0.71, steps, alpha="auto")
+    run("auto-4", 4, 0.70, steps, alpha="auto")
+    out = tmp_path / "raw.jsonl"
+    argv = ["--collect", str(tmp_path / "runs"), "--reuse", str(earlier), "--out", str(out)]
+    assert strength.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    auto = [r for r in rows if r["arm"] == "scale-invariant auto"]
+    assert len(auto) == 2 and len(rows) == 8
+    assert len(auto[0]["alpha_steps"]) <= strength.TRAJECTORY_POINTS
+    assert auto[0]["alpha_steps"][0] == 0.5 and auto[0]["alpha_steps"][-1] == 0.1
+    text = capsys.readouterr().out
+    # auto - weak 0.3 (the best fixed alpha here): 71 - 72, 70 - 70
+    assert "| -0.5 [-6.9, +5.9] (0/2) (best: weak 0.3) |" in text
+    figure = tmp_path / "weights.png"
+    assert strength.main(["--tables", str(out), "--weights", str(figure)]) == 0
+    assert figure.stat().st_size > 10_000
+    with pytest.raises(SystemExit) as exc:  # a raw file without auto runs
+        strength.main(["--tables", str(earlier), "--weights", str(tmp_path / "w.png")])
+    assert exc.value.code == 2 and "no auto run" in capsys.readouterr().err
+    assert not (tmp_path / "w.png").exists()

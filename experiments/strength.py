@@ -1,24 +1,29 @@
-"""The report phase of docs/studies.md section 14: the scale-invariant weak SIGReg
-(``weak_sigreg(..., scale_invariant=True)``) against no regularizer and the paper's weak form
-at each fixed alpha, on the report seeds 3-7 (the form and its alpha 0.1 were chosen on seed 0),
+"""Issue 22's reports (docs/studies.md, sections 14 and 15): how strong SIGReg should be
+without tuning. Arms: no regularizer, the paper's weak form at each fixed alpha, the
+scale-invariant weak form (``weak_sigreg(..., scale_invariant=True)``) at the paper's alpha,
+and the weight that sets itself (``alpha="auto"``, sigreg.auto, with the scale-invariant
+form), on the report seeds 3-7 (the form, its alpha and the rule were chosen on seeds 0-2),
 in the settings the issue named: the deep MLPs at depths 10 and 20 with default and He init,
-the 5000-image ViT at lr 1e-3, 1e-2 (not run) and 3e-2, the byte-level LM at lr 1e-3 and 3e-2.
+the 5000-image ViT at lr 1e-3, 1e-2 and 3e-2, the byte-level LM at lr 1e-3 and 3e-2.
 
 ``--collect`` builds one raw file from what ran: every run folder under the given roots (a
 ``summary.json`` whose config says what ran: its model, depth, init, lr, alpha, and whether
 ``scale_invariant`` was on), every ``results.jsonl`` that ``experiments/char_lm.py`` wrote
 there, and the rows of committed raw files that the report reuses (``--reuse``: the
-initialisation control's none / weak 0.1 MLP runs, section 12's ViT runs), each row keeping its
-provenance and naming its source. ``--tables`` prints, per setting, mean ± std over seeds for
-every arm; every arm minus the baseline, paired over seeds; and the scale-invariant arm minus
-the best fixed alpha of the paper's form there (best by its mean on these seeds, which favours
-the fixed grid; ties go to the smallest alpha).
+initialisation control's none / weak 0.1 MLP runs, section 12's ViT runs, or an earlier
+report's raw file), each row keeping its provenance and naming its source; an ``auto`` run's
+row also keeps its weight over training (``alpha_steps``, at most 200 points). ``--tables``
+prints, per setting, mean ± std over seeds for every arm; every arm minus the baseline,
+paired over seeds; and the scale-invariant and auto arms minus the best fixed alpha of the
+paper's form there (best by its mean on these seeds, which favours the fixed grid; ties go
+to the smallest alpha). ``--figure`` draws those paired differences, ``--weights`` the auto
+runs' alpha over training.
 
-    PYTHONPATH=src python experiments/scale_invariant.py --collect runs/si \\
-        --reuse experiments/mlp-init-cpu.jsonl experiments/vit-5k-heldout-cpu.jsonl \\
-        --out experiments/scale-invariant-report-cpu.jsonl
-    PYTHONPATH=src python experiments/scale_invariant.py --tables \\
-        experiments/scale-invariant-report-cpu.jsonl
+    PYTHONPATH=src python experiments/strength.py --collect runs/auto-report \
+        --reuse experiments/scale-invariant-report-cpu.jsonl \
+        --out experiments/auto-weight-report-cpu.jsonl
+    PYTHONPATH=src python experiments/strength.py --tables \
+        experiments/auto-weight-report-cpu.jsonl --weights docs/figures/auto-weight-cpu.png
 """
 
 from __future__ import annotations
@@ -36,22 +41,40 @@ REPORT_SEEDS = (3, 4, 5, 6, 7)
 SETTINGS = ("mlp d10 default", "mlp d10 he", "mlp d20 default", "mlp d20 he",
             "vit-5k lr 0.001", "vit-5k lr 0.01", "vit-5k lr 0.03", "lm lr 0.001", "lm lr 0.03")
 SCALE_INVARIANT = "scale-invariant"
+AUTO = "auto"
+TRAJECTORY_POINTS = 200
 
 
-def arm_name(sigreg: str, alpha: float | None, scale_invariant: bool,
+def arm_name(sigreg: str, alpha: float | str | None, scale_invariant: bool,
              form: str = SCALE_INVARIANT) -> str:
-    """``none``, ``weak 0.1``, ``scale-invariant 0.1``, ``strong 0.1``; ``form`` names the
-    scale-invariant arm (it must start with "scale-invariant")."""
+    """``none``, ``weak 0.1``, ``scale-invariant 0.1``, ``strong 0.1``, ``scale-invariant
+    auto``; ``form`` names the scale-invariant arm (it must start with "scale-invariant")."""
     if sigreg == "none":
         return "none"
-    return f"{form if scale_invariant else sigreg} {alpha:g}"
+    return f"{form if scale_invariant else sigreg} {alpha if alpha == AUTO else f'{alpha:g}'}"
+
+
+def thinned(values: list[float]) -> list[float]:
+    """At most TRAJECTORY_POINTS evenly spaced values, the last included."""
+    step = max(1, -(-len(values) // TRAJECTORY_POINTS))
+    return values[::-1][::step][::-1]
+
+
+def _run_alphas(run_dir: Path) -> list[float]:
+    """An auto run's weight at every step, from its epoch rows."""
+    steps = []
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
+        if row.get("kind") == "epoch":
+            steps += row.get("alpha_steps") or []
+    return steps
 
 
 def from_run(summary: dict[str, Any], run_dir: Path, form: str) -> dict[str, Any] | None:
     """A trainer run folder's row, or None for a run outside the report (another model, or a
     summary.json that is not a trainer run's)."""
     c = summary.get("config")
-    if not isinstance(c, dict) or not isinstance(c.get("alpha"), (int, float)) \
+    if not isinstance(c, dict) or not (isinstance(c.get("alpha"), (int, float))
+                                       or c.get("alpha") == AUTO) \
             or "final_test_acc" not in summary:
         return None
     if c["model"] == "mlp":
@@ -64,7 +87,8 @@ def from_run(summary: dict[str, Any], run_dir: Path, form: str) -> dict[str, Any
             "arm": arm_name(c["sigreg"], c["alpha"], c.get("scale_invariant", False), form),
             "seed": c["seed"], "metric": "test accuracy (%)",
             "value": 100 * summary["final_test_acc"], "source": str(run_dir),
-            "provenance": run_provenance(run_dir)}
+            "provenance": run_provenance(run_dir),
+            **({"alpha_steps": thinned(_run_alphas(run_dir))} if c["alpha"] == AUTO else {})}
 
 
 def from_char_lm(row: dict[str, Any], path: Path, form: str) -> dict[str, Any]:
@@ -76,12 +100,15 @@ def from_char_lm(row: dict[str, Any], path: Path, form: str) -> dict[str, Any]:
             "arm": arm_name(variant, row["alpha"], bool(scaled), form),
             "seed": row["seed"], "metric": "validation bits per byte",
             "value": row["final_val_bits"], "source": str(path),
-            "provenance": row["provenance"]}
+            "provenance": row["provenance"],
+            **({"alpha_steps": thinned(row["alpha_steps"])} if row["alpha"] == AUTO else {})}
 
 
 def from_committed(row: dict[str, Any], path: Path) -> dict[str, Any] | None:
-    """A row of the initialisation control (depth, init) or of section 12 (lr): both ran the
-    presets' alpha 0.1 and the paper's form."""
+    """A row of an earlier report's raw file (as it is), of the initialisation control (depth,
+    init) or of section 12 (lr): both ran the presets' alpha 0.1 and the paper's form."""
+    if {"setting", "arm", "metric", "value"} <= set(row):
+        return row
     if "depth" in row:
         setting = f"mlp d{row['depth']} {row['init']}"
     elif "lr" in row:
@@ -119,7 +146,16 @@ def collect(roots: list[Path], reuse: list[Path], form: str = SCALE_INVARIANT) -
 
 
 def _alpha(arm: str) -> float:
-    return float(arm.split()[1]) if " " in arm else -1.0
+    if " " not in arm:
+        return -1.0
+    weight = arm.split()[1]
+    return float("inf") if weight == AUTO else float(weight)
+
+
+def _ours(arms: list[str]) -> list[str]:
+    """The arms judged against the best fixed alpha: scale-invariant, then auto."""
+    return sorted((a for a in arms if a.startswith(SCALE_INVARIANT) or a.endswith(" " + AUTO)),
+                  key=_alpha)
 
 
 def _best_fixed(rows: list[dict[str, Any]], setting: str, lower_better: bool) -> str | None:
@@ -150,22 +186,27 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
         mrows = [r for r in rows if r["metric"] == metric]
         lower_better = metric.startswith("validation bits")
         settings = [s for s in SETTINGS if any(r["setting"] == s for r in mrows)]
+        labelled: set[str] = set()
         for i, setting in enumerate(settings):
             def values(arm: str, setting: str = setting) -> dict[int, float]:
                 return by_seed(mrows, lambda r: r["value"], setting=setting, arm=arm)
             base = values("none")
             best = _best_fixed(mrows, setting, lower_better)
-            ours = next((a for a in {r["arm"] for r in mrows if r["setting"] == setting}
-                         if a.startswith(SCALE_INVARIANT)), None)
-            for offset, arm, color in ((-0.15, best, "tab:orange"), (0.15, ours, "tab:red")):
+            ours = _ours(sorted({r["arm"] for r in mrows if r["setting"] == setting}))
+            plotted = [(best, "tab:orange")] + list(zip(ours, ("tab:red", "tab:purple")))
+            for k, (arm, color) in enumerate(plotted):
                 seeds = set(values(arm)) & set(base) if arm else set()
                 if len(seeds) < 2:
                     continue
+                offset = 0.2 * (k - 1)
                 p = paired({s: values(arm)[s] for s in seeds}, {s: base[s] for s in seeds})
+                label = ("best fixed weak alpha (its value)" if arm == best else
+                         "scale-invariant, alpha auto" if arm.endswith(AUTO) else
+                         "scale-invariant, the paper's alpha")
                 ax.errorbar(i + offset, p.mean, yerr=[[p.mean - p.low], [p.high - p.mean]],
                             fmt="o", color=color, capsize=3,
-                            label=("best fixed weak alpha (its value)" if arm == best else
-                                   "scale-invariant, the paper's alpha") if i == 0 else None)
+                            label=label if label not in labelled else None)
+                labelled.add(label)
                 if arm == best:
                     ax.annotate(arm.split()[1], (i + offset, p.mean), xytext=(-4, 0),
                                 textcoords="offset points", ha="right", va="center", fontsize=7)
@@ -181,14 +222,50 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def weights_figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per setting: the weight alpha of every auto run against the fraction of
+    training done, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    auto = [r for r in rows if r.get("alpha_steps")]
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in auto)]
+    if not settings:
+        raise ValueError("no auto run with its weight over training in this raw file")
+    columns = min(3, len(settings))
+    rows_n = -(-len(settings) // columns)
+    fig, axes = plt.subplots(rows_n, columns, figsize=(3.6 * columns, 2.6 * rows_n),
+                             sharey=True, squeeze=False)
+    for ax, setting in zip(axes.flat, settings):
+        for r in sorted((r for r in auto if r["setting"] == setting), key=lambda r: r["seed"]):
+            steps = r["alpha_steps"]
+            ax.plot([i / max(1, len(steps) - 1) for i in range(len(steps))], steps, lw=1,
+                    label=f"seed {r['seed']}")
+        ax.set_title(setting, fontsize=9)
+        ax.set_ylim(0, 0.55)
+        ax.set_xlabel("fraction of training", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("alpha", fontsize=8)
+    for ax in list(axes.flat)[len(settings):]:
+        ax.set_visible(False)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("alpha=\"auto\" (scale-invariant weak): the weight over training, seeds 3-7",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def tables(rows: list[dict[str, Any]]) -> str:
     out = []
     for metric in dict.fromkeys(r["metric"] for r in rows):
         mrows = [r for r in rows if r["metric"] == metric]
         lower_better = metric.startswith("validation bits")
         settings = [s for s in SETTINGS if any(r["setting"] == s for r in mrows)]
-        arms = sorted({r["arm"] for r in mrows}, key=lambda a: (a != "none",
-                                                              a.startswith(SCALE_INVARIANT),
+        arms = sorted({r["arm"] for r in mrows}, key=lambda a: (a != "none", a in _ours([a]),
                                                               a.split()[0], _alpha(a)))
 
         def values(setting: str, arm: str) -> dict[int, float]:
@@ -200,17 +277,18 @@ def tables(rows: list[dict[str, Any]]) -> str:
                 "| setting | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
         out += [f"| {s} | " + " | ".join(cell(list(values(s, a).values()), digits) for a in arms)
                 + " |" for s in settings]
+        ours = _ours(arms)
         out += ["", PAIRED_NOTE, "", "| setting | " + " | ".join(f"{a} - none" for a in arms[1:])
-                + " | scale-invariant - best fixed weak |", "|---" * (len(arms) + 1) + "|"]
+                + "".join(f" | {a} - best fixed weak" for a in ours) + " |",
+                "|---" * (len(arms) + len(ours)) + "|"]
         for s in settings:
             base = values(s, "none")
             cells = [paired_text(values(s, a), base, 2 if lower_better else 1) if base else "-"
                      for a in arms[1:]]
-            ours = [a for a in arms if a.startswith(SCALE_INVARIANT) and values(s, a)]
             best = _best_fixed(mrows, s, lower_better)
-            against = (f"{paired_text(values(s, ours[0]), values(s, best), 2 if lower_better else 1)}"
-                       f" (best: {best})") if best and ours else "-"
-            out.append(f"| {s} | " + " | ".join(cells) + f" | {against} |")
+            cells += [f"{paired_text(values(s, a), values(s, best), 2 if lower_better else 1)}"
+                      f" (best: {best})" if best and values(s, a) else "-" for a in ours]
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -229,12 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--tables", type=Path, metavar="RAW", help="print a raw file's tables")
     parser.add_argument("--figure", type=Path, help="with --tables: also draw the paired "
                                                     "differences here (a .png)")
+    parser.add_argument("--weights", type=Path, help="with --tables: also draw the auto runs' "
+                                                     "weight over training here (a .png)")
     args = parser.parse_args(argv)
     if args.collect:
         if args.out is None:
             parser.error("--collect needs --out")
-        if args.figure:
-            parser.error("--figure goes with --tables")
+        if args.figure or args.weights:
+            parser.error("--figure and --weights go with --tables")
         if not args.out.parent.is_dir():
             parser.error(f"--out: no folder {args.out.parent}")
         missing = [p for p in [*args.collect, *args.reuse] if not p.exists()]
@@ -252,10 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.out or args.reuse or args.form != SCALE_INVARIANT:
             parser.error("--out, --reuse and --form go with --collect")
-        if args.figure and args.figure.suffix != ".png":
-            parser.error(f"--figure must name a .png file, got {args.figure}")
-        if args.figure and not args.figure.parent.is_dir():
-            parser.error(f"--figure: no folder {args.figure.parent}")
+        for name, path in (("--figure", args.figure), ("--weights", args.weights)):
+            if path and path.suffix != ".png":
+                parser.error(f"{name} must name a .png file, got {path}")
+            if path and not path.parent.is_dir():
+                parser.error(f"{name}: no folder {path.parent}")
         if not args.tables.is_file():
             parser.error(f"--tables: no file {args.tables}")
         try:
@@ -265,9 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         if not rows or any({"setting", "arm", "seed", "metric", "value"} - set(r) for r in rows):
             parser.error(f"--tables: {args.tables} is not a raw file of this report (rows need "
                          "setting, arm, seed, metric, value)")
+        if args.weights and not any(r.get("alpha_steps") for r in rows):
+            parser.error(f"--weights: {args.tables} holds no auto run's weight over training")
         print(tables(rows))
         if args.figure:
             figure(rows, args.figure)
+        if args.weights:
+            weights_figure(rows, args.weights)
     return 0
 
 
