@@ -106,8 +106,8 @@ class AutoWeight:
         self.updates = 0  # folds of measured gradients so far
         self._w = torch.tensor(self.bounds[0], dtype=torch.float32)  # the weight w in effect
         self._average = torch.zeros((), dtype=torch.float32)  # of the radial cosine
-        # sums of <g, X>, |g|^2 and |X|^2 over the hooks (and ranks); the hooks that fired
-        self._pending = torch.zeros(4, dtype=torch.float32)
+        # sums of <g, X>, |g|^2, |X|^2 and X's entries over the hooks (and ranks); the hooks
+        self._pending = torch.zeros(5, dtype=torch.float32)
         self._measured = 0  # hooks that fired since the last fold (a Python count)
         self._expected = 0  # hooks registered since the last fold
         self._watched = False  # watch() was called since the last fold
@@ -148,7 +148,8 @@ class AutoWeight:
             def on_view(grad: torch.Tensor, x: torch.Tensor = features) -> None:
                 g, x = grad.float(), x.float()
                 self._pending += torch.stack((
-                    (g * x).sum(), g.square().sum(), x.square().sum(), g.new_ones(())))
+                    (g * x).sum(), g.square().sum(), x.square().sum(),
+                    g.new_tensor(float(x.numel())), g.new_ones(())))
                 self._measured += 1
 
             view.register_hook(on_view)
@@ -180,12 +181,14 @@ class AutoWeight:
         elif not measured:
             return
         self._pending = torch.zeros_like(self._pending)
-        dot, gg, xx, count = pending.unbind()
+        dot, gg, xx, entries, count = pending.unbind()
         # sqrt of each: features of 1e-10 would underflow the product |g|^2 |X|^2.
         cosine = dot / (gg.sqrt() * xx.sqrt()).clamp_min(_TINY)
         average = self.smoothing * self._average + (1 - self.smoothing) * cosine
-        # Outward (cosine < 0: a descent step grows X): up by `rate`; inward: down by it.
-        step = torch.where(average < 0, self.rate, 1 / self.rate)
+        # Reviving (pushed outward, cosine < 0, while below unit power): up by `rate`;
+        # otherwise down by it, to the base.
+        reviving = (average < 0) & (xx < entries)
+        step = torch.where(reviving, self.rate, 1 / self.rate)
         w = (self._w * step).clamp(*self.bounds)
         # No sync: where no rank measured anything (count == 0), nothing changes.
         some = count > 0
@@ -210,7 +213,7 @@ class AutoWeight:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (ValueError for anything else)."""
-        shapes = {"weight": (), "average": (), "pending": (4,)}
+        shapes = {"weight": (), "average": (), "pending": (5,)}
         if not isinstance(state, dict) or set(state) != {*shapes, "updates", "watched"}:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"an automatic-weight state has keys weight, average, pending, "
