@@ -42,9 +42,10 @@ def data(tokens: bool, n: int = 32):
 @pytest.mark.parametrize("tokens", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hooks_measure_the_regularizer_gradient_at_the_last_layer_output(variant, tokens):
-    # After one backward the pending sums are <g, X>, |g|^2 and |X|^2 for X the last
-    # regularized layer's output and g the gradient the regularizer alone sends it (as it
-    # enters the combined loss: alpha * d reg / dX), computed here by autograd directly.
+    # After one backward the pending sums are <g, X>, |g|^2, |X|^2 and X's number of entries
+    # for X the last regularized layer's output and g the gradient the regularizer alone
+    # sends it (as it enters the combined loss: alpha * d reg / dX), computed here by
+    # autograd directly.
     torch.manual_seed(0)
     model = Blocks(tokens)
     outputs = []
@@ -57,12 +58,12 @@ def test_hooks_measure_the_regularizer_gradient_at_the_last_layer_output(variant
     g = 0.1 * torch.autograd.grad(reg, outputs, retain_graph=True)[-1]
     handle.auto._pending.zero_()  # the hooks saw this grad() call too
     handle.weigh(task, reg).backward()
-    dot, gg, xx, count = handle.auto._pending.tolist()
+    dot, gg, xx, entries, count = handle.auto._pending.tolist()
     last = outputs[-1].detach()
     assert dot == pytest.approx(float((g * last).sum()), rel=1e-4, abs=1e-9)
     assert gg == pytest.approx(float(g.square().sum()), rel=1e-4)
     assert xx == pytest.approx(float(last.square().sum()), rel=1e-4)
-    assert count == 1 and gg > 0  # one output: the last layer's
+    assert entries == last.numel() and count == 1 and gg > 0  # one output: the last layer's
 
 
 def radial_cosine(scale: float, form: str = "weak") -> float:
@@ -87,29 +88,33 @@ def test_the_regularizer_pushes_dead_features_out_and_pulls_large_ones_in():
     assert radial_cosine(2.0) > 0.1
 
 
+def measured(auto: AutoWeight, cosine: float, power: float = 0.01) -> float:
+    """Fold one measurement with this radial cosine and mean square; the new w."""
+    auto._watched, auto._expected, auto._measured = True, 1, 1
+    auto._pending = torch.tensor([2 * cosine * power ** 0.5, 4.0, power, 1.0, 1.0])
+    auto.settle()
+    return float(auto._w)
+
+
 def test_the_rule_and_its_bounds():
     auto = AutoWeight()
     assert (auto.base, auto.high, auto.smoothing, auto.rate) == (0.1, 0.5, 0.9, 1.05)
     assert auto.weight == pytest.approx(0.1)
     auto = AutoWeight(base=0.1, high=0.2, smoothing=0.0, rate=1.5)
-    rule = []
-    for dot in (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 0.5):
-        auto._watched, auto._expected, auto._measured = True, 1, 1
-        auto._pending = torch.tensor([dot, 4.0, 1.0, 1.0])  # cosine dot / 2
-        auto.settle()
-        rule.append(float(auto._w))
+    rule = [measured(auto, c) for c in (-0.5, -0.5, -0.5, 0.5, 0.5, 0.5, 0.25)]
     w0, w1 = 0.1 / 0.9, 0.2 / 0.8  # the bounds, in w = alpha / (1 - alpha)
-    # Outward: up by x1.5 per update to the high bound; inward: down by it to the base.
+    # Outward below unit power: up by x1.5 per update to the high bound; inward: down by it
+    # to the base.
     assert rule == pytest.approx([1.5 * w0, w1, w1, w1 / 1.5, w0, w0, w0])
     auto.settle()  # nothing measured since: nothing changes
     assert float(auto._w) == pytest.approx(w0) and auto.updates == 7
+    # Outward at unit power or above is no dead layer: the weight does not rise.
+    assert measured(auto, -0.5, power=1.0) == pytest.approx(w0)
+    assert measured(auto, -0.5, power=0.99) == pytest.approx(1.5 * w0)
     smooth = AutoWeight(smoothing=0.5)
-    for dot in (-1.0, 0.6):  # average -0.25, then 0.05: up, then down
-        smooth._watched, smooth._expected, smooth._measured = True, 1, 1
-        smooth._pending = torch.tensor([dot, 1.0, 1.0, 1.0])
-        smooth.settle()
-    assert float(smooth._average) == pytest.approx(0.05)
-    assert float(smooth._w) == pytest.approx(0.1 / 0.9)
+    measured(smooth, -0.5)  # average -0.25: up
+    assert measured(smooth, 0.3) == pytest.approx(0.1 / 0.9)  # average 0.025: down
+    assert float(smooth._average) == pytest.approx(0.025)
 
 
 def train_steps(steps: int, state=None, seed: int = 0, start: int = 0):
@@ -154,7 +159,7 @@ def test_bad_states_and_arguments_are_refused():
     with pytest.raises(ValueError, match="automatic-weight state"):
         handle.load_state_dict({**state, "auto": {"weight": 1.0}})
     with pytest.raises(ValueError, match="'pending'"):
-        handle.load_state_dict({**state, "auto": {**state["auto"], "pending": torch.zeros(3)}})
+        handle.load_state_dict({**state, "auto": {**state["auto"], "pending": torch.zeros(4)}})
     with pytest.raises(TypeError, match="'auto'"):
         sigreg.attach(Blocks(False), "blocks.*", alpha="automatic")
     with pytest.raises(ValueError, match="exactly one"):
