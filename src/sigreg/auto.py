@@ -1,62 +1,64 @@
 """A regularizer weight that sets itself: ``sigreg.attach(..., alpha="auto")``.
 
 What the weight is for. SIGReg is there to keep the regularized layers' features from
-collapsing, not to whiten them at any price. Both halves of that can be read off one
-number, measured where the regularizer acts: the direction of its gradient at a layer's
-output X relative to X itself, the *radial cosine*
+collapsing, not to whiten them at any price. Where a fixed weight is too small, the failure
+is a dead layer: features far below unit power (a deep MLP with PyTorch's default init,
+whose signal shrinks layer by layer) that the regularizer revives too slowly. Where it is
+too large, the regularizer buys isotropy with the features' power: weak SIGReg's
+|| Cov - I || is lowered by scaling anisotropic features down until their largest variances
+are about 1 (on the He-initialised MLPs alpha 0.3 costs 2 points; docs/studies.md, section
+15). One measurement tells the two apart: the direction of the regularizer's gradient at a
+layer's output X relative to X itself, the *radial cosine*
 
-    cos = < g, X > / (|g| |X|),     g = d(alpha * reg) / dX,
+    cos = < g, X > / (|g| |X|),     g = d(alpha * reg) / dX.
 
-a gradient-descent step moves X along -g, so cos < 0 means the step *grows* the features
-(the regularizer is pushing them outward: a dead layer whose features are far below unit
-power, or features that point one way), and cos > 0 means it *shrinks* them (the
-regularizer buys isotropy with the features' power: weak SIGReg's || Cov - I || is lowered by
-scaling anisotropic features down until their largest variances are about 1, which is what
-costs He-initialised MLPs accuracy under a large fixed alpha: their features' variance falls
-from ~0.6 to ~0.01 during training at alpha 0.1, where the baseline's grows to ~1.4).
+A gradient-descent step moves X along -g: cos < 0 means the regularizer grows the features
+(pushes them outward), cos > 0 that it shrinks them.
 
 The rule. Start at the paper's weight (``base``, alpha 0.1). After each backward, with m the
-moving average of cos at the last regularized layer (``smoothing`` beta 0.9),
+moving average of cos at the last regularized layer (``smoothing`` beta 0.9) and P the mean
+square of that layer's output (over every entry: the scale at which ``scale_invariant=True``
+switches from the paper's loss to isotropy at the features' own power),
 
     w = alpha / (1 - alpha),
-    w <- clip(w * rate,  w(base), w(high))   if m < 0   (the regularizer is reviving the layer)
-    w <- clip(w / rate,  w(base), w(high))   otherwise  (it pulls inward: back to the paper's)
+    w <- min(w * rate, w(high))   if m < 0 and P < 1   (the regularizer revives a dead layer)
+    w <- max(w / rate, w(base))   otherwise            (back to the paper's weight)
 
 with ``rate`` 1.05 (alpha 0.1 to 0.5 in 45 steps) and ``high`` alpha 0.5 (the regularizer
 never weighs more than the task). The combined loss is ``(1 - alpha) * task + alpha * reg``
-as with a fixed alpha. So the weight is raised only while the regularizer does what it is
-for, and only for as long as it does; it never goes below the paper's weight. It is a
-Lagrange-multiplier update in the manner of GECO (Rezende and Viola, "Taming VAEs", 2018:
-the multiplier of a constraint grows while the constraint is violated and shrinks when it
-holds), with the constraint "the regularizer needs not push the features outward" and a
-sign step; the measured quantity is the "not too strong" view of the regularizer's gradient
-against the layer, not against the task.
+as with a fixed alpha. So the weight rises only while the regularizer does what a larger
+weight is for, only for as long as it does, and never goes below the paper's weight. It is
+a Lagrange-multiplier update in the manner of GECO (Rezende and Viola, "Taming VAEs", 2018:
+the multiplier of a constraint grows while the constraint is violated and shrinks while it
+holds) with a sign step, for the constraint "the last regularized layer is not dead".
+
+What it does not do: choose a weight below the paper's where a smaller one generalises
+better (the byte-level LM, whose best fixed weight is 0.01; ``AutoWeight(base=0.01)``), or
+tell a dead layer from features that the task keeps small and that the regularizer keeps
+pushing out (then the weight stays high). The design history, including the rules that
+failed (a gradient share held fixed: GradNorm's device, Chen et al. 2018, asked for alpha
+0.35-0.5 on the He-initialised MLP; a loss share; the sign rule without the unit-power
+gate, which held the LM at alpha 0.5), is in docs/studies.md, section 15. Under the paper's
+loss no weight removes the collapse of the small ViT at lr 3e-2 (the regularizer pulls a
+growing residual stream inward); use ``alpha="auto"`` with ``scale_invariant=True`` (weak).
 
 Why the last regularized layer: its output is the one place where one backward tells the
 regularizer's gradient apart from everything else (the regularizer reads a view of it, whose
 gradient is the regularizer's alone; an earlier layer's output also receives the later
-layers' terms). Why a sign and not the share of the task's gradient: the second design held
-that share (GradNorm's device, Chen et al. 2018) at 0.125; on the He-initialised deep MLP it
-asked for alpha 0.35-0.5 (76.6 % against the baseline's 81.4, seed 0), because the share
-is the same whether the regularizer revives dead features or shrinks living ones, and at
-lr 3e-2 on the small ViT a loss share kept the paper's form at chance (docs/studies.md,
-section 15, has the design history and the constants' seeds). Under the paper's loss the
-rule cannot remove that collapse, which the regularizer causes by pulling a growing
-residual stream inward at a small weight; use it with ``scale_invariant=True`` (weak), whose
-gradient never pulls features above unit power inward.
+layers' terms).
 
 Cost: no extra backward pass. The regularized layers' outputs are passed to the pooling
 through a view (one autograd node each); a tensor hook on the last one's view reads the
-regularizer's gradient during the ordinary backward and adds <g, X>, |g|^2 and |X|^2 to a
-pending buffer on the device (no sync). The next :meth:`~sigreg.SIGRegHandle.loss` (or
-:meth:`~sigreg.SIGRegHandle.settle`) folds the buffer into the average: the weight is lagged
-by one step. The tensor hook needs the regularized layers to run eagerly (a model compiled
-with ``torch.compile`` hides the gradients inside its graph): a step whose hook saw nothing
-warns, naming this, and the weight keeps its value.
+regularizer's gradient during the ordinary backward and adds <g, X>, |g|^2, |X|^2 and X's
+number of entries to a pending buffer on the device (no sync). The next
+:meth:`~sigreg.SIGRegHandle.loss` (or :meth:`~sigreg.SIGRegHandle.settle`) folds the buffer
+into the average: the weight is lagged by one step. The tensor hook needs the regularized
+layers to run eagerly (a model compiled with ``torch.compile`` hides the gradients inside
+its graph): a step whose hook saw nothing warns, naming this, and the weight keeps its value.
 
-Distributed: the three sums are added over the ranks in one all-reduce of four numbers when
-they are folded, so every rank takes the same weight, the one a single process with the
-global batch would take. State: the average, the weight, the pending sums and the number of
+Distributed: the sums are added over the ranks in one all-reduce of five numbers when they
+are folded, so every rank takes the same weight, the one a single process with the global
+batch would take. State: the average, the weight, the pending sums and the number of
 updates are part of the handle's ``state_dict``: a run cut and resumed takes the weights of
 the uncut run.
 """
@@ -80,10 +82,10 @@ class AutoWeight:
     """The state and rule of ``alpha="auto"`` (see the module docstring).
 
     Args:
-        base: the alpha in effect while the regularizer pulls the features inward (and at
-            the start), in (0, 0.5].
-        high: the largest alpha, reached while the regularizer pushes them outward, in
-            [base, 0.5].
+        base: the alpha at the start and whenever the last regularized layer is not being
+            revived, in (0, 0.5].
+        high: the largest alpha, approached while it is (pushed outward below unit
+            power), in [base, 0.5].
         smoothing: beta of the moving average of the radial cosine, in [0, 1).
         rate: the factor by which w = alpha / (1 - alpha) moves in one update, > 1.
     """
