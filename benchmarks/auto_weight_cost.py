@@ -6,8 +6,10 @@ pooling) in six arms: weak, strong and VICReg-style, each with a fixed alpha (0.
 and hooks. Every round runs the six arms back to back in a random order; the cost of
 ``auto`` for a variant is the median over rounds of the per-round ratio auto / fixed (robust
 to a shared machine's load drifting), with a bootstrap 95 % CI. ``auto`` adds a view per
-regularized layer, two tensor hooks on the last one (two squared norms each step) and the
-fold of the averages: no extra backward pass, no device sync.
+regularized layer, one tensor hook on the last one's view (three sums each step) and the
+fold into the average: no extra backward pass, no device sync. The aten ops of one step
+(``op_count.OpCounter``: deterministic, the CPU-side measure of a GPU's launch cost) are
+counted for every arm after the timing.
 
     .venv/bin/python benchmarks/auto_weight_cost.py --json benchmarks/cpu-<date>/auto_weight_cost.json
     .venv/bin/python benchmarks/auto_weight_cost.py --quick --json /tmp/auto.json   # smoke
@@ -34,6 +36,7 @@ from _timing import (
     timed,
     write_json,
 )
+from op_count import OpCounter
 from overhead import CLASSES, ViT, train_step
 
 import sigreg
@@ -91,6 +94,14 @@ def bench(args, device) -> dict:
                                   "ci95_high": hi, "q25": quantile(ratios, 0.25),
                                   "q75": quantile(ratios, 0.75)}
     out["final_alpha"] = {name: float(arm[1].weight) for name, arm in arms.items()}
+    ops = {}
+    for name in arms:
+        with OpCounter() as counter:
+            train_step(arms[name], x, y, False)
+        ops[name] = sum(counter.ops.values())
+    out["ops_per_step"] = {variant: {"fixed": ops[f"{variant}-fixed"], "auto": ops[f"{variant}-auto"],
+                                     "extra": ops[f"{variant}-auto"] - ops[f"{variant}-fixed"]}
+                           for variant in VARIANTS}
     return out
 
 
@@ -124,8 +135,10 @@ def main(argv=None) -> None:
     res["elapsed_s"] = time.perf_counter() - start
     for variant, r in res["step_time"]["ratios"].items():
         fixed = res["step_time"]["arms"][f"{variant}-fixed"]["median_ms"]
+        ops = res["step_time"]["ops_per_step"][variant]
         print(f"{variant:7s} fixed {fixed:8.1f} ms/step   auto / fixed {r['median']:.3f} "
-              f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]")
+              f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]   aten ops a step {ops['fixed']} -> "
+              f"{ops['auto']} (+{ops['extra']})")
     write_json(args.json, res)
 
 

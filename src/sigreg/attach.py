@@ -747,9 +747,9 @@ def attach(
             ``(1 - alpha) * task + alpha * reg``. Default (neither given): alpha=0.1.
             ``alpha="auto"`` (or a :class:`sigreg.auto.AutoWeight` with other constants):
             the weight starts at 0.1 and rises (to at most 0.5) while the regularizer's
-            gradient at the last regularized layer grows its features (a dead or collapsed
-            layer), falling back to 0.1 while it shrinks them; see :mod:`sigreg.auto`. Use
-            it with ``scale_invariant=True`` (weak). The regularized layers must run
+            gradient grows the last regularized layer's features and they are below unit
+            power (a dead layer), falling back to 0.1 otherwise; see :mod:`sigreg.auto`.
+            Use it with ``scale_invariant=True`` (weak). The regularized layers must run
             eagerly (a tensor hook reads that gradient).
         lam: the other weighting, ``task + lam * reg``, instead of ``alpha``.
         distributed: global-batch statistics under torch.distributed (None: automatic).
