@@ -46,12 +46,13 @@ TRAJECTORY_POINTS = 200
 
 
 def arm_name(sigreg: str, alpha: float | str | None, scale_invariant: bool,
-             form: str = SCALE_INVARIANT) -> str:
+             form: str = SCALE_INVARIANT, rule: str = AUTO) -> str:
     """``none``, ``weak 0.1``, ``scale-invariant 0.1``, ``strong 0.1``, ``scale-invariant
-    auto``; ``form`` names the scale-invariant arm (it must start with "scale-invariant")."""
+    auto``; ``form`` names the scale-invariant arm (it must start with "scale-invariant"),
+    ``rule`` the auto arm's weight (a design rule's runs: e.g. "auto-share")."""
     if sigreg == "none":
         return "none"
-    return f"{form if scale_invariant else sigreg} {alpha if alpha == AUTO else f'{alpha:g}'}"
+    return f"{form if scale_invariant else sigreg} {rule if alpha == AUTO else f'{alpha:g}'}"
 
 
 def thinned(values: list[float]) -> list[float]:
@@ -69,7 +70,8 @@ def _run_alphas(run_dir: Path) -> list[float]:
     return steps
 
 
-def from_run(summary: dict[str, Any], run_dir: Path, form: str) -> dict[str, Any] | None:
+def from_run(summary: dict[str, Any], run_dir: Path, form: str,
+             rule: str = AUTO) -> dict[str, Any] | None:
     """A trainer run folder's row, or None for a run outside the report (another model, or a
     summary.json that is not a trainer run's)."""
     c = summary.get("config")
@@ -84,20 +86,22 @@ def from_run(summary: dict[str, Any], run_dir: Path, form: str) -> dict[str, Any
     else:
         return None
     return {"setting": setting,
-            "arm": arm_name(c["sigreg"], c["alpha"], c.get("scale_invariant", False), form),
+            "arm": arm_name(c["sigreg"], c["alpha"], c.get("scale_invariant", False), form,
+                            rule),
             "seed": c["seed"], "metric": "test accuracy (%)",
             "value": 100 * summary["final_test_acc"], "source": str(run_dir),
             "provenance": run_provenance(run_dir),
             **({"alpha_steps": thinned(_run_alphas(run_dir))} if c["alpha"] == AUTO else {})}
 
 
-def from_char_lm(row: dict[str, Any], path: Path, form: str) -> dict[str, Any]:
+def from_char_lm(row: dict[str, Any], path: Path, form: str,
+                 rule: str = AUTO) -> dict[str, Any]:
     variant, _, scaled = row["arm"].partition("-")
     if "alpha" not in row:
         raise ValueError(f"{path}: a row without its alpha (written before char_lm.py recorded "
                          "it); rerun it or leave that folder out")
     return {"setting": f"lm lr {row['lr']:g}",
-            "arm": arm_name(variant, row["alpha"], bool(scaled), form),
+            "arm": arm_name(variant, row["alpha"], bool(scaled), form, rule),
             "seed": row["seed"], "metric": "validation bits per byte",
             "value": row["final_val_bits"], "source": str(path),
             "provenance": row["provenance"],
@@ -122,20 +126,21 @@ def from_committed(row: dict[str, Any], path: Path) -> dict[str, Any] | None:
             "source": path.name, "provenance": row["provenance"]}
 
 
-def collect(roots: list[Path], reuse: list[Path], form: str = SCALE_INVARIANT) -> list[dict[str, Any]]:
+def collect(roots: list[Path], reuse: list[Path], form: str = SCALE_INVARIANT,
+            seeds: tuple[int, ...] = REPORT_SEEDS, rule: str = AUTO) -> list[dict[str, Any]]:
     rows = []
     for root in roots:
         for summary in sorted(root.rglob("summary.json")):
-            rows.append(from_run(json.loads(summary.read_text()), summary.parent, form))
+            rows.append(from_run(json.loads(summary.read_text()), summary.parent, form, rule))
         for results in sorted(root.rglob("results.jsonl")):
-            rows += [from_char_lm(r, results, form) for r in read_jsonl(results)
+            rows += [from_char_lm(r, results, form, rule) for r in read_jsonl(results)
                      if "final_val_bits" in r]
     for path in reuse:
         rows += [from_committed(r, path) for r in read_jsonl(path)]
-    rows = [r for r in rows if r and r["setting"] in SETTINGS and r["seed"] in REPORT_SEEDS]
+    rows = [r for r in rows if r and r["setting"] in SETTINGS and r["seed"] in seeds]
     if not rows:
         raise ValueError("nothing to collect: no finished run of the report's settings and "
-                         f"seeds {REPORT_SEEDS} under the given folders")
+                         f"seeds {seeds} under the given folders")
     seen: dict[tuple, str] = {}
     for r in rows:  # one value per (setting, arm, seed): a second would be a rerun to choose from
         key = (r["setting"], r["arm"], r["seed"])
@@ -149,13 +154,13 @@ def _alpha(arm: str) -> float:
     if " " not in arm:
         return -1.0
     weight = arm.split()[1]
-    return float("inf") if weight == AUTO else float(weight)
+    return float("inf") if weight.startswith(AUTO) else float(weight)
 
 
 def _ours(arms: list[str]) -> list[str]:
     """The arms judged against the best fixed alpha: scale-invariant, then auto."""
-    return sorted((a for a in arms if a.startswith(SCALE_INVARIANT) or a.endswith(" " + AUTO)),
-                  key=_alpha)
+    return sorted((a for a in arms if a.startswith(SCALE_INVARIANT)
+                   or a.split()[-1].startswith(AUTO)), key=lambda a: (_alpha(a), a))
 
 
 def _best_fixed(rows: list[dict[str, Any]], setting: str, lower_better: bool) -> str | None:
@@ -304,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--form", default=SCALE_INVARIANT,
                         help="with --collect: the scale-invariant arm's name (another form of "
                              "it than today's: e.g. scale-invariant-r for r at every scale)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS),
+                        help="with --collect: the seeds to keep (a design file: 0)")
+    parser.add_argument("--rule", default=AUTO,
+                        help="with --collect: the auto arm's name (a design rule's runs: "
+                             "auto-share, auto-sign)")
     mode.add_argument("--tables", type=Path, metavar="RAW", help="print a raw file's tables")
     parser.add_argument("--figure", type=Path, help="with --tables: also draw the paired "
                                                     "differences here (a .png)")
@@ -323,15 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.form.startswith(SCALE_INVARIANT) or " " in args.form:
             parser.error(f"--form must start with {SCALE_INVARIANT!r} and hold no space, "
                          f"got {args.form!r}")
+        if not args.rule.startswith(AUTO) or " " in args.rule:
+            parser.error(f"--rule must start with {AUTO!r} and hold no space, got {args.rule!r}")
+        if any(s < 0 for s in args.seeds):
+            parser.error(f"--seeds must be >= 0, got {args.seeds}")
         try:
-            rows = collect(args.collect, args.reuse, args.form)
+            rows = collect(args.collect, args.reuse, args.form, tuple(args.seeds), args.rule)
         except ValueError as err:  # nothing is written
             parser.error(str(err))
         write_jsonl(args.out, rows)
         print(tables(rows))
     else:
-        if args.out or args.reuse or args.form != SCALE_INVARIANT:
-            parser.error("--out, --reuse and --form go with --collect")
+        if args.out or args.reuse or args.form != SCALE_INVARIANT or args.rule != AUTO \
+                or args.seeds != list(REPORT_SEEDS):
+            parser.error("--out, --reuse, --form, --seeds and --rule go with --collect")
         for name, path in (("--figure", args.figure), ("--weights", args.weights)):
             if path and path.suffix != ".png":
                 parser.error(f"{name} must name a .png file, got {path}")
