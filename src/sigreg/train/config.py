@@ -150,9 +150,10 @@ class TrainConfig:
     sigreg: str = setting("none", "the regularizer (vicreg: VICReg's variance + covariance "
                           "terms, the baseline)", choices=("none", "weak", "strong", "vicreg"))
     alpha: float | str = setting(
-        0.1, "its weight: total = (1 - alpha) * task + alpha * reg; auto: set at every step "
-        "from the regularizer's and the task's gradients at the last regularized layer, "
-        "alpha at most 0.5 (sigreg.auto; the model runs uncompiled)", low=0.0, high=1.0, words=("auto",))
+        0.1, "its weight: total = (1 - alpha) * task + alpha * reg; auto: 0.1, raised to at "
+        "most 0.5 while the last regularized layer is below unit power and the regularizer's "
+        "gradient grows it (sigreg.auto; the model runs uncompiled; with weak, set "
+        "scale_invariant=true)", low=0.0, high=1.0, words=("auto",))
     sketch_dim: int | None = setting(64, "K, the sketch's width (weak) or number of directions "
                                      "(strong)", low=1, none="full covariance")
     sketch_dim_per_layer: str | None = setting(
