@@ -87,7 +87,21 @@ class AutoWeight:
         high: the largest alpha, approached while it is (pushed outward below unit
             power), in [base, 0.5].
         smoothing: beta of the moving average of the radial cosine, in [0, 1).
-        rate: the factor by which w = alpha / (1 - alpha) moves in one update, > 1.
+        rate: the factor by which w = alpha / (1 - alpha) moves in one update, > 1 and finite.
+
+    Raises:
+        TypeError: a non-number argument. ValueError: one outside its range.
+
+    Example::
+
+        handle = sigreg.attach(model, "blocks.*", "weak", scale_invariant=True,
+                               alpha=AutoWeight(base=0.01))   # or alpha="auto": base 0.1
+        loss = handle.combine(task_loss)   # (1 - alpha) * task + alpha * reg
+        loss.backward()                    # the hook reads the regularizer's gradient
+        handle.weight                      # the alpha of the next combine (a 0-d tensor)
+
+    Reference: the rule is a sign-step Lagrange multiplier in the manner of GECO (Rezende
+    and Viola, "Taming VAEs", 2018); the quantity it reads is this library's.
     """
 
     def __init__(self, base: float = 0.1, high: float = 0.5, smoothing: float = 0.9,
