@@ -243,11 +243,16 @@ def weights_figure(rows: list[dict[str, Any]], path: Path) -> None:
     rows_n = -(-len(settings) // columns)
     fig, axes = plt.subplots(rows_n, columns, figsize=(3.6 * columns, 2.6 * rows_n),
                              sharey=True, squeeze=False)
+    arms = sorted({r["arm"] for r in auto})
+    seeds = sorted({r["seed"] for r in auto})
+    colors = dict(zip(seeds, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, setting in zip(axes.flat, settings):
-        for r in sorted((r for r in auto if r["setting"] == setting), key=lambda r: r["seed"]):
+        for r in sorted((r for r in auto if r["setting"] == setting),
+                        key=lambda r: (r["arm"], r["seed"])):
             steps = r["alpha_steps"]
             ax.plot([i / max(1, len(steps) - 1) for i in range(len(steps))], steps, lw=1,
-                    label=f"seed {r['seed']}")
+                    color=colors.get(r["seed"]), ls=("-", "--", ":")[arms.index(r["arm"]) % 3],
+                    label=f"{r['arm']}, seed {r['seed']}")
         ax.set_title(setting, fontsize=9)
         ax.set_ylim(0, 0.55)
         ax.set_xlabel("fraction of training", fontsize=8)
@@ -256,8 +261,9 @@ def weights_figure(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("alpha", fontsize=8)
     for ax in list(axes.flat)[len(settings):]:
         ax.set_visible(False)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("alpha=\"auto\" (scale-invariant weak): the weight over training, seeds 3-7",
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle("alpha=\"auto\": the weight over training, one line per seed "
+                 f"({', '.join(f'{a}: {ls}' for a, ls in zip(arms, ('solid', 'dashed', 'dotted')))})",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
