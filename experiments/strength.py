@@ -163,10 +163,18 @@ def _ours(arms: list[str]) -> list[str]:
                    or a.split()[-1].startswith(AUTO)), key=lambda a: (_alpha(a), a))
 
 
-def _best_fixed(rows: list[dict[str, Any]], setting: str, lower_better: bool) -> str | None:
-    """The paper's weak form at the alpha with the best mean in ``setting`` (these seeds)."""
+def _variant(arm: str) -> str:
+    """The paper's form an arm is judged against: weak for the scale-invariant arms."""
+    return "weak" if arm.startswith(SCALE_INVARIANT) else arm.split()[0]
+
+
+def _best_fixed(rows: list[dict[str, Any]], setting: str, lower_better: bool,
+                variant: str = "weak") -> str | None:
+    """The paper's form of ``variant`` at the fixed alpha with the best mean in ``setting``
+    (these seeds)."""
     means = {}
-    arms = {r["arm"] for r in rows if r["setting"] == setting and r["arm"].startswith("weak ")}
+    arms = {r["arm"] for r in rows if r["setting"] == setting
+            and r["arm"].startswith(variant + " ") and _alpha(r["arm"]) != float("inf")}
     for arm in sorted(arms, key=_alpha):  # max / min keep the first: ties go to the smallest
         values = [r["value"] for r in rows if r["setting"] == setting and r["arm"] == arm]
         means[arm] = sum(values) / len(values)
@@ -174,7 +182,7 @@ def _best_fixed(rows: list[dict[str, Any]], setting: str, lower_better: bool) ->
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
-    """One panel per metric: for each setting, the scale-invariant arm and the best fixed weak
+    """One panel per metric: for each setting, the weak scale-invariant arms and the best fixed weak
     alpha minus the baseline, paired over seeds, with their 95 % intervals."""
     import matplotlib
 
@@ -197,7 +205,8 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
                 return by_seed(mrows, lambda r: r["value"], setting=setting, arm=arm)
             base = values("none")
             best = _best_fixed(mrows, setting, lower_better)
-            ours = _ours(sorted({r["arm"] for r in mrows if r["setting"] == setting}))
+            ours = [a for a in _ours(sorted({r["arm"] for r in mrows if r["setting"] == setting}))
+                    if _variant(a) == "weak"]
             plotted = [(best, "tab:orange")] + list(zip(ours, ("tab:red", "tab:purple")))
             for k, (arm, color) in enumerate(plotted):
                 seeds = set(values(arm)) & set(base) if arm else set()
@@ -290,15 +299,16 @@ def tables(rows: list[dict[str, Any]]) -> str:
                 + " |" for s in settings]
         ours = _ours(arms)
         out += ["", PAIRED_NOTE, "", "| setting | " + " | ".join(f"{a} - none" for a in arms[1:])
-                + "".join(f" | {a} - best fixed weak" for a in ours) + " |",
+                + "".join(f" | {a} - best fixed {_variant(a)}" for a in ours) + " |",
                 "|---" * (len(arms) + len(ours)) + "|"]
         for s in settings:
             base = values(s, "none")
             cells = [paired_text(values(s, a), base, 2 if lower_better else 1) if base else "-"
                      for a in arms[1:]]
-            best = _best_fixed(mrows, s, lower_better)
-            cells += [f"{paired_text(values(s, a), values(s, best), 2 if lower_better else 1)}"
-                      f" (best: {best})" if best and values(s, a) else "-" for a in ours]
+            for a in ours:
+                best = _best_fixed(mrows, s, lower_better, _variant(a))
+                cells.append(f"{paired_text(values(s, a), values(s, best), 2 if lower_better else 1)}"
+                             f" (best: {best})" if best and values(s, a) else "-")
             out.append(f"| {s} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
