@@ -228,7 +228,8 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(("bits / byte" if lower_better else "test accuracy (%)")
                       + ": arm - baseline" + (" (lower is better)" if lower_better else ""))
-        ax.legend(fontsize=8)
+        if ax is axes[0][0]:  # one legend: the other panel's points are the same arms
+            ax.legend(fontsize=8)
     fig.suptitle("Report seeds 3-7: each arm minus no regularizer, paired, 95 % interval",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
