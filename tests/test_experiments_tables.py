@@ -229,3 +229,18 @@ def test_strength_collects_auto_runs_with_their_weight(tmp_path, capsys):
         strength.main(["--tables", str(earlier), "--weights", str(tmp_path / "w.png")])
     assert exc.value.code == 2 and "no auto run" in capsys.readouterr().err
     assert not (tmp_path / "w.png").exists()
+
+
+def test_auto_weight_report(capsys, tmp_path):
+    """The numbers docs/studies.md section 15 and the README quote come back from the raw file."""
+    import strength
+    weights = tmp_path / "weights.png"
+    assert strength.main(["--tables", raw("auto-weight-report-cpu.jsonl"), "--weights",
+                          str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "| 74.29 ± 1.83 (n=5) | 71.61 ± 2.38 (n=5) |" in out  # MLP d10 default: weak, strong auto
+    assert "| +2.0 [+0.6, +3.4] (5/5) (best: weak 0.3) |" in out
+    assert ("| lm lr 0.001 | 3.343 ± 0.023 (n=5) | 3.149 ± 0.026 (n=5) | 3.227 ± 0.028 (n=5) | "
+            "3.151 ± 0.031 (n=5) | 3.374 ± 0.027 (n=5) |") in out
+    assert "| +0.03 [+0.03, +0.04] (5/5) |" in out
+    assert weights.stat().st_size > 10_000
