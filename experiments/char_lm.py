@@ -43,6 +43,7 @@ from _tables import PAIRED_NOTE, by_seed, cell, grid_table, paired_table, read_j
 from torch import nn
 
 import sigreg
+from sigreg.auto import AutoWeight
 from sigreg.train.provenance import provenance
 
 # "weak-scale-invariant": weak with scale_invariant=True (docs/studies.md, section 14).
@@ -116,7 +117,8 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
     model = CharTransformer(args.dim, args.depth, args.heads, args.context)
     variant, _, form = arm.partition("-")
     handle = None if arm == "none" else sigreg.attach(
-        model, "blocks.*", variant, args.sketch_dim, pool="flatten", alpha=args.alpha, seed=seed,
+        model, "blocks.*", variant, args.sketch_dim, pool="flatten", seed=seed,
+        alpha=AutoWeight(base=args.auto_base) if args.alpha == "auto" else args.alpha,
         **({"scale_invariant": True} if form else {}))
     alphas = []  # alpha="auto": the weight of every step
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -149,7 +151,8 @@ def train_run(arm: str, lr: float, seed: int, train: torch.Tensor, val: torch.Te
             "diverged_at": diverged_at, "val_curve": curve,
             "train_bits_last100": statistics.fmean(train_loss[-100:]) if train_loss else None,
             "seconds": time.perf_counter() - start, "provenance": [record],
-            **({"alpha_steps": alphas} if handle is not None and args.alpha == "auto" else {})}
+            **({"auto_base": args.auto_base, "alpha_steps": alphas}
+               if handle is not None and args.alpha == "auto" else {})}
 
 
 def bits(results: list[dict[str, Any]], lr: float, arm: str) -> dict[int, float]:
@@ -227,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sketch-dim", type=int, default=64)
     p.add_argument("--alpha", type=_alpha, default=0.01,
                    help="the paper's LM setting; auto: sigreg.auto's weight")
+    p.add_argument("--auto-base", type=float, default=0.1,
+                   help="with --alpha auto: the weight's base (AutoWeight(base=...)), in (0, 0.5]")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baseline", default="none", choices=ARMS,
                    help="the arm the paired differences are taken against")
@@ -243,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.alpha != "auto" and not 0 < args.alpha < 1) or \
             any(not 0 < lr < math.inf for lr in args.lrs):
         p.error("--alpha must lie in (0, 1) and every --lrs value be > 0")
+    if not 0 < args.auto_base <= 0.5:
+        p.error(f"--auto-base must lie in (0, 0.5], got {args.auto_base}")
     if args.tables is None and not args.corpus.is_dir():
         p.error(f"--corpus {args.corpus} is not a directory (apt-get install fortunes)")
     return args
@@ -260,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     # folder would be taken for this call's runs and averaged with them.
     for r in results:
         ran = {"sketch_dim": args.sketch_dim, "steps": args.steps,
-               "alpha": None if r["arm"] == "none" else args.alpha}
+               "alpha": None if r["arm"] == "none" else args.alpha,
+               **({"auto_base": args.auto_base} if args.alpha == "auto" else {})}
         other = {k: r[k] for k in ran if k in r and r[k] != ran[k]}
         if other:
             print(f"char_lm.py: error: {results_path} holds runs with {other}, not this call's "

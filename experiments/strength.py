@@ -101,7 +101,9 @@ def from_char_lm(row: dict[str, Any], path: Path, form: str,
         raise ValueError(f"{path}: a row without its alpha (written before char_lm.py recorded "
                          "it); rerun it or leave that folder out")
     return {"setting": f"lm lr {row['lr']:g}",
-            "arm": arm_name(variant, row["alpha"], bool(scaled), form, rule),
+            "arm": arm_name(variant, row["alpha"], bool(scaled), form,
+                            rule if row.get("auto_base", 0.1) == 0.1 else
+                            f"{rule}-base{row['auto_base']:g}"),
             "seed": row["seed"], "metric": "validation bits per byte",
             "value": row["final_val_bits"], "source": str(path),
             "provenance": row["provenance"],
