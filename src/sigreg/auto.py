@@ -122,7 +122,8 @@ class AutoWeight:
         self.updates = 0  # folds of measured gradients so far
         self._w = torch.tensor(self.bounds[0], dtype=torch.float32)  # the weight w in effect
         self._average = torch.zeros((), dtype=torch.float32)  # of the radial cosine
-        # sums of <g, X>, |g|^2, |X|^2 and X's entries over the hooks (and ranks); the hooks
+        # <g, X>, |g|^2, |X|^2, X's number of entries and the hooks that fired, summed over
+        # the hooks (and ranks) since the last fold
         self._pending = torch.zeros(5, dtype=torch.float32)
         self._measured = 0  # hooks that fired since the last fold (a Python count)
         self._expected = 0  # hooks registered since the last fold
