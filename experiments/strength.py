@@ -289,7 +289,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
         lower_better = metric.startswith("validation bits")
         settings = [s for s in SETTINGS if any(r["setting"] == s for r in mrows)]
         arms = sorted({r["arm"] for r in mrows}, key=lambda a: (a != "none", a in _ours([a]),
-                                                              a.split()[0], _alpha(a)))
+                                                              a.split()[0], _alpha(a), a))
 
         def values(setting: str, arm: str) -> dict[int, float]:
             return by_seed(mrows, lambda r: r["value"], setting=setting, arm=arm)

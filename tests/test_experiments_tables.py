@@ -241,6 +241,7 @@ def test_auto_weight_report(capsys, tmp_path):
     assert "| 74.29 ± 1.83 (n=5) | 71.61 ± 2.38 (n=5) |" in out  # MLP d10 default: weak, strong auto
     assert "| +2.0 [+0.6, +3.4] (5/5) (best: weak 0.3) |" in out
     assert ("| lm lr 0.001 | 3.343 ± 0.023 (n=5) | 3.149 ± 0.026 (n=5) | 3.227 ± 0.028 (n=5) | "
-            "3.151 ± 0.031 (n=5) | 3.374 ± 0.027 (n=5) |") in out
+            "3.151 ± 0.031 (n=5) | 3.237 ± 0.030 (n=5) | 3.374 ± 0.027 (n=5) | "
+            "3.151 ± 0.031 (n=5) |") in out  # ... si 0.1, auto, auto with base 0.01
     assert "| +0.03 [+0.03, +0.04] (5/5) |" in out
     assert weights.stat().st_size > 10_000
